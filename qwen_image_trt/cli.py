@@ -1,0 +1,163 @@
+"""`qitrt`: the command line. Arguments become typed calls once, here at the edge; library code never sees argparse.
+
+Stage commands live next to their stage (`<subpackage>/cli.py` with `register(subparsers)`); a stage whose
+optional dependencies are missing still shows up, as a command that says what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from qwen_image_trt.errors import QitrtError
+
+# module -> the commands it registers (listed so a module that fails to import can explain itself)
+STAGE_COMMANDS = {
+    "qwen_image_trt.calibration.cli": ["calibrate"],
+    "qwen_image_trt.build.cli": ["quantize", "build", "lint"],
+    "qwen_image_trt.serve.cli": ["serve"],
+    "qwen_image_trt.bench.cli": ["bench"],
+}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
+
+
+def _add_core(sub) -> None:
+    p = sub.add_parser("tiny", help="write a tiny random-weight Qwen-Image checkpoint (real classes)")
+    p.add_argument("out", help="folder to write (diffusers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_tiny)
+
+    p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="engine folder (manifest.json + *.onnx)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
+    p.add_argument("--components", default="transformer,vae_decoder,vae_encoder")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="re-export even when nothing changed")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate one image, eager or with exported engines")
+    _add_generation_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None, help="turns true CFG on (use ' ' for an empty one)")
+    p.add_argument("--true-cfg-scale", type=float, default=4.0)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("parity", help="compare a backend's engines with eager torch; exits 1 if a gate fails")
+    p.add_argument("checkpoint")
+    p.add_argument("--engines", required=True)
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--out", required=True, help="report folder (report.json, report.html, images)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--sizes", default=None, help="image sizes for the per-forward grid, e.g. 64x64,96x64")
+    p.add_argument("--batches", default=None, help="batch sizes for the per-forward grid, e.g. 1,2")
+    p.add_argument("--image-size", type=_size, default=None, help="WxH of the end-to-end images")
+    p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a gate, e.g. --gate forward_cosine_min=0.999 (see docs/parity.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_parity)
+
+    p = sub.add_parser("quickstart", help="tiny model -> export -> generate with ONNX Runtime -> parity report")
+    p.add_argument("--workdir", default="runs/quickstart")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _add_generation_args(p) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--engines", default=None)
+    p.add_argument("--backend", default=None, help="torch | onnxruntime | tensorrt (default: onnxruntime "
+                   "with --engines, else torch)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+
+
+def _cmd_tiny(a) -> None:
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
+
+
+def _cmd_export(a) -> None:
+    from qwen_image_trt.build.export import DEFAULT_OPSET, export_onnx
+
+    m = export_onnx(a.checkpoint, a.out, precision=a.precision, components=a.components.split(","),
+                    opset=a.opset or DEFAULT_OPSET, force=a.force)
+    for name, c in m["components"].items():
+        print(f"{name:12s} {c['file']:20s} {c['bytes'] / 1e6:9.1f} MB  export {c['export_seconds']:.1f}s  "
+              f"ORT vs eager max|d|={c['ort_check']['max_abs_err_vs_eager']:.2e}")
+    print(f"manifest: {a.out}/manifest.json")
+
+
+def _cmd_generate(a) -> None:
+    from qwen_image_trt.runtime.generate import generate_image
+
+    backend = a.backend or ("onnxruntime" if a.engines else "torch")
+    path = generate_image(a.checkpoint, a.out, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed,
+                          steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
+                          device=a.device, true_cfg_scale=a.true_cfg_scale)
+    print(path)
+
+
+def _cmd_parity(a) -> int:
+    from qwen_image_trt.parity.run import ParityConfig, run_parity
+
+    cfg = ParityConfig.from_cli(a)
+    report = run_parity(cfg)
+    print(report.summary())
+    print(f"report: {report.html_path}")
+    return 0 if report.passed else 1
+
+
+def _cmd_quickstart(a) -> int:
+    from qwen_image_trt.quickstart import quickstart
+
+    return quickstart(a.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qitrt", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_core(sub)
+    for module, commands in STAGE_COMMANDS.items():
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as e:
+            for name in commands:
+                stub = sub.add_parser(name, help=f"(unavailable: {e.name} is not installed)")
+                stub.set_defaults(func=lambda a, e=e: _unavailable(e))
+    return parser
+
+
+def _unavailable(e: ModuleNotFoundError) -> int:
+    print(f"error: this command needs the Python package {e.name!r}; install the matching extra, e.g. "
+          f"pip install 'qwen-image-trt[all]'", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except QitrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

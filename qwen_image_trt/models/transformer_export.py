@@ -1,0 +1,146 @@
+"""A tensor-only view of QwenImageTransformer2DModel that ONNX and TensorRT can take.
+
+The stock forward builds complex RoPE tables from Python lists (`img_shapes`) and rotates q/k with
+complex arithmetic; neither exports. Here the tables come in as real cos/sin inputs computed on the
+host from the model's own `pos_embed`, and the attention processor rotates in real arithmetic. The
+result equals the stock module (max abs 0.0 in fp32 on the tiny model, see tests).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUT_NAMES = ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep",
+               "img_rope_cos", "img_rope_sin", "txt_rope_cos", "txt_rope_sin"]
+OUTPUT_NAMES = ["noise_pred"]
+DYNAMIC_AXES = {
+    "hidden_states": {0: "batch", 1: "image_tokens"},
+    "encoder_hidden_states": {0: "batch", 1: "text_tokens"},
+    "encoder_hidden_states_mask": {0: "batch", 1: "text_tokens"},
+    "timestep": {0: "batch"},
+    "img_rope_cos": {0: "image_tokens"},
+    "img_rope_sin": {0: "image_tokens"},
+    "txt_rope_cos": {0: "text_tokens"},
+    "txt_rope_sin": {0: "text_tokens"},
+    "noise_pred": {0: "batch", 1: "image_tokens"},
+}
+
+
+def rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Complex RoPE in real arithmetic. x: [B, S, H, D]; cos/sin: [S, D/2] (interleaved pairs)."""
+    # unflatten keeps the sizes symbolic in the exported graph; reshape(*x.shape[:-1], -1, 2) would freeze them.
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x_re, x_im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class RealRopeAttnProcessor:
+    """Joint text+image attention of QwenDoubleStreamAttnProcessor2_0 with real-valued RoPE.
+
+    `image_rotary_emb` is ((img_cos, img_sin), (txt_cos, txt_sin)) instead of two complex tables.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        head_dim = attn.inner_dim // attn.heads
+        seq_txt = encoder_hidden_states.shape[1]
+
+        def heads(t):
+            return t.unflatten(-1, (-1, head_dim))
+
+        img_q, img_k, img_v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        txt_q, txt_k, txt_v = (heads(attn.add_q_proj(encoder_hidden_states)),
+                               heads(attn.add_k_proj(encoder_hidden_states)),
+                               heads(attn.add_v_proj(encoder_hidden_states)))
+        img_q, img_k = attn.norm_q(img_q), attn.norm_k(img_k)
+        txt_q, txt_k = attn.norm_added_q(txt_q), attn.norm_added_k(txt_k)
+
+        (img_cos, img_sin), (txt_cos, txt_sin) = image_rotary_emb
+        img_q, img_k = rotate_real(img_q, img_cos, img_sin), rotate_real(img_k, img_cos, img_sin)
+        txt_q, txt_k = rotate_real(txt_q, txt_cos, txt_sin), rotate_real(txt_k, txt_cos, txt_sin)
+
+        # [B, S, H, D] -> [B, H, S, D], text first as in the stock processor.
+        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
+        k = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
+        v = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
+        mask = None
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool)
+            mask = torch.cat([encoder_hidden_states_mask.bool(), image_mask], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
+        txt_out = attn.to_add_out(out[:, :seq_txt].contiguous())
+        return img_out, txt_out
+
+
+class ExportableTransformer(nn.Module):
+    """Runs a QwenImageTransformer2DModel from tensors only. Graph I/O is float32 whatever the compute dtype,
+    so a drop-in feeds every precision the same way."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        if transformer.config.guidance_embeds or getattr(transformer, "zero_cond_t", False):
+            raise NotImplementedError("guidance-distilled and zero_cond_t (Edit-2511) transformers are not exportable yet")
+        self.transformer = transformer
+        transformer.set_attn_processor(RealRopeAttnProcessor())
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.img_in.weight.dtype
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin):
+        m, dtype = self.transformer, self.compute_dtype
+        hidden_states = m.img_in(hidden_states.to(dtype))
+        temb = m.time_text_embed(timestep.to(dtype), hidden_states)
+        encoder_hidden_states = m.txt_in(m.txt_norm(encoder_hidden_states.to(dtype)))
+        rope = ((img_rope_cos, img_rope_sin), (txt_rope_cos, txt_rope_sin))
+        for block in m.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask, temb=temb, image_rotary_emb=rope)
+        hidden_states = m.norm_out(hidden_states, temb)
+        return m.proj_out(hidden_states).float()
+
+
+class RopeTables:
+    """Host-side real RoPE tables, cached per (image grid, text length); computed from the model's own pos_embed."""
+
+    def __init__(self, axes_dims_rope, theta: int = 10000):
+        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+        self._pos_embed = QwenEmbedRope(theta=theta, axes_dim=list(axes_dims_rope), scale_rope=True)
+        self._cached = lru_cache(maxsize=64)(self._compute)
+
+    def __call__(self, frame: int, height: int, width: int, text_len: int, device="cpu"):
+        """Return (img_cos, img_sin, txt_cos, txt_sin) float32 on `device`; the same tensors for the same key."""
+        return self._cached(int(frame), int(height), int(width), int(text_len), str(device))
+
+    def _compute(self, frame, height, width, text_len, device):
+        img, txt = self._pos_embed([(frame, height, width)], max_txt_seq_len=text_len, device=torch.device("cpu"))
+        return tuple(t.to(device=device, dtype=torch.float32).contiguous()
+                     for t in (img.real, img.imag, txt.real, txt.imag))
+
+
+def sample_inputs(config, batch: int = 2, grid: tuple[int, int] = (8, 8), text_len: int = 12, seed: int = 0):
+    """Example inputs for export and tests, shaped from a transformer config."""
+    g = torch.Generator().manual_seed(seed)
+    tables = RopeTables(config["axes_dims_rope"])(1, grid[0], grid[1], text_len)
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[-1, text_len // 2:] = False  # exercise the padded path
+    return (
+        torch.randn(batch, grid[0] * grid[1], config["in_channels"], generator=g),
+        torch.randn(batch, text_len, config["joint_attention_dim"], generator=g),
+        mask,
+        torch.rand(batch, generator=g),
+        *tables,
+    )

@@ -1,0 +1,52 @@
+"""Request checks shared by the CLI, the Python API and the server: cheap, and before any heavy work.
+
+Engine folders may narrow the ranges: a manifest with {"limits": {"height": [min, max], "width": [...],
+"batch": [min, max]}} (TensorRT profiles have hard bounds; ONNX graphs have none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen_image_trt.errors import InputError
+
+SIZE_MULTIPLE = 16  # VAE x8, then 2x2 latent packing
+DEFAULT_SIZE_RANGE = (16, 4096)
+MAX_STEPS = 200
+
+
+@dataclass(frozen=True)
+class Limits:
+    height: tuple[int, int] = DEFAULT_SIZE_RANGE
+    width: tuple[int, int] = DEFAULT_SIZE_RANGE
+    batch: tuple[int, int] = (1, 64)
+    steps: tuple[int, int] = (1, MAX_STEPS)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict | None) -> "Limits":
+        raw = (manifest or {}).get("limits") or {}
+        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps")})
+
+
+def check_size(field: str, value, bounds: tuple[int, int]) -> int:
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or value % SIZE_MULTIPLE or not lo <= value <= hi:
+        raise InputError(field, value, f"a multiple of {SIZE_MULTIPLE} in [{lo}, {hi}]")
+    return value
+
+
+def check_request(prompt, height: int, width: int, steps: int, limits: Limits = Limits(),
+                  negative_prompt=None, batch: int = 1) -> None:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise InputError("prompt", prompt, "a non-empty string")
+    if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+        raise InputError("negative_prompt", negative_prompt, "a string (use ' ' for an empty one)")
+    check_size("height", height, limits.height)
+    check_size("width", width, limits.width)
+    lo, hi = limits.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not lo <= steps <= hi:
+        raise InputError("steps", steps, f"an integer in [{lo}, {hi}]")
+    lo, hi = limits.batch
+    if not lo <= batch <= hi:
+        raise InputError("batch", batch, f"an integer in [{lo}, {hi}] (the engine's batch profile)")

@@ -1,0 +1,186 @@
+"""Pipeline assembly: a stock QwenImagePipeline whose transformer and VAE may be engine drop-ins,
+plus a denoising loop that runs both true-CFG branches as one batched transformer call."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+from qwen_image_trt.errors import InputError
+from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class QwenImageEnginePipeline(QwenImagePipeline):
+    """QwenImagePipeline with CFG batching. `pipe(..., batch_cfg=False)` is the stock two-call loop.
+
+    Extras over the stock call: `true_cfg_scale` may be a list (one per prompt) and `generator` a list,
+    so several requests with their own prompts, negatives, scales and seeds share one batch.
+    """
+
+    batch_cfg: bool = True
+
+    def __call__(self, *args, batch_cfg: bool | None = None, **kwargs):
+        batch_cfg = self.batch_cfg if batch_cfg is None else batch_cfg
+        scale = kwargs.get("true_cfg_scale", 1.0)
+        has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+        scales = scale if isinstance(scale, (list, tuple)) else [scale]
+        if args or not has_neg or not all(s > 1 for s in scales):
+            if isinstance(scale, (list, tuple)):
+                raise InputError("true_cfg_scale", scale, "a list only with negative prompts and every scale > 1")
+            return super().__call__(*args, **kwargs)  # no CFG: the stock loop already makes one call per step
+        if not batch_cfg:
+            if isinstance(scale, (list, tuple)):
+                raise InputError("true_cfg_scale", scale, "a single float when batch_cfg=False")
+            return super().__call__(**kwargs)
+        return self._call_batched_cfg(**kwargs)
+
+    @torch.no_grad()
+    def _call_batched_cfg(self, prompt=None, negative_prompt=None, true_cfg_scale=4.0, height=None, width=None,
+                          num_inference_steps=50, sigmas=None, guidance_scale=None, num_images_per_prompt=1,
+                          generator=None, latents=None, prompt_embeds=None, prompt_embeds_mask=None,
+                          negative_prompt_embeds=None, negative_prompt_embeds_mask=None, output_type="pil",
+                          return_dict=True, attention_kwargs=None, callback_on_step_end=None,
+                          callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=512):
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                          negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        if self.transformer.config.guidance_embeds:
+            raise NotImplementedError("batched CFG is for true-CFG models; guidance-distilled ones need no CFG")
+        self._guidance_scale, self._attention_kwargs = guidance_scale, attention_kwargs or {}
+        self._current_timestep, self._interrupt = None, False
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        device = self._execution_device
+
+        cond, cond_mask = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds,
+                                             prompt_embeds_mask=prompt_embeds_mask, device=device,
+                                             num_images_per_prompt=num_images_per_prompt,
+                                             max_sequence_length=max_sequence_length)
+        if isinstance(negative_prompt, str) and batch_size > 1:
+            negative_prompt = [negative_prompt] * batch_size
+        uncond, uncond_mask = self.encode_prompt(prompt=negative_prompt, prompt_embeds=negative_prompt_embeds,
+                                                 prompt_embeds_mask=negative_prompt_embeds_mask, device=device,
+                                                 num_images_per_prompt=num_images_per_prompt,
+                                                 max_sequence_length=max_sequence_length)
+        text, text_mask = stack_cfg_text(cond, cond_mask, uncond, uncond_mask)
+        scale = true_cfg_scale
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != batch_size:
+                raise InputError("true_cfg_scale", scale, f"one value per prompt ({batch_size})")
+            scale = [s for s in scale for _ in range(num_images_per_prompt)]
+
+        latents = self.prepare_latents(batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4,
+                                       height, width, cond.dtype, device, generator, latents)
+        grid = (1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)
+        img_shapes = [[grid]] * (2 * latents.shape[0])
+        timesteps = self._timesteps(num_inference_steps, sigmas, latents.shape[1], device)
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(2 * latents.shape[0]).to(latents.dtype)
+                with self.transformer.cache_context("cfg"):
+                    both = self.transformer(hidden_states=torch.cat([latents, latents]), timestep=timestep / 1000,
+                                            encoder_hidden_states=text, encoder_hidden_states_mask=text_mask,
+                                            img_shapes=img_shapes, attention_kwargs=self._attention_kwargs,
+                                            return_dict=False)[0]
+                noise_pred = combine_cfg(*both.chunk(2), scale)
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": cond}
+                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                progress.update()
+        self._current_timestep = None
+        image = latents if output_type == "latent" else self.decode_latents(latents, height, width, output_type)
+        self.maybe_free_model_hooks()
+        return QwenImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def _timesteps(self, num_inference_steps, sigmas, image_seq_len, device):
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        cfg = self.scheduler.config
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
+    def decode_latents(self, latents, height, width, output_type="pil"):
+        """Packed latents -> images, exactly as the stock pipeline's tail does it."""
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device,
+                                                                                              latents.dtype)
+        image = self.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+
+def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str = "cpu", dtype=None,
+                  batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
+                  progress: bool = False) -> QwenImageEnginePipeline:
+    """A ready diffusers pipeline for `checkpoint`, with the transformer and VAE decode on `backend`.
+
+    backend="torch" is the eager reference (stock diffusers modules). "onnxruntime" and "tensorrt" run the
+    graphs in `engines`, which must have been built from this checkpoint (checked against its manifest).
+    """
+    from qwen_image_trt.build.manifest import check_engines_match, read_manifest
+    from qwen_image_trt.models import checkpoint as ckpt
+    from qwen_image_trt.runtime.backends import check_backend, make_runner
+    from qwen_image_trt.runtime.transformer import DEFAULT_TEXT_BUCKET, EngineTransformer
+    from qwen_image_trt.runtime.vae import EngineVAE
+
+    check_backend(backend)
+    root = ckpt.validate_checkpoint(checkpoint)
+    dtype = dtype or torch.float32
+    if backend == "torch":
+        if engines is not None:
+            raise InputError("engines", str(engines), "no engine folder with backend torch (the eager reference); "
+                             "pick --backend onnxruntime or tensorrt to run engines")
+        transformer = ckpt.load_transformer(root, dtype).to(device)
+        vae = ckpt.load_vae(root, dtype).to(device)
+    else:
+        if engines is None:
+            raise InputError("engines", None, f"an engine folder made by `qitrt export`/`qitrt build` for backend {backend}")
+        if not Path(engines).is_dir():
+            raise InputError("engines", str(engines), "an existing engine folder")
+        manifest = read_manifest(engines)
+        check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
+        runner = make_runner(backend, "transformer", engines_dir=engines, device=device, providers=providers)
+        transformer = EngineTransformer(runner, ckpt.read_config(root, "transformer"),
+                                        text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device)
+        has_encoder = "vae_encoder" in manifest.get("components", {})
+        vae = EngineVAE(make_runner(backend, "vae_decoder", engines_dir=engines, device=device, providers=providers),
+                        ckpt.read_config(root, "vae"), device=device,
+                        encoder=make_runner(backend, "vae_encoder", engines_dir=engines, device=device,
+                                            providers=providers) if has_encoder else None)
+    pipe = _assemble(root, transformer, vae, device, dtype)
+    pipe.batch_cfg = batch_cfg
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe.backend, pipe.engines = backend, engines
+    return pipe
+
+
+def _assemble(root: Path, transformer, vae, device, dtype) -> QwenImageEnginePipeline:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype).eval()
+    return QwenImageEnginePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=vae, text_encoder=text_encoder.to(device), tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        transformer=transformer)

@@ -1,0 +1,44 @@
+"""A drop-in for `pipe.vae` whose decode (and encode, for the edit pipelines) run exported graphs."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from torch import nn
+
+from qwen_image_trt.runtime.backends.base import Runner
+
+
+class EngineVAE(nn.Module):
+    """Stands in for AutoencoderKLQwenImage: one-frame decode/encode through runners."""
+
+    def __init__(self, decoder: Runner, config: dict, encoder: Runner | None = None, device="cpu"):
+        super().__init__()
+        self.decoder_runner, self.encoder_runner = decoder, encoder
+        self.config = FrozenDict(config)
+        self._device = torch.device(device)
+        # Spelled as diffusers spells it: the pipeline derives its scale factor from it.
+        self.temperal_downsample = list(config.get("temperal_downsample", [False, True, True]))
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        if z.dim() != 5 or z.shape[2] != 1:
+            raise ValueError(f"EngineVAE decodes one frame: expected latents [B, C, 1, h, w], got {list(z.shape)}")
+        images = self.decoder_runner.infer({"latents": z.float().contiguous()})["images"].to(z.dtype)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        if self.encoder_runner is None:
+            raise RuntimeError("this engine folder has no vae_encoder graph; export it for the edit pipelines")
+        params = self.encoder_runner.infer({"images": x.float().contiguous()})["latent_params"].to(x.dtype)
+        dist = DiagonalGaussianDistribution(params)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
