@@ -1,0 +1,41 @@
+"""Shared fixtures: one tiny checkpoint and one fp32 export per test session (both take seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen-image-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_checkpoint, tmp_path_factory):
+    """fp32 ONNX export of the tiny checkpoint (transformer, vae_decoder, vae_encoder) with manifest.json."""
+    from qwen_image_trt.build.export import export_onnx
+
+    out = tmp_path_factory.mktemp("engines") / "fp32"
+    export_onnx(tiny_checkpoint, out, precision="fp32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eager_pipe(tiny_checkpoint):
+    from qwen_image_trt import load_pipeline
+
+    return load_pipeline(tiny_checkpoint, backend="torch")
+
+
+@pytest.fixture(scope="session")
+def ort_pipe(tiny_checkpoint, tiny_engines):
+    from qwen_image_trt import load_pipeline
+
+    return load_pipeline(tiny_checkpoint, engines=tiny_engines, backend="onnxruntime")
