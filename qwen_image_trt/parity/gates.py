@@ -1,0 +1,57 @@
+"""Parity gates per precision: documented defaults (docs/parity.md), each overridable by name.
+
+Why these numbers: fp32 engines should match eager up to kernel rounding; fp16/bf16 lose mantissa bits;
+INT8/FP8 are judged like NVIDIA/ModelOpt do, on cosine per forward and per step plus image quality,
+since trajectories drift even without quantization (NOTES: TensorRT-Model-Connect, BF16 ~10.8 dB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from qwen_image_trt.errors import InputError
+
+
+@dataclass(frozen=True)
+class Gates:
+    forward_cosine_min: float
+    forward_rel_l2_max: float
+    step_cosine_min: float
+    image_psnr_min: float
+    image_ssim_min: float
+
+    def override(self, items: list[str]) -> "Gates":
+        names = {f.name for f in fields(self)}
+        changes = {}
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in names:
+                raise InputError("gate", item, f"NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+            try:
+                changes[name] = float(value)
+            except ValueError:
+                raise InputError(f"gate {name}", value, "a number") from None
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_GATES = {
+    "fp32": Gates(forward_cosine_min=0.99999, forward_rel_l2_max=1e-3, step_cosine_min=0.9999,
+                  image_psnr_min=40.0, image_ssim_min=0.99),
+    "fp16": Gates(forward_cosine_min=0.999, forward_rel_l2_max=5e-2, step_cosine_min=0.99,
+                  image_psnr_min=30.0, image_ssim_min=0.95),
+    "bf16": Gates(forward_cosine_min=0.995, forward_rel_l2_max=1e-1, step_cosine_min=0.98,
+                  image_psnr_min=28.0, image_ssim_min=0.93),
+    "int8": Gates(forward_cosine_min=0.99, forward_rel_l2_max=0.15, step_cosine_min=0.98,
+                  image_psnr_min=35.0, image_ssim_min=0.95),
+    "fp8": Gates(forward_cosine_min=0.99, forward_rel_l2_max=0.15, step_cosine_min=0.98,
+                 image_psnr_min=35.0, image_ssim_min=0.95),
+}
+
+
+def gates_for(precision: str) -> Gates:
+    if precision not in DEFAULT_GATES:
+        raise InputError("precision", precision, f"one of {', '.join(DEFAULT_GATES)}")
+    return DEFAULT_GATES[precision]

@@ -1,0 +1,36 @@
+"""Error metrics between a reference and a candidate: tensors (per forward, per step) and images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def tensor_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    ref, got = ref.detach().double().flatten(), got.detach().double().flatten()
+    diff = got - ref
+    ref_norm = ref.norm().item()
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()
+    return {"max_abs": diff.abs().max().item(), "rel_l2": diff.norm().item() / max(ref_norm, 1e-30), "cosine": cos,
+            "finite": bool(torch.isfinite(got).all())}
+
+
+def psnr(ref: np.ndarray, got: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of uint8 images, in dB (inf when identical)."""
+    mse = np.mean((ref.astype(np.float64) - got.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim(ref: np.ndarray, got: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    win = min(7, *ref.shape[:2]) // 2 * 2 + 1 if min(ref.shape[:2]) < 7 else 7
+    return float(structural_similarity(ref, got, channel_axis=-1, data_range=255, win_size=win))
+
+
+def diff_image(ref: np.ndarray, got: np.ndarray, gain: float = 8.0) -> np.ndarray:
+    """|ref - got| amplified so that small differences are visible; uint8 HxWx3."""
+    d = np.abs(ref.astype(np.int16) - got.astype(np.int16)).astype(np.float32) * gain
+    return np.clip(d, 0, 255).astype(np.uint8)

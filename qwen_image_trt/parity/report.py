@@ -1,0 +1,52 @@
+"""The human half of a parity report: one self-contained HTML page next to report.json and the PNGs."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return html.escape(str(v))
+
+
+def write_html(data: dict, out: Path) -> Path:
+    verdict = "PASS" if data["passed"] else "FAIL"
+    gates = _table([{**g, "ok": "ok" if g["ok"] else "FAIL"} for g in data["gates"]],
+                   ["name", "value", "kind", "limit", "ok"])
+    fwd_cols = ["component", "batch", "grid", "text_len", "height", "width", "max_abs", "rel_l2", "cosine"]
+    forward = _table(data["forward"], fwd_cols)
+    steps = _table(data["per_step"], ["prompt", "step", "cosine", "rel_l2", "max_abs"])
+    images = ""
+    for r in data["images"]:
+        f = r["files"]
+        images += (f"<h3>{html.escape(r['prompt'])} <small>(negative: {html.escape(r['negative_prompt'])!s}, "
+                   f"seed {r['seed']}, {r['size'][0]}x{r['size'][1]})</small></h3>"
+                   f"<p>PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}, max |diff| {r['max_abs_levels']} levels</p>"
+                   "<div class=row>"
+                   + "".join(f"<figure><img src='{f[k]}'><figcaption>{cap}</figcaption></figure>"
+                             for k, cap in (("eager", "eager torch fp32"), ("engine", f"{data['backend']} "
+                                            f"{data['precision']}"), ("diff", "|difference| x8")))
+                   + "</div>")
+    page = f"""<!doctype html><meta charset=utf-8><title>qitrt parity {verdict}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}}.row{{display:flex;gap:1em}}
+img{{width:256px;image-rendering:pixelated;border:1px solid #999}}.PASS{{color:green}}.FAIL{{color:#b00}}</style>
+<h1>Parity: {html.escape(data['backend'])} {html.escape(data['precision'])} vs eager torch fp32
+ <span class={verdict}>{verdict}</span></h1>
+<p>checkpoint {html.escape(data['checkpoint'])} ({data['checkpoint_identity']}), engines {html.escape(data['engines'])},
+ seed {data['seed']}, {data['steps']} steps, {data['seconds']} s</p>
+<h2>Gates</h2>{gates}<h2>Images</h2>{images}
+<h2>Per denoising step (latent after each step)</h2>{steps}<h2>Per forward</h2>{forward}
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

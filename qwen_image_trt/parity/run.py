@@ -1,0 +1,202 @@
+"""`qitrt parity`: an engine folder against eager torch, per forward, per denoising step, and on images.
+
+The comparator does not care which backends it compares: the reference is always the eager torch
+runner/pipeline, the candidate any backend that can load the engine folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qwen_image_trt.errors import InputError
+from qwen_image_trt.parity import metrics
+from qwen_image_trt.parity.gates import Gates, gates_for
+
+DEFAULT_SIZES = [(64, 64), (96, 64), (64, 128)]  # (width, height): square and non-square
+DEFAULT_BATCHES = [1, 2]
+DEFAULT_TEXT_LENS = [7, 32]
+PROMPTS = [("a red fox sitting in the snow, watercolor", " "),
+           ("一只猫坐在窗台上, neon sign that reads OPEN", "blurry, low quality")]
+
+
+@dataclass
+class ParityConfig:
+    checkpoint: Path
+    engines: Path
+    out: Path
+    backend: str = "onnxruntime"
+    steps: int = 4
+    sizes: list[tuple[int, int]] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    batches: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
+    text_lens: list[int] = field(default_factory=lambda: list(DEFAULT_TEXT_LENS))
+    image_size: tuple[int, int] = (128, 128)
+    seed: int = 0
+    gate_overrides: list[str] = field(default_factory=list)
+    progress: bool = True
+
+    @classmethod
+    def from_cli(cls, a) -> "ParityConfig":
+        from qwen_image_trt.cli import _size
+
+        cfg = cls(checkpoint=Path(a.checkpoint), engines=Path(a.engines), out=Path(a.out), backend=a.backend,
+                  steps=a.steps, seed=a.seed, gate_overrides=list(a.gate))
+        if a.sizes:
+            cfg.sizes = [_size(s) for s in a.sizes.split(",")]
+        if a.batches:
+            cfg.batches = [int(b) for b in a.batches.split(",")]
+        if a.image_size:
+            cfg.image_size = a.image_size
+        return cfg
+
+
+@dataclass
+class ParityReport:
+    data: dict
+    html_path: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.data["passed"]
+
+    def summary(self) -> str:
+        d = self.data
+        lines = [f"parity {d['backend']} {d['precision']} vs eager torch fp32: {'PASS' if d['passed'] else 'FAIL'}"]
+        for g in d["gates"]:
+            lines.append(f"  {'ok ' if g['ok'] else 'BAD'} {g['name']:22s} {g['value']:.6g} "
+                         f"({'>=' if g['kind'] == 'min' else '<='} {g['limit']:g})")
+        return "\n".join(lines)
+
+
+def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
+    from qwen_image_trt.build.manifest import check_engines_match, read_manifest
+    from qwen_image_trt.models.checkpoint import checkpoint_identity, validate_checkpoint
+    from qwen_image_trt.runtime.backends import check_backend
+    from qwen_image_trt.runtime.limits import check_size
+
+    check_backend(cfg.backend)
+    if cfg.backend == "torch":
+        raise InputError("backend", "torch", "an engine backend (onnxruntime or tensorrt): torch is the reference")
+    if cfg.steps < 1:
+        raise InputError("steps", cfg.steps, "an integer >= 1")
+    for w, h in [*cfg.sizes, cfg.image_size]:
+        check_size("width", w, (16, 4096))
+        check_size("height", h, (16, 4096))
+    if any(b < 1 for b in cfg.batches):
+        raise InputError("batches", cfg.batches, "integers >= 1")
+    root = validate_checkpoint(cfg.checkpoint)
+    if not Path(cfg.engines).is_dir():
+        raise InputError("engines", str(cfg.engines), "an existing engine folder")
+    manifest = read_manifest(cfg.engines)
+    check_engines_match(manifest, checkpoint_identity(root), cfg.engines)
+    return manifest, gates_for(manifest.get("precision", "fp32")).override(cfg.gate_overrides)
+
+
+def run_parity(cfg: ParityConfig) -> ParityReport:
+    """Run all three comparisons, write report.json + report.html + images to cfg.out, return the report."""
+    manifest, gates = _validate(cfg)  # everything cheap first: no model is loaded before this passes
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    forward = _per_forward(cfg)
+    steps, images = _per_step_and_images(cfg)
+    data = {
+        "backend": cfg.backend, "precision": manifest.get("precision", "fp32"),
+        "checkpoint": str(cfg.checkpoint), "engines": str(cfg.engines),
+        "checkpoint_identity": manifest["checkpoint"]["identity"], "seed": cfg.seed, "steps": cfg.steps,
+        "forward": forward, "per_step": steps, "images": images, "gate_limits": gates.as_dict(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    data["gates"] = _apply_gates(data, gates)
+    data["passed"] = all(g["ok"] for g in data["gates"])
+    (cfg.out / "report.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    from qwen_image_trt.parity.report import write_html
+
+    return ParityReport(data, write_html(data, cfg.out))
+
+
+def _per_forward(cfg: ParityConfig) -> list[dict]:
+    from qwen_image_trt.models.checkpoint import read_config
+    from qwen_image_trt.models.specs import SPECS
+    from qwen_image_trt.runtime.backends import make_runner
+
+    rows = []
+    for component in ("transformer", "vae_decoder"):
+        spec = SPECS[component]
+        config = read_config(cfg.checkpoint, spec.part)
+        ref = make_runner("torch", component, checkpoint=cfg.checkpoint)
+        got = make_runner(cfg.backend, component, engines_dir=cfg.engines)
+        if component == "transformer":
+            cases = [dict(batch=b, grid=(h // 16, w // 16), text_len=t)
+                     for b in cfg.batches for (w, h) in cfg.sizes for t in cfg.text_lens]
+        else:
+            cases = [dict(batch=b, height=h, width=w) for b in cfg.batches for (w, h) in cfg.sizes]
+        with ref, got:
+            for i, case in enumerate(tqdm(cases, desc=f"parity {component}", disable=not cfg.progress)):
+                args = spec.sample_inputs(config, **case, seed=cfg.seed + i)
+                feeds = dict(zip(spec.input_names, args))
+                out_name = spec.output_names[0]
+                m = metrics.tensor_metrics(ref.infer(feeds)[out_name], got.infer(feeds)[out_name])
+                rows.append({"component": component, **{k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in case.items()}, **m})
+    return rows
+
+
+def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
+    from PIL import Image
+
+    from qwen_image_trt.runtime.pipeline import load_pipeline
+
+    eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False)  # the stock two-call loop
+    engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend)
+    width, height = cfg.image_size
+    steps, images = [], []
+    for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):
+        runs = {}
+        for name, pipe in (("eager", eager), ("engine", engine)):
+            latents = []
+
+            def keep(p, i, t, kw, latents=latents):
+                latents.append(kw["latents"].clone())
+                return {}
+
+            img = pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, height=height, width=width,
+                       num_inference_steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed + k),
+                       output_type="np", callback_on_step_end=keep).images[0]
+            runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents)
+        (ref_img, ref_lat), (got_img, got_lat) = runs["eager"], runs["engine"]
+        for i, (a, b) in enumerate(zip(ref_lat, got_lat)):
+            steps.append({"prompt": k, "step": i, **metrics.tensor_metrics(a, b)})
+        files = {}
+        for name, arr in (("eager", ref_img), ("engine", got_img), ("diff", metrics.diff_image(ref_img, got_img))):
+            files[name] = f"prompt{k}_{name}.png"
+            Image.fromarray(arr).save(cfg.out / files[name])
+        images.append({"prompt": prompt, "negative_prompt": negative, "seed": cfg.seed + k, "size": [width, height],
+                       "psnr_db": metrics.psnr(ref_img, got_img), "ssim": metrics.ssim(ref_img, got_img),
+                       "max_abs_levels": int(np.abs(ref_img.astype(int) - got_img.astype(int)).max()),
+                       "files": files})
+    return steps, images
+
+
+def _apply_gates(data: dict, gates: Gates) -> list[dict]:
+    fwd = data["forward"]
+    checks = [
+        ("forward_cosine_min", "min", min(r["cosine"] for r in fwd)),
+        ("forward_rel_l2_max", "max", max(r["rel_l2"] for r in fwd)),
+        ("step_cosine_min", "min", min(r["cosine"] for r in data["per_step"])),
+        ("image_psnr_min", "min", min(r["psnr_db"] for r in data["images"])),
+        ("image_ssim_min", "min", min(r["ssim"] for r in data["images"])),
+    ]
+    out = []
+    for name, kind, value in checks:
+        limit = getattr(gates, name)
+        ok = value >= limit if kind == "min" else value <= limit
+        out.append({"name": name, "kind": kind, "value": value, "limit": limit, "ok": bool(ok)})
+    out.append({"name": "all_outputs_finite", "kind": "min", "value": float(all(r["finite"] for r in fwd)),
+                "limit": 1.0, "ok": all(r["finite"] for r in fwd)})
+    return out
