@@ -17,10 +17,13 @@ def tensor_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict:
             "finite": bool(torch.isfinite(got).all())}
 
 
+PSNR_CAP_DB = 200.0  # identical images: a finite number keeps report.json strict JSON
+
+
 def psnr(ref: np.ndarray, got: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of uint8 images, in dB (inf when identical)."""
+    """Peak signal-to-noise ratio of uint8 images, in dB (PSNR_CAP_DB when identical)."""
     mse = np.mean((ref.astype(np.float64) - got.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0**2 / mse))
 
 
 def ssim(ref: np.ndarray, got: np.ndarray) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,13 @@ def request_limits(engines) -> Limits:
     return Limits.from_manifest(read_manifest(engines))
 
 
+def min_steps(checkpoint) -> int:
+    """Qwen-Image's scheduler stretches sigmas to `shift_terminal`, which is 0/0 for a 1-step schedule."""
+    from qwen_image_trt.models.checkpoint import read_config
+
+    return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
+
+
 def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int = 20,
                    height: int = 1024, width: int = 1024, engines=None, backend: str = "torch", device="cpu",
                    true_cfg_scale: float = 4.0, pipe=None) -> Path:
@@ -27,11 +35,14 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     from qwen_image_trt.runtime.backends import check_backend
 
     check_backend(backend)
-    check_request(prompt, height, width, steps, request_limits(engines), negative_prompt=negative_prompt)
+    validate_checkpoint(checkpoint)
+    limits = request_limits(engines)
+    if min_steps(checkpoint) > limits.steps[0]:
+        limits = replace(limits, steps=(min_steps(checkpoint), limits.steps[1]))
+    check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")
-    validate_checkpoint(checkpoint)
     if pipe is None:
         from qwen_image_trt.runtime.pipeline import load_pipeline
 

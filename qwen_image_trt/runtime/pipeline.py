@@ -29,6 +29,10 @@ class QwenImageEnginePipeline(QwenImagePipeline):
 
     def __call__(self, *args, batch_cfg: bool | None = None, **kwargs):
         batch_cfg = self.batch_cfg if batch_cfg is None else batch_cfg
+        steps = kwargs.get("num_inference_steps", 50)
+        if steps == 1 and kwargs.get("sigmas") is None and self.scheduler.config.get("shift_terminal"):
+            # diffusers stretches sigmas to shift_terminal with (1 - s) / (1 - s[-1]): 0/0 for a 1-step schedule.
+            raise InputError("num_inference_steps", steps, ">= 2 with this scheduler (shift_terminal is set)")
         scale = kwargs.get("true_cfg_scale", 1.0)
         has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
         scales = scale if isinstance(scale, (list, tuple)) else [scale]

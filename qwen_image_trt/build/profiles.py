@@ -1,0 +1,210 @@
+"""Optimization profiles (min/opt/max shape per dynamic input) and the request limits they imply.
+
+Pure functions over image sizes: the TensorRT builder reads the profiles, the manifest keeps them, and
+`limits_from_sizes` writes the ranges `runtime.limits.Limits.from_manifest` checks before any work.
+
+Conventions (see docs/tensorrt.md):
+- A size is (width, height) in pixels, both multiples of 16 (VAE x8, then 2x2 latent packing).
+- The *first* size given is the opt shape: TensorRT tunes its tactics for it.
+- Transformer batch counts both CFG branches: with `cfg=True` the engine's max batch is 2 * max_batch
+  (cond and uncond stacked in one forward, `runtime/cfg.py`); min stays 1 (no CFG, one image).
+- Text tokens are padded by the runtime to a multiple of `text_bucket` (`runtime/transformer.py`),
+  so the text range is rounded up to buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from qwen_image_trt.errors import InputError
+
+SIZE_MULTIPLE = 16
+MAX_SIDE = 4096  # the runtime's default size range (runtime/limits.py)
+DEFAULT_TEXT_LEN_RANGE = (1, 512)  # diffusers' max_sequence_length default is 512
+DEFAULT_OPT_TEXT_LEN = 128
+# Qwen-Image's transformer (the real checkpoint); pass `config=` for any other (the tiny model).
+QWEN_IMAGE_TRANSFORMER = {"in_channels": 64, "joint_attention_dim": 3584, "attention_head_dim": 128}
+QWEN_IMAGE_Z_DIM = 16
+
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+
+
+def parse_sizes(text) -> list[tuple[int, int]]:
+    """"1024x1024,1664x928" (or an iterable of "WxH" strings / (w, h) pairs) -> [(1024, 1024), (1664, 928)]."""
+    allowed = f"comma-separated WIDTHxHEIGHT sizes, each side a multiple of {SIZE_MULTIPLE} in " \
+              f"[{SIZE_MULTIPLE}, {MAX_SIDE}], e.g. 1024x1024,1664x928"
+    items = [s for s in text.split(",")] if isinstance(text, str) else list(text or [])
+    sizes: list[tuple[int, int]] = []
+    for item in items:
+        if isinstance(item, str):
+            parts = item.strip().lower().split("x")
+            if len(parts) != 2:
+                raise InputError("sizes", text, allowed)
+            try:
+                w, h = int(parts[0]), int(parts[1])
+            except ValueError:
+                raise InputError("sizes", text, allowed) from None
+        else:
+            try:
+                w, h = item
+            except (TypeError, ValueError):
+                raise InputError("sizes", text, allowed) from None
+        for side in (w, h):
+            if isinstance(side, bool) or not isinstance(side, int) or side % SIZE_MULTIPLE \
+                    or not SIZE_MULTIPLE <= side <= MAX_SIDE:
+                raise InputError("sizes", text, allowed)
+        if (w, h) not in sizes:
+            sizes.append((w, h))
+    if not sizes:
+        raise InputError("sizes", text, allowed)
+    return sizes
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Packed latent tokens for one image: (h/16) * (w/16)."""
+    return (width // SIZE_MULTIPLE) * (height // SIZE_MULTIPLE)
+
+
+def _check_batch(max_batch, opt_batch) -> tuple[int, int]:
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise InputError("max_batch", max_batch, "an integer >= 1")
+    opt = 1 if opt_batch is None else opt_batch
+    if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= max_batch:
+        raise InputError("opt_batch", opt_batch, f"an integer in [1, {max_batch}] (max_batch)")
+    return max_batch, opt
+
+
+def _round_up(n: int, bucket: int) -> int:
+    return max(bucket, math.ceil(n / bucket) * bucket)
+
+
+def transformer_profile(sizes, max_batch: int, text_len_range: tuple[int, int] = DEFAULT_TEXT_LEN_RANGE,
+                        opt_batch: int | None = None, text_bucket: int = 32, cfg: bool = True, *,
+                        config: dict | None = None, opt_text_len: int = DEFAULT_OPT_TEXT_LEN) -> Profile:
+    """Profile of the exported transformer's eight inputs (models/transformer_export.py).
+
+    `config` is the transformer config (in_channels, joint_attention_dim, attention_head_dim); default
+    Qwen-Image's. Static dims are also reconciled against the parsed network at build time.
+    """
+    sizes = parse_sizes(sizes)
+    max_batch, opt_batch = _check_batch(max_batch, opt_batch)
+    if isinstance(text_bucket, bool) or not isinstance(text_bucket, int) or text_bucket < 1:
+        raise InputError("text_bucket", text_bucket, "an integer >= 1")
+    lo, hi = text_len_range
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise InputError("text_len_range", text_len_range, "(min, max) integers with 1 <= min <= max")
+    cfg_mult = 2 if cfg else 1
+    b = (1, opt_batch * cfg_mult, max_batch * cfg_mult)
+    tokens = [image_tokens(w, h) for w, h in sizes]
+    img = (min(tokens), tokens[0], max(tokens))
+    txt_min, txt_max = _round_up(lo, text_bucket), _round_up(hi, text_bucket)
+    txt = (txt_min, min(max(_round_up(opt_text_len, text_bucket), txt_min), txt_max), txt_max)
+
+    c = {**QWEN_IMAGE_TRANSFORMER, **(config or {})}
+    channels, width, half_head = c["in_channels"], c["joint_attention_dim"], c["attention_head_dim"] // 2
+    return {
+        "hidden_states": tuple((b[i], img[i], channels) for i in range(3)),
+        "encoder_hidden_states": tuple((b[i], txt[i], width) for i in range(3)),
+        "encoder_hidden_states_mask": tuple((b[i], txt[i]) for i in range(3)),
+        "timestep": tuple((b[i],) for i in range(3)),
+        "img_rope_cos": tuple((img[i], half_head) for i in range(3)),
+        "img_rope_sin": tuple((img[i], half_head) for i in range(3)),
+        "txt_rope_cos": tuple((txt[i], half_head) for i in range(3)),
+        "txt_rope_sin": tuple((txt[i], half_head) for i in range(3)),
+    }
+
+
+def _spatial(sizes, scale: int):
+    hs = [h // scale for _, h in sizes]
+    ws = [w // scale for w, _ in sizes]
+    return (min(hs), hs[0], max(hs)), (min(ws), ws[0], max(ws))
+
+
+def vae_decoder_profile(sizes, max_batch: int, opt_batch: int | None = None, *, z_dim: int = QWEN_IMAGE_Z_DIM) -> Profile:
+    """latents [batch, z_dim, 1, h/8, w/8]; height and width ranges are independent."""
+    sizes = parse_sizes(sizes)
+    max_batch, opt_batch = _check_batch(max_batch, opt_batch)
+    b = (1, opt_batch, max_batch)
+    hs, ws = _spatial(sizes, 8)
+    return {"latents": tuple((b[i], z_dim, 1, hs[i], ws[i]) for i in range(3))}
+
+
+def vae_encoder_profile(sizes, max_batch: int, opt_batch: int | None = None) -> Profile:
+    """images [batch, 3, 1, h, w]."""
+    sizes = parse_sizes(sizes)
+    max_batch, opt_batch = _check_batch(max_batch, opt_batch)
+    b = (1, opt_batch, max_batch)
+    hs, ws = _spatial(sizes, 1)
+    return {"images": tuple((b[i], 3, 1, hs[i], ws[i]) for i in range(3))}
+
+
+def component_profile(component: str, sizes, max_batch: int, *, config: dict | None = None, **kw) -> Profile:
+    """Dispatch by component name. `config`: the transformer config, or the VAE config (z_dim)."""
+    if component == "transformer":
+        return transformer_profile(sizes, max_batch, config=config, **kw)
+    if component == "vae_decoder":
+        z_dim = (config or {}).get("z_dim", QWEN_IMAGE_Z_DIM)
+        return vae_decoder_profile(sizes, max_batch, kw.get("opt_batch"), z_dim=z_dim)
+    if component == "vae_encoder":
+        return vae_encoder_profile(sizes, max_batch, kw.get("opt_batch"))
+    raise InputError("component", component, "one of transformer, vae_decoder, vae_encoder")
+
+
+def limits_from_sizes(sizes, max_batch: int) -> dict:
+    """Manifest limits: {"height": [min, max], "width": [min, max], "batch": [1, max_batch], "image_tokens": ...}.
+
+    `batch` is images per request (before CFG doubling). Height and width are checked independently by
+    runtime.limits; `image_tokens` records the transformer's token range for shapes inside that box that
+    the profile does not cover (the TensorRT runner refuses those with an InputError).
+    """
+    sizes = parse_sizes(sizes)
+    max_batch, _ = _check_batch(max_batch, None)
+    hs = [h for _, h in sizes]
+    ws = [w for w, _ in sizes]
+    tokens = [image_tokens(w, h) for w, h in sizes]
+    return {"height": [min(hs), max(hs)], "width": [min(ws), max(ws)], "batch": [1, max_batch],
+            "image_tokens": [min(tokens), max(tokens)]}
+
+
+def profile_to_json(profile: Profile) -> dict:
+    """{name: {"min": [...], "opt": [...], "max": [...]}} for manifests."""
+    return {name: {"min": list(mn), "opt": list(op), "max": list(mx)} for name, (mn, op, mx) in profile.items()}
+
+
+def profile_from_json(data: dict) -> Profile:
+    return {name: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for name, v in data.items()}
+
+
+def normalize_profile(profile) -> Profile:
+    """Accept either form (tuples or the JSON dict) and check min <= opt <= max per dim."""
+    if profile and isinstance(next(iter(profile.values())), dict):
+        profile = profile_from_json(profile)
+    out: Profile = {}
+    for name, shapes in profile.items():
+        try:
+            mn, op, mx = (tuple(int(d) for d in s) for s in shapes)
+        except (TypeError, ValueError):
+            raise InputError(f"profiles[{name}]", shapes, "(min_shape, opt_shape, max_shape)") from None
+        if not len(mn) == len(op) == len(mx) or not all(a <= b <= c for a, b, c in zip(mn, op, mx)) \
+                or any(d < 0 for d in mn):
+            raise InputError(f"profiles[{name}]", shapes, "three shapes of one rank with 0 <= min <= opt <= max per dim")
+        out[name] = (mn, op, mx)
+    return out
+
+
+def check_shape_in_profile(name: str, shape: Iterable[int], profile: Profile) -> None:
+    """Raise InputError when `shape` of input `name` is outside the profile's [min, max] box."""
+    if name not in profile:
+        return
+    mn, _, mx = profile[name]
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != len(mn) or not all(a <= d <= c for a, d, c in zip(mn, shape, mx)):
+        raise InputError(name, list(shape), f"a shape between {list(mn)} and {list(mx)} (the engine's optimization "
+                         "profile; rebuild with `qitrt build --sizes ... --max-batch ...` for other shapes)")
+
+
+__all__ = ["parse_sizes", "image_tokens", "transformer_profile", "vae_decoder_profile", "vae_encoder_profile",
+           "component_profile", "limits_from_sizes", "profile_to_json", "profile_from_json", "normalize_profile",
+           "check_shape_in_profile", "QWEN_IMAGE_TRANSFORMER"]

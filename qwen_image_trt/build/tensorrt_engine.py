@@ -1,0 +1,384 @@
+"""ONNX -> TensorRT engine (TensorRT 10/11, strongly typed), with its manifest entry.
+
+Networks are strongly typed: precision lives in the graph (Q/DQ nodes from quantization, casts for
+bf16/fp16), so no precision builder flags are set; `precision` and `recipe` are recorded, and they are
+part of the engine's cache key. An engine only runs on the TensorRT version and GPU compute capability
+it was built with: both are in the file name and checked at load (`check_engine_compatible`).
+
+Everything that needs no GPU is a pure function here (cache key, file name, profile reconciliation,
+compatibility check, manifest entry) or takes the `tensorrt` module as an argument
+(`configure_builder`), so it is unit tested without TensorRT. `build_tensorrt_engine` itself needs
+TensorRT and a CUDA GPU; `require_tensorrt()` says so before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from qwen_image_trt.build.manifest import file_sha256, read_manifest
+from qwen_image_trt.build.profiles import Profile, normalize_profile, profile_to_json
+from qwen_image_trt.errors import EngineMismatchError, InputError, QitrtError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+MIN_TENSORRT_MAJOR = 10  # strongly typed networks, named I/O tensors, execute_async_v3, IProgressMonitor
+ENGINE_SUFFIX = ".plan"
+ENGINE_FORMAT = "qwen-image-trt/tensorrt@1"
+_INSTALL_HINT = ("install TensorRT >= 10 on a machine with an NVIDIA GPU (e.g. `pip install tensorrt-cu12` from "
+                 "NVIDIA's index), or build for ONNX Runtime instead (`qitrt build --target onnxruntime`)")
+
+
+# -- environment ----------------------------------------------------------------------------------------
+def require_tensorrt(device: int = 0):
+    """Return the `tensorrt` module, or raise QitrtError when TensorRT >= 10 or a CUDA GPU is missing."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or a wheel whose shared libraries fail to load
+        raise QitrtError(f"TensorRT is not available here ({type(e).__name__}: {e}): {_INSTALL_HINT}") from None
+    major = _major(getattr(trt, "__version__", "0"))
+    if major < MIN_TENSORRT_MAJOR:
+        raise QitrtError(f"TensorRT {trt.__version__} is too old: strongly typed engines need TensorRT >= "
+                         f"{MIN_TENSORRT_MAJOR}; {_INSTALL_HINT}")
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() <= device:
+        raise QitrtError(f"TensorRT {trt.__version__} is installed but no CUDA GPU {device} is visible to torch "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); TensorRT engines are "
+                         "built and run on an NVIDIA GPU")
+    return trt
+
+
+def gpu_info(device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability as "major.minor") of a CUDA device."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def normalize_cc(compute_capability) -> str:
+    """(9, 0) | "9.0" | "sm90" | 9.0 -> "9.0"."""
+    if isinstance(compute_capability, (tuple, list)):
+        return f"{int(compute_capability[0])}.{int(compute_capability[1])}"
+    text = str(compute_capability).lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        major, minor = text.split(".", 1)
+        return f"{int(major)}.{int(minor)}"
+    if text.isdigit() and len(text) >= 2:
+        return f"{int(text[:-1])}.{int(text[-1])}"
+    raise InputError("compute_capability", compute_capability, 'e.g. "9.0", (9, 0) or "sm90"')
+
+
+# -- pure helpers (unit tested) -------------------------------------------------------------------------
+def engine_cache_key(onnx_sha: str, precision: str, recipe, profiles, trt_version: str, compute_capability,
+                     **extra) -> str:
+    """Hex key of everything an engine depends on; equal keys mean the same engine can be reused.
+
+    `extra` (e.g. refittable, weight_streaming, opt_level) is folded in when given.
+    """
+    payload = {
+        "onnx_sha256": onnx_sha, "precision": precision, "recipe": recipe,
+        "profiles": profile_to_json(normalize_profile(profiles)) if profiles else {},
+        "tensorrt": str(trt_version), "compute_capability": normalize_cc(compute_capability),
+        **{k: v for k, v in sorted(extra.items())},
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def engine_file_name(component: str, precision: str, trt_version: str, compute_capability, key: str) -> str:
+    """e.g. transformer.fp8.trt10.13.0.35.sm90.1a2b3c4d5e6f.plan"""
+    cc = normalize_cc(compute_capability).replace(".", "")
+    return f"{component}.{precision}.trt{trt_version}.sm{cc}.{key[:12]}{ENGINE_SUFFIX}"
+
+
+def resolve_profile(network_inputs: dict[str, tuple], profiles) -> Profile:
+    """Reconcile profiles with the parsed network's inputs ({name: shape, -1 for dynamic dims}).
+
+    Dynamic dims take the profile's values; static dims must be the network's (a profile made with
+    another config's widths is corrected with a warning). A dynamic input without a profile, a profile
+    for an unknown input, or a rank mismatch raise InputError.
+    """
+    profiles = normalize_profile(profiles)
+    unknown = sorted(set(profiles) - set(network_inputs))
+    if unknown:
+        raise InputError("profiles", unknown, f"profiles for the network's inputs {sorted(network_inputs)}")
+    out: Profile = {}
+    for name, shape in network_inputs.items():
+        shape = tuple(int(d) for d in shape)
+        if name not in profiles:
+            if any(d < 0 for d in shape):
+                raise InputError("profiles", sorted(profiles), f"a profile for dynamic input {name!r} {list(shape)}")
+            continue
+        mn, op, mx = profiles[name]
+        if len(mn) != len(shape):
+            raise InputError(f"profiles[{name}]", [list(mn), list(op), list(mx)],
+                             f"shapes of rank {len(shape)} (network input {list(shape)})")
+        fixed = []
+        for s in (mn, op, mx):
+            fixed.append(tuple(p if d < 0 else d for p, d in zip(s, shape)))
+        if tuple(fixed) != (mn, op, mx):
+            log.warning("profile for %s: static dims taken from the network %s (profile said %s..%s)",
+                        name, list(shape), list(mn), list(mx))
+        out[name] = tuple(fixed)
+    return normalize_profile(out)
+
+
+def check_engine_compatible(entry: dict, trt_version: str, gpu_name: str, compute_capability, *,
+                            strict_gpu: bool = False) -> None:
+    """Raise EngineMismatchError when an engine built as `entry` cannot run here.
+
+    TensorRT plans are tied to the exact TensorRT version and to the GPU's compute capability. Another
+    GPU model of the same compute capability runs the engine (its tactics were timed elsewhere): a
+    warning, or an error with `strict_gpu`.
+    """
+    name = entry.get("engine_file", "engine")
+    fix = "rebuild with `qitrt build ... --target tensorrt` on this machine"
+    built_trt, built_cc = entry.get("tensorrt"), entry.get("compute_capability")
+    if built_trt is None or built_cc is None:
+        raise EngineMismatchError(f"{name}: the manifest entry does not say which TensorRT/GPU built it; {fix}")
+    if str(built_trt) != str(trt_version):
+        raise EngineMismatchError(f"{name} was built with TensorRT {built_trt}, this machine has TensorRT "
+                                  f"{trt_version}: {fix}")
+    if normalize_cc(built_cc) != normalize_cc(compute_capability):
+        raise EngineMismatchError(f"{name} was built for compute capability {normalize_cc(built_cc)} "
+                                  f"({entry.get('gpu')}), this GPU ({gpu_name}) is {normalize_cc(compute_capability)}: "
+                                  f"{fix}")
+    if entry.get("gpu") and gpu_name and entry["gpu"] != gpu_name:
+        msg = (f"{name} was built on {entry['gpu']}, running on {gpu_name} (same compute capability "
+               f"{normalize_cc(compute_capability)}): it runs, but tactics were timed on the other GPU")
+        if strict_gpu:
+            raise EngineMismatchError(f"{msg}; {fix}")
+        log.warning(msg)
+
+
+def limits_from_profiles(component: str, profiles, *, cfg: bool = True) -> dict:
+    """What the profiles alone say about requests (sizes are only known for the VAE profiles)."""
+    p = normalize_profile(profiles)
+    if component == "vae_decoder" and "latents" in p:
+        mn, _, mx = p["latents"]
+        return {"height": [mn[3] * 8, mx[3] * 8], "width": [mn[4] * 8, mx[4] * 8], "batch": [mn[0], mx[0]]}
+    if component == "vae_encoder" and "images" in p:
+        mn, _, mx = p["images"]
+        return {"height": [mn[3], mx[3]], "width": [mn[4], mx[4]], "batch": [mn[0], mx[0]]}
+    if component == "transformer" and "hidden_states" in p:
+        mn, _, mx = p["hidden_states"]
+        return {"batch": [1, max(1, mx[0] // 2) if cfg else mx[0]], "image_tokens": [mn[1], mx[1]]}
+    return {}
+
+
+def engine_entry(*, component: str, engine_file: str, onnx_file: str, onnx_sha: str, precision: str, recipe,
+                 profiles, trt_version: str, gpu_name: str, compute_capability, cache_key: str, limits: dict | None,
+                 opt_level: int, refittable: bool, weight_streaming: bool, source_entry: dict | None = None,
+                 engine_bytes: int | None = None, build_seconds: float | None = None,
+                 timing_cache: str | None = None) -> dict:
+    """The manifest entry of one engine (what the TensorRT runner and `check_engine_compatible` read)."""
+    source_entry = source_entry or {}
+    entry = {
+        "format": ENGINE_FORMAT,
+        "engine_file": engine_file,
+        "file": onnx_file,  # the ONNX graph it was built from (the onnxruntime backend can still run it)
+        "source_sha256": onnx_sha,
+        "tensorrt": str(trt_version),
+        "gpu": gpu_name,
+        "compute_capability": normalize_cc(compute_capability),
+        "precision": precision,
+        "recipe": recipe,
+        "profiles": profile_to_json(normalize_profile(profiles)),
+        "limits": limits if limits is not None else limits_from_profiles(component, profiles),
+        "cache_key": cache_key,
+        "builder": {"optimization_level": opt_level, "refittable": refittable, "weight_streaming": weight_streaming,
+                    "strongly_typed": True, "timing_cache": timing_cache},
+    }
+    for key in ("inputs", "outputs", "dynamic_axes", "external_data"):
+        if key in source_entry:
+            entry[key] = source_entry[key]
+    if engine_bytes is not None:
+        entry["bytes"] = engine_bytes
+    if build_seconds is not None:
+        entry["build_seconds"] = round(build_seconds, 3)
+    return entry
+
+
+def source_entry_for(source_manifest, component: str, onnx_path: Path, onnx_sha: str) -> dict | None:
+    """The component's entry in the export/quantize manifest; EngineMismatchError if the ONNX changed since."""
+    if source_manifest is None:
+        return None
+    manifest = source_manifest if isinstance(source_manifest, dict) else read_manifest(source_manifest)
+    entry = manifest.get("components", {}).get(component)
+    if entry is None:
+        return None
+    if entry.get("file") == onnx_path.name and entry.get("sha256") and entry["sha256"] != onnx_sha:
+        raise EngineMismatchError(f"{onnx_path} changed since its manifest was written (sha256 {onnx_sha[:12]} != "
+                                  f"{entry['sha256'][:12]}): re-run `qitrt export`/`qitrt quantize`")
+    return entry
+
+
+def _relative_or_absolute(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), folder.resolve()) if path.resolve().is_relative_to(folder.resolve()) \
+            else str(path.resolve())
+    except ValueError:
+        return str(path.resolve())
+
+
+# -- TensorRT calls (take the module, so a test double can check which calls we make) ---------------------
+def network_inputs(network) -> dict[str, tuple]:
+    """{name: shape} of a parsed INetworkDefinition's inputs, -1 for dynamic dims."""
+    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+
+
+def configure_builder(trt, builder, network, profiles, *, opt_level: int = 3, refittable: bool = False,
+                      weight_streaming: bool = False, timing_cache_bytes: bytes | None = None,
+                      progress_monitor=None, workspace_bytes: int | None = None):
+    """Create the IBuilderConfig: one optimization profile, optimization level, timing cache, flags."""
+    if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= 5:
+        raise InputError("opt_level", opt_level, "an integer in [0, 5] (TensorRT builder optimization level)")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    resolved = resolve_profile(network_inputs(network), profiles)
+    if resolved:
+        profile = builder.create_optimization_profile()
+        for name, (mn, op, mx) in resolved.items():
+            profile.set_shape(name, mn, op, mx)
+        config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache_bytes or b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if progress_monitor is not None:
+        config.progress_monitor = progress_monitor
+    return config, resolved
+
+
+def _progress_monitor(trt, label: str):
+    """A tqdm bar per builder phase, where this TensorRT has IProgressMonitor (10.0+)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+    from tqdm.auto import tqdm
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bars = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            depth = 0
+            while parent_phase in self.bars:
+                depth, parent_phase = depth + 1, self.bars[parent_phase][1]
+            self.bars[phase_name] = (tqdm(total=num_steps, desc=f"{label}: {phase_name}", leave=depth == 0,
+                                          position=depth), parent_phase)
+
+        def step_complete(self, phase_name, step):
+            if phase_name in self.bars:
+                bar = self.bars[phase_name][0]
+                bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, (None,))[0]
+            if bar is not None:
+                bar.close()
+
+    return _Monitor()
+
+
+def _parse_onnx(trt, network, logger, onnx_path: Path):
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)): the parser then finds external data next to the model.
+    ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise QitrtError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} error(s)):\n  "
+                         + "\n  ".join(errors[:20]) + "\nrun `qitrt lint " + str(onnx_path) + "` for a static check")
+    return parser
+
+
+def _write_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(memoryview(data))
+    os.replace(tmp, path)
+
+
+# -- the build ------------------------------------------------------------------------------------------
+def build_tensorrt_engine(onnx_path, out_dir, component: str, profiles, *, precision: str, recipe=None,
+                          timing_cache=None, opt_level: int = 3, refittable: bool = False,
+                          weight_streaming: bool = False, source_manifest=None, progress: bool = True,
+                          limits: dict | None = None, force: bool = False, device: int = 0,
+                          workspace_bytes: int | None = None) -> dict:
+    """Build one engine into `out_dir` and return its manifest entry (the caller writes the manifest).
+
+    `profiles`: {input: (min, opt, max)} from `build.profiles`. `timing_cache`: a file path, read when it
+    exists and written back after the build. An engine with the same cache key already in `out_dir` is
+    reused unless `force`. `limits`: the request limits to record (`profiles.limits_from_sizes`).
+    """
+    if precision not in PRECISIONS:
+        raise InputError("precision", precision, f"one of {', '.join(PRECISIONS)}")
+    onnx_path, out = Path(onnx_path), Path(out_dir)
+    if not onnx_path.is_file():
+        raise InputError("onnx_path", str(onnx_path), "an existing .onnx file")
+    profiles = normalize_profile(profiles)
+    trt = require_tensorrt(device)
+    gpu_name, cc = gpu_info(device)
+    out.mkdir(parents=True, exist_ok=True)
+
+    onnx_sha = file_sha256(onnx_path)
+    source_entry = source_entry_for(source_manifest, component, onnx_path, onnx_sha)
+    key = engine_cache_key(onnx_sha, precision, recipe, profiles, trt.__version__, cc, opt_level=opt_level,
+                           refittable=refittable, weight_streaming=weight_streaming)
+    engine_path = out / engine_file_name(component, precision, trt.__version__, cc, key)
+    common = dict(component=component, engine_file=engine_path.name, onnx_file=_relative_or_absolute(onnx_path, out),
+                  onnx_sha=onnx_sha, precision=precision, recipe=recipe, trt_version=trt.__version__,
+                  gpu_name=gpu_name, compute_capability=cc, cache_key=key, limits=limits, opt_level=opt_level,
+                  refittable=refittable, weight_streaming=weight_streaming, source_entry=source_entry,
+                  timing_cache=str(timing_cache) if timing_cache else None)
+    if engine_path.is_file() and not force:
+        log.info("tensorrt: %s is up to date (cache key %s), not rebuilt", engine_path.name, key[:12])
+        return engine_entry(profiles=profiles, engine_bytes=engine_path.stat().st_size, **common)
+
+    t0 = time.perf_counter()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    _parser = _parse_onnx(trt, network, logger, onnx_path)  # keep alive until the build is done
+    cache_file = Path(timing_cache) if timing_cache else None
+    cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else None
+    config, resolved = configure_builder(
+        trt, builder, network, profiles, opt_level=opt_level, refittable=refittable,
+        weight_streaming=weight_streaming, timing_cache_bytes=cache_bytes,
+        progress_monitor=_progress_monitor(trt, component) if progress else None, workspace_bytes=workspace_bytes)
+    log.info("tensorrt: building %s from %s (%s, opt level %d)", engine_path.name, onnx_path.name, precision, opt_level)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise QitrtError(f"TensorRT could not build {component} from {onnx_path} (see the TensorRT log above); "
+                         f"run `qitrt lint {onnx_path}` for a static check")
+    _write_atomic(engine_path, plan)
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cache_file, config.get_timing_cache().serialize())
+    seconds = time.perf_counter() - t0
+    del _parser, network, config, builder
+    return engine_entry(profiles=resolved, engine_bytes=engine_path.stat().st_size, build_seconds=seconds, **common)
+
+
+__all__ = ["build_tensorrt_engine", "require_tensorrt", "gpu_info", "engine_cache_key", "engine_file_name",
+           "check_engine_compatible", "resolve_profile", "configure_builder", "engine_entry", "limits_from_profiles",
+           "normalize_cc", "PRECISIONS"]

@@ -1,0 +1,116 @@
+"""CLI commands end to end (real subprocess), bad input before heavy work, and the parity gates."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from qwen_image_trt.build.export import export_onnx
+from qwen_image_trt.models.checkpoint import checkpoint_identity
+from qwen_image_trt.parity.run import ParityConfig, run_parity
+
+
+def qitrt(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "qwen_image_trt.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_with_engines_matches_eager(tiny_checkpoint, tiny_engines, tmp_path):
+    common = ["--prompt", "a lighthouse at dusk", "--negative-prompt", " ", "--seed", 3, "--steps", 3,
+              "--height", 64, "--width", 80]
+    r1 = qitrt("generate", tiny_checkpoint, *common, "--out", tmp_path / "eager.png")
+    r2 = qitrt("generate", tiny_checkpoint, "--engines", tiny_engines, "--backend", "onnxruntime", *common,
+               "--out", tmp_path / "ort.png")
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    a, b = (np.asarray(Image.open(tmp_path / f)).astype(int) for f in ("eager.png", "ort.png"))
+    assert a.shape == (64, 80, 3) and np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--height", 100], "height=100"),
+    (["--width", 8192], "width=8192"),
+    (["--steps", 0], "steps=0"),
+    (["--steps", 1], "steps=1"),  # Qwen-Image's shift_terminal makes a 1-step schedule NaN
+    (["--prompt", "  "], "prompt="),
+    (["--backend", "tensorflow"], "backend="),
+    (["--engines", "/nonexistent"], "engines="),
+])
+def test_generate_bad_input_names_the_field(tiny_checkpoint, tmp_path, args, field):
+    base = {"--prompt": "a cat", "--height": 64, "--width": 64, "--steps": 2}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flat = [x for kv in base.items() for x in kv if kv[0] not in ("--backend", "--engines")]
+    extra = [a for a in args if args.index(a) % 2 == 0 and a in ("--backend", "--engines")]
+    for flag in extra:
+        flat += [flag, base[flag]]
+    r = qitrt("generate", tiny_checkpoint, *flat, "--out", tmp_path / "x.png")
+    assert r.returncode == 2
+    assert field in r.stderr and "allowed" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    r = qitrt("generate", tmp_path / "missing", "--prompt", "a cat", "--out", tmp_path / "x.png", "--height", 64,
+              "--width", 64)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_parity_passes_and_writes_report(tiny_checkpoint, tiny_engines, tmp_path):
+    r = qitrt("parity", tiny_checkpoint, "--engines", tiny_engines, "--backend", "onnxruntime", "--out",
+              tmp_path / "report", "--steps", 2, "--sizes", "32x32,64x32", "--batches", "1,2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["passed"] and {g["name"] for g in report["gates"]} >= {"forward_cosine_min", "image_psnr_min"}
+    assert {(row["batch"], tuple(row["grid"])) for row in report["forward"] if row["component"] == "transformer"} \
+        == {(1, (2, 2)), (2, (2, 2)), (1, (2, 4)), (2, (2, 4))}
+    assert len(report["per_step"]) == 2 * len(report["images"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    for img in report["images"]:
+        for f in img["files"].values():
+            assert f in html and (tmp_path / "report" / f).is_file()
+
+
+def test_parity_fails_on_perturbed_weights(tiny_checkpoint, tmp_path):
+    """Engines exported from slightly different weights (same config and file layout) must fail the gates."""
+    bad = tmp_path / "perturbed"
+    shutil.copytree(tiny_checkpoint, bad)
+    wfile = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(wfile)
+    name = "transformer_blocks.3.img_mlp.net.2.weight"
+    weights[name] = weights[name] * 1.5
+    save_file(weights, wfile, metadata={"format": "pt"})
+    engines = tmp_path / "engines"
+    export_onnx(bad, engines, components=["transformer", "vae_decoder"], progress=False)
+    # Pretend they came from the good checkpoint: the identity check would refuse them otherwise.
+    m = json.loads((engines / "manifest.json").read_text())
+    m["checkpoint"]["identity"] = checkpoint_identity(tiny_checkpoint)
+    (engines / "manifest.json").write_text(json.dumps(m))
+    report = run_parity(ParityConfig(checkpoint=tiny_checkpoint, engines=engines, out=tmp_path / "r", steps=2,
+                                     sizes=[(32, 32)], batches=[1], image_size=(64, 64), progress=False))
+    assert not report.passed
+    failed = {g["name"] for g in report.data["gates"] if not g["ok"]}
+    assert "forward_cosine_min" in failed or "forward_rel_l2_max" in failed
+    r = qitrt("parity", tiny_checkpoint, "--engines", engines, "--out", tmp_path / "r2", "--steps", 2,
+              "--sizes", "32x32", "--batches", "1")
+    assert r.returncode == 1 and "FAIL" in r.stdout
+
+
+def test_parity_gate_override_and_bad_gate(tiny_checkpoint, tiny_engines, tmp_path):
+    r = qitrt("parity", tiny_checkpoint, "--engines", tiny_engines, "--out", tmp_path / "r", "--gate",
+              "image_psnr_min=1000", "--steps", 2, "--sizes", "32x32", "--batches", "1")
+    assert r.returncode == 1 and "BAD image_psnr_min" in r.stdout
+    r = qitrt("parity", tiny_checkpoint, "--engines", tiny_engines, "--out", tmp_path / "r2", "--gate", "speed=1")
+    assert r.returncode == 2 and "gate='speed=1'" in r.stderr and not (tmp_path / "r2").exists()
+
+
+def test_tiny_command(tmp_path):
+    r = qitrt("tiny", tmp_path / "t")
+    assert r.returncode == 0 and (tmp_path / "t" / "model_index.json").is_file()
+    r = qitrt("tiny", tmp_path / "t")
+    assert r.returncode != 0  # refuses to overwrite without --overwrite

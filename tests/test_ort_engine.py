@@ -1,0 +1,102 @@
+"""ONNX Runtime engine target: the optimized model is saved, reloads, and matches the source graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwen_image_trt.build.ort_engine import build_ort_engine
+from qwen_image_trt.errors import EngineMismatchError, InputError
+
+
+def _run(path, feeds):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _feeds(tiny_checkpoint, component):
+    from qwen_image_trt.models import checkpoint as ckpt
+    from qwen_image_trt.models.specs import SPECS
+
+    spec = SPECS[component]
+    shape = dict(batch=2, grid=(4, 6), text_len=9) if component == "transformer" else dict(batch=2, height=48, width=32)
+    args = spec.sample_inputs(ckpt.read_config(tiny_checkpoint, spec.part), **shape, seed=3)
+    return {n: a.numpy() for n, a in zip(spec.input_names, args)}
+
+
+@pytest.mark.parametrize("component,level", [("transformer", "basic"), ("transformer", "extended"),
+                                             ("vae_decoder", "basic")])
+def test_optimized_graph_matches_source(tiny_engines, tiny_checkpoint, tmp_path, component, level):
+    from qwen_image_trt.build.manifest import read_manifest
+
+    src = tiny_engines / f"{component}.onnx"
+    entry = build_ort_engine(src, tmp_path, component, precision="fp32", source_manifest=read_manifest(tiny_engines),
+                             level=level)
+    assert entry["ort_file"] == f"{component}.fp32.ort-{level}.onnx" and (tmp_path / entry["ort_file"]).is_file()
+    assert entry["source_sha256"] == read_manifest(tiny_engines)["components"][component]["sha256"]
+    assert entry["provider"] == "CPUExecutionProvider" and entry["precision"] == "fp32"
+    assert entry["inputs"] == read_manifest(tiny_engines)["components"][component]["inputs"]
+    feeds = _feeds(tiny_checkpoint, component)
+    want, got = _run(src, feeds)[0], _run(tmp_path / entry["ort_file"], feeds)[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_through_make_runner(tiny_engines, tiny_checkpoint, tmp_path):
+    import torch
+
+    from qwen_image_trt.build.manifest import read_manifest
+    from qwen_image_trt.runtime.backends import make_runner
+
+    manifest = read_manifest(tiny_engines)
+    entry = build_ort_engine(tiny_engines / "vae_decoder.onnx", tmp_path, "vae_decoder", precision="fp32",
+                             source_manifest=tiny_engines)
+    assert entry["file"].endswith("vae_decoder.onnx")  # the source, found from the engine folder
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "components": {"vae_decoder": entry}}))
+    runner = make_runner("onnxruntime", "vae_decoder", engines_dir=tmp_path)
+    assert runner.model_path.name == entry["ort_file"]
+    feeds = _feeds(tiny_checkpoint, "vae_decoder")
+    out = runner.infer({k: torch.from_numpy(v) for k, v in feeds.items()})["images"]
+    np.testing.assert_allclose(out.numpy(), _run(tiny_engines / "vae_decoder.onnx", feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_rejects_bad_arguments_and_changed_source(tiny_engines, tmp_path):
+    from qwen_image_trt.build.manifest import read_manifest
+
+    src = tiny_engines / "vae_encoder.onnx"
+    with pytest.raises(InputError):
+        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp64")
+    with pytest.raises(InputError):
+        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", level="all")
+    with pytest.raises(InputError):
+        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", providers=("NoSuchExecutionProvider",))
+    manifest = read_manifest(tiny_engines)
+    manifest["components"]["vae_encoder"] = dict(manifest["components"]["vae_encoder"], sha256="0" * 64)
+    with pytest.raises(EngineMismatchError, match="changed since"):
+        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", source_manifest=manifest)
+
+
+def test_external_data_model(tmp_path):
+    """A graph stored with external data (as the real 40 GB transformer is) keeps it external after optimization."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y0"]), helper.make_node("Relu", ["y0"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    onnx.save_model(model, str(src_dir / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    entry = build_ort_engine(src_dir / "m.onnx", tmp_path / "out", "vae_decoder", precision="fp32")
+    assert entry["ort_external_data"] == "vae_decoder.fp32.ort-basic.onnx.data"
+    x = {"x": np.ones((3, 64), np.float32)}
+    np.testing.assert_allclose(_run(tmp_path / "out" / entry["ort_file"], x)[0], _run(src_dir / "m.onnx", x)[0],
+                               rtol=1e-5, atol=1e-5)
