@@ -150,7 +150,9 @@ def _unavailable(e: ModuleNotFoundError) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(map(str, argv))
     args = build_parser().parse_args(argv)
+    args.argv = argv  # results record the command that made them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

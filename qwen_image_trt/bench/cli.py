@@ -1,0 +1,165 @@
+"""`qitrt bench offline` and `qitrt bench serve`: flags become OfflineConfig / LoadConfig here, once."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from qwen_image_trt.errors import InputError
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            w, h = item.lower().strip().split("x")
+            out.append((int(w), int(h)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"size {item!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return out
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="throughput/latency benchmarks (offline pipeline, or load on a server)",
+                           description="Benchmarks with the physical limit beside every figure. See benchmarks/README.md.")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = bsub.add_parser("offline", help="time eager torch and engine backends on the same images, per component")
+    p.add_argument("checkpoint")
+    p.add_argument("--backends", type=_csv(str), default=["torch", "onnxruntime"],
+                   help="comma-separated: torch,onnxruntime,tensorrt (eager torch is always measured as the baseline)")
+    p.add_argument("--engines", nargs="+", default=[], metavar="DIR",
+                   help="engine folders (one per precision); each backend runs every folder it can read")
+    p.add_argument("--sizes", type=_sizes, default=[(1024, 1024)], help="WxH[,WxH...] (default 1024x1024)")
+    p.add_argument("--batch", type=_csv(int), default=[1], help="images per call, e.g. 1,2,4")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per call (default 4)")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per cell; figures are medians (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first (default 1)")
+    p.add_argument("--no-cfg", dest="cfg", action="store_false", help="no negative prompt: one branch per step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--torch-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="eager torch dtype")
+    p.add_argument("--prompt", default=None)
+    _add_output(p, "offline")
+    p.set_defaults(func=_cmd_offline)
+
+    p = bsub.add_parser("serve", help="load generator against `qitrt serve` (closed and open loop)")
+    p.add_argument("url", nargs="?", default=None, help="http://HOST:PORT of a running server (omit with --start)")
+    p.add_argument("--start", metavar="CHECKPOINT", default=None,
+                   help="start `qitrt serve CHECKPOINT` on a free local port first, stop it at the end")
+    p.add_argument("--engines", default=None, help="with --start: passed to qitrt serve")
+    p.add_argument("--backend", default=None, help="with --start: passed to qitrt serve")
+    p.add_argument("--devices", default=None, help="with --start: passed to qitrt serve, e.g. cuda:0,cuda:1")
+    p.add_argument("--max-batch-size", type=int, default=None, help="with --start: passed to qitrt serve")
+    p.add_argument("--max-queue-delay-ms", type=float, default=None, help="with --start: passed to qitrt serve")
+    p.add_argument("--serve-args", default="", help="with --start: more qitrt serve flags, one quoted string")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the started server")
+    p.add_argument("--concurrency", type=_csv(int), default=[], help="closed-loop phases, e.g. 1,4,16")
+    p.add_argument("--rate", type=_csv(float), default=[], help="open-loop phases (Poisson), requests/s, e.g. 0.5,1")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per phase (default 30)")
+    p.add_argument("--requests", type=int, default=None, help="closed loop: requests per phase instead of --duration")
+    p.add_argument("--size", default="1024x1024")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the server's)")
+    p.add_argument("--n", type=int, default=1, help="images per request")
+    p.add_argument("--no-cfg", dest="cfg", action="store_false")
+    p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests before the first phase")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--prompt", default=None)
+    _add_output(p, "serve")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_output(p, kind: str) -> None:
+    p.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    p.add_argument("--tag", default=kind, help=f"file name stem: TAG.json, TAG.md, TAG_*.png (default {kind})")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def command_line(argv=None) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    return "qitrt " + shlex.join(argv)
+
+
+def _writer(a, command: str):
+    from qwen_image_trt.bench.report import write_result
+
+    state = {}
+
+    def update(result):
+        result["command"] = command
+        state["paths"] = write_result(result, a.out, a.tag, plots=a.plots)
+
+    return update, state
+
+
+def _cmd_offline(a) -> int:
+    from qwen_image_trt.bench.offline import DEFAULT_PROMPT, OfflineConfig, run_offline
+
+    cfg = OfflineConfig(checkpoint=a.checkpoint, backends=a.backends, engines=a.engines, sizes=a.sizes,
+                        batches=a.batch, steps=a.steps, repeat=a.repeat, warmup=a.warmup, cfg=a.cfg, device=a.device,
+                        torch_dtype=a.torch_dtype, prompt=a.prompt or DEFAULT_PROMPT, progress=a.progress)
+    update, state = _writer(a, getattr(a, "command_line", None) or command_line(getattr(a, "argv", None)))
+    try:
+        result = run_offline(cfg, on_update=update)
+    except KeyboardInterrupt:
+        print(f"interrupted; partial results in {a.out}", file=sys.stderr)
+        return 130
+    return _finish(result, state)
+
+
+def _cmd_serve(a) -> int:
+    from qwen_image_trt.bench.serve_load import DEFAULT_PROMPT, LoadConfig, ServerProcess, run_serve_load
+
+    if (a.url is None) == (a.start is None):
+        raise InputError("url", a.url, "either a server URL or --start CHECKPOINT (not both)")
+    server = None
+    url = a.url
+    if a.start:
+        extra = []
+        for flag in ("engines", "backend", "devices", "max_batch_size", "max_queue_delay_ms"):
+            value = getattr(a, flag)
+            if value is not None:
+                extra += ["--" + flag.replace("_", "-"), str(value)]
+        extra += shlex.split(a.serve_args)
+        from pathlib import Path
+
+        server = ServerProcess(a.start, extra, log_path=Path(a.out) / f"{a.tag}_server.log",
+                               start_timeout_s=a.start_timeout)
+        print(f"starting: {' '.join(server.command)}", file=sys.stderr)
+        server.start()
+        url = server.url
+    try:
+        cfg = LoadConfig(url=url, concurrency=a.concurrency, rates=a.rate, duration_s=a.duration,
+                         requests=a.requests, size=a.size, steps=a.steps, n=a.n, cfg=a.cfg,
+                         request_timeout_s=a.timeout, warmup_requests=a.warmup, api_key=a.api_key,
+                         prompt=a.prompt or DEFAULT_PROMPT, progress=a.progress)
+        update, state = _writer(a, getattr(a, "command_line", None) or command_line(getattr(a, "argv", None)))
+        try:
+            result = run_serve_load(cfg, on_update=update, server=server.describe() if server else None)
+        except KeyboardInterrupt:
+            print(f"interrupted; partial results in {a.out}", file=sys.stderr)
+            return 130
+    finally:
+        if server is not None:
+            server.stop()
+    return _finish(result, state)
+
+
+def _finish(result: dict, state: dict) -> int:
+    for kind, path in (state.get("paths") or {}).items():
+        print(f"{kind:28s} {path}")
+    for e in result.get("errors", []):
+        print("error: " + ", ".join(f"{k}={v}" for k, v in e.items()), file=sys.stderr)
+    return 0 if result.get("complete") and not result.get("errors") else 1
