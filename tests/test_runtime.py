@@ -129,3 +129,17 @@ def test_load_pipeline_bad_input(tiny_checkpoint, tiny_engines, kwargs, field):
         kwargs["engines"] = tiny_engines
     with pytest.raises(InputError, match=field):
         load_pipeline(tiny_checkpoint, **kwargs)
+
+
+def test_request_limits_from_an_engine_manifest():
+    from qwen_image_trt.runtime.limits import Limits, check_request
+
+    limits = Limits.from_manifest({"limits": {"height": [64, 1664], "width": [64, 1664], "batch": [1, 4],
+                                              "image_tokens": [256, 6032]}})
+    check_request("a cat", 928, 1664, 20, limits)
+    with pytest.raises(InputError, match=r"size='1664x1664'.*\[256, 6032\]"):
+        check_request("a cat", 1664, 1664, 20, limits)  # both sides in range, too many tokens for the profile
+    with pytest.raises(InputError, match=r"height=48 .*multiple of 16 in \[64, 1664\]"):
+        check_request("a cat", 48, 64, 20, limits)
+    with pytest.raises(InputError, match=r"batch=8"):
+        check_request("a cat", 256, 256, 20, limits, batch=8)

@@ -21,11 +21,13 @@ class Limits:
     width: tuple[int, int] = DEFAULT_SIZE_RANGE
     batch: tuple[int, int] = (1, 64)
     steps: tuple[int, int] = (1, MAX_STEPS)
+    # A TensorRT profile bounds tokens, not sides: 1664x928 and 928x1664 share one range.
+    image_tokens: tuple[int, int] = (1, (DEFAULT_SIZE_RANGE[1] // SIZE_MULTIPLE) ** 2)
 
     @classmethod
     def from_manifest(cls, manifest: dict | None) -> "Limits":
         raw = (manifest or {}).get("limits") or {}
-        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps")})
+        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")})
 
 
 def check_size(field: str, value, bounds: tuple[int, int]) -> int:
@@ -44,6 +46,11 @@ def check_request(prompt, height: int, width: int, steps: int, limits: Limits = 
         raise InputError("negative_prompt", negative_prompt, "a string (use ' ' for an empty one)")
     check_size("height", height, limits.height)
     check_size("width", width, limits.width)
+    tokens = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+    lo, hi = limits.image_tokens
+    if not lo <= tokens <= hi:
+        raise InputError("size", f"{width}x{height}", f"sizes with (width/16)*(height/16) image tokens in [{lo}, {hi}] "
+                         "(the engine's profile); rebuild with more --sizes for others")
     lo, hi = limits.steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not lo <= steps <= hi:
         raise InputError("steps", steps, f"an integer in [{lo}, {hi}]")
