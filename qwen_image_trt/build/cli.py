@@ -1,0 +1,89 @@
+"""`qitrt quantize`, `qitrt build`, `qitrt lint`."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="int8 (SmoothQuant) / fp8 (E4M3) Q/DQ ONNX transformer with NVIDIA ModelOpt, "
+                       "calibrated on a `qitrt calibrate` set")
+    p.add_argument("checkpoint")
+    p.add_argument("--calibration", required=True, help="folder made by `qitrt calibrate` for this checkpoint")
+    p.add_argument("--precision", required=True, help="int8 | fp8")
+    p.add_argument("--out", required=True, help="engine folder (manifest.json, transformer.onnx, VAE graphs)")
+    _add_recipe_args(p)
+    p.add_argument("--vae-from", default=None, help="fp32 export folder to take the VAE graphs from "
+                   "(default: export them into OUT/vae-fp32)")
+    p.add_argument("--sizes", default=None, help="sizes the engine must serve; the calibration set must cover each")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("build", help="export, calibrate, quantize, lint and build engines in one command, "
+                       "skipping stages whose inputs did not change")
+    p.add_argument("checkpoint")
+    p.add_argument("--precision", required=True, help="bf16 | fp16 | int8 | fp8 (fp32 for reference builds)")
+    p.add_argument("--target", default="onnxruntime", help="onnxruntime | tensorrt")
+    p.add_argument("--out", required=True, help="engine folder (what --engines takes)")
+    p.add_argument("--sizes", default=None, help="WxH sizes to serve and calibrate at, e.g. 1024x1024,1664x928 "
+                   "(default 1024x1024; tiny 64x64)")
+    p.add_argument("--max-batch", type=int, default=1, help="images per request (TensorRT profiles; CFG doubles it)")
+    p.add_argument("--calibration", default=None, help="reuse this calibration set instead of recording one")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="calibration denoising steps")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed")
+    _add_recipe_args(p)
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
+    p.add_argument("--ort-level", default="basic", help="ONNX Runtime offline optimization level: basic | extended")
+    p.add_argument("--device", default="cpu", help="device for calibration and quantization")
+    p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.set_defaults(func=_cmd_build)
+
+    from qwen_image_trt.build.lint import add_lint_parser
+
+    add_lint_parser(sub)
+
+
+def _add_recipe_args(p) -> None:
+    p.add_argument("--keep", action="append", default=[], metavar="MODULE",
+                   help="also keep in high precision: a block part (img_mlp, txt_mlp, attn, img_mod, ...) or a "
+                   "module pattern (transformer_blocks.3.*); repeat or comma-separate")
+    p.add_argument("--recipe", default=None, help="JSON file overriding recipe fields (see docs/quantization.md)")
+
+
+def _keep(values) -> tuple:
+    return tuple(k.strip() for v in values for k in v.split(",") if k.strip())
+
+
+def _cmd_quantize(a) -> int:
+    from qwen_image_trt.build.quantize import quantize_onnx
+    from qwen_image_trt.build.recipe import load_recipe_file
+
+    sizes = None
+    if a.sizes:
+        from qwen_image_trt.build.profiles import parse_sizes
+
+        sizes = parse_sizes(a.sizes)
+    m = quantize_onnx(a.checkpoint, a.calibration, a.out, a.precision,
+                      recipe=load_recipe_file(a.recipe) if a.recipe else None, keep=_keep(a.keep),
+                      vae_from=a.vae_from, sizes=sizes, device=a.device, force=a.force)
+    t = m["components"]["transformer"]
+    q = m["quantization"]
+    state = "unchanged, skipped" if m.get("skipped") else f"{t['quantize_seconds']:.1f}s"
+    print(f"transformer {a.precision}: {len(q['quantized_layers'])} layers quantized, {len(q['kept_layers'])} kept; "
+          f"{t['bytes'] / 1e6:.1f} MB; ORT vs eager fp32 on held-out forwards: cos {t['ort_check']['cosine_min']:.5f}, "
+          f"rel L2 {t['ort_check']['rel_l2_max']:.2e} ({state})")
+    print(f"manifest: {a.out}/manifest.json")
+    return 0
+
+
+def _cmd_build(a) -> int:
+    from qwen_image_trt.build.pipeline import BuildOptions, build
+
+    opts = BuildOptions(precision=a.precision, target=a.target, sizes=a.sizes, max_batch=a.max_batch,
+                        calibration=a.calibration, num_prompts=a.num_prompts, steps=a.steps, seed=a.seed,
+                        keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
+                        device=a.device, force=a.force)
+    result = build(a.checkpoint, a.out, opts)
+    print(result.summary())
+    print(f"engines: {a.out} (qitrt generate CHECKPOINT --engines {a.out} --backend {a.target})")
+    return 0

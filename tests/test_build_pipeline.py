@@ -1,0 +1,124 @@
+"""`qitrt build`: stages in order, skipped when nothing changed, re-run when something did; checks before work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen_image_trt.build.pipeline import BuildOptions, build
+from qwen_image_trt.errors import InputError, QitrtError
+
+SMALL = dict(num_prompts=4, steps=2, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def int8_build(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "int8"
+    return out, build(tiny_checkpoint, out, BuildOptions(precision="int8", **SMALL))
+
+
+def _status(result):
+    return {s["stage"]: s["status"] for s in result.stages}
+
+
+def test_build_runs_every_stage_and_makes_a_loadable_engine_folder(int8_build, tiny_checkpoint):
+    from qwen_image_trt import load_pipeline
+
+    out, result = int8_build
+    assert _status(result) == {s: "ran" for s in ("export", "calibrate", "quantize", "lint", "engine")}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["target"] == "onnxruntime" and m["stage"] == "build"
+    assert m["quantization"]["recipe"]["precision"] == "int8" and m["quantization"]["calibration"]["set_id"]
+    for name in ("transformer", "vae_decoder", "vae_encoder"):
+        assert (out / m["components"][name]["ort_file"]).is_file()
+    assert m["components"]["transformer"]["file"] == "quantized/transformer.onnx"
+    pipe = load_pipeline(tiny_checkpoint, engines=out, backend="onnxruntime")
+    img = pipe(prompt="a lighthouse", negative_prompt=" ", height=64, width=64, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (64, 64)
+
+
+def test_build_skips_unchanged_stages_and_reruns_changed_ones(int8_build, tiny_checkpoint):
+    out, first = int8_build
+    again = build(tiny_checkpoint, out, BuildOptions(precision="int8", **SMALL))
+    assert set(_status(again).values()) == {"skipped"}
+    assert again.manifest["components"] == {k: v for k, v in first.manifest["components"].items()}
+
+    # A recipe change re-quantizes (and so re-lints and rebuilds), the export and calibration stay.
+    changed = build(tiny_checkpoint, out, BuildOptions(precision="int8", keep=("img_mlp",), **SMALL))
+    assert _status(changed) == {"export": "skipped", "calibrate": "skipped", "quantize": "ran", "lint": "ran",
+                                "engine": "ran"}
+    assert changed.manifest["components"]["transformer"]["sha256"] != first.manifest["components"]["transformer"]["sha256"]
+
+    # Another calibration seed re-records the set and everything after it.
+    reseeded = build(tiny_checkpoint, out, BuildOptions(precision="int8", keep=("img_mlp",), seed=1, **SMALL))
+    assert _status(reseeded)["calibrate"] == "ran" and _status(reseeded)["quantize"] == "ran"
+    assert _status(reseeded)["export"] == "skipped"
+
+    # A deleted engine file is rebuilt alone.
+    (out / reseeded.manifest["components"]["vae_decoder"]["ort_file"]).unlink()
+    healed = build(tiny_checkpoint, out, BuildOptions(precision="int8", keep=("img_mlp",), seed=1, **SMALL))
+    assert _status(healed) == {"export": "skipped", "calibrate": "skipped", "quantize": "skipped",
+                               "lint": "skipped", "engine": "ran"}
+    log = json.loads((out / "build.json").read_text())
+    assert [s["stage"] for s in log["stages"]] == ["export", "calibrate", "quantize", "lint", "engine"]
+
+
+def test_build_checks_before_work(tiny_checkpoint, int8_build, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(InputError, match="precision"):
+        build(tiny_checkpoint, out, BuildOptions(precision="int4"))
+    with pytest.raises(InputError, match="target"):
+        build(tiny_checkpoint, out, BuildOptions(precision="int8", target="openvino"))
+    with pytest.raises(InputError, match="num_prompts"):
+        build(tiny_checkpoint, out, BuildOptions(precision="fp8", sizes="64x64,96x64,64x96", num_prompts=2))
+    with pytest.raises(InputError, match="keep"):
+        build(tiny_checkpoint, out, BuildOptions(precision="fp16", keep=("img_mlp",)))
+    # A calibration set for other sizes (too few samples at the sizes asked), or from another checkpoint.
+    calib = int8_build[0] / "calibration"
+    with pytest.raises(InputError, match="too few for 128x128"):
+        build(tiny_checkpoint, out, BuildOptions(precision="int8", calibration=str(calib), sizes="128x128"))
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = torch.cuda.is_available()
+    except Exception:
+        has_trt = False
+    if not has_trt:
+        with pytest.raises(QitrtError, match="TensorRT"):
+            build(tiny_checkpoint, out, BuildOptions(precision="fp8", target="tensorrt"))
+    assert not out.exists()
+
+
+def test_build_rejects_calibration_from_another_checkpoint(tmp_path, int8_build):
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=7)
+    with pytest.raises(InputError, match="recorded from this checkpoint"):
+        build(other, tmp_path / "o", BuildOptions(precision="int8", calibration=str(int8_build[0] / "calibration")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_cli_reuses_a_calibration_set(tiny_checkpoint, int8_build, tmp_path, capsys):
+    from qwen_image_trt.cli import main
+
+    calib = int8_build[0] / "calibration"
+    args = ["build", str(tiny_checkpoint), "--precision", "fp8", "--out", str(tmp_path / "fp8"),
+            "--calibration", str(calib)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "calibrate  reused" in text and "quantize   ran" in text
+    m = json.loads((tmp_path / "fp8" / "manifest.json").read_text())
+    assert m["precision"] == "fp8"
+    assert main(["build", str(tiny_checkpoint), "--precision", "int3", "--out", str(tmp_path / "x")]) == 2
+    assert "precision" in capsys.readouterr().err
+    assert main(["lint", str(tmp_path / "fp8")]) == 0

@@ -1,0 +1,137 @@
+"""Calibration: the shipped prompt set, `qitrt calibrate` determinism, resume/skip, and its checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qwen_image_trt.calibration.capture import CalibrationSet, calibrate, make_settings
+from qwen_image_trt.calibration.prompts import CATEGORIES, LANGUAGES, load_prompts, select_prompts
+from qwen_image_trt.errors import InputError
+
+SMALL = dict(num_prompts=4, steps=2, sizes="64x64", holdout=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # 2 shared cores: one torch thread is ~10x faster than two fighting other processes.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_set(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "a"
+    m = calibrate(tiny_checkpoint, out, seed=3, progress=False, **SMALL)
+    return out, m
+
+
+def test_prompt_set_is_large_varied_and_unique():
+    prompts = load_prompts()
+    assert len(prompts) >= 500
+    assert {p["lang"] for p in prompts} == set(LANGUAGES)
+    assert {p["category"] for p in prompts} == set(CATEGORIES)
+    assert {p["length"] for p in prompts} == {"short", "medium", "long"}
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert len({p["text"] for p in prompts}) == len(prompts)
+    for lang in LANGUAGES:
+        for cat in CATEGORIES:
+            assert sum(p["lang"] == lang and p["category"] == cat for p in prompts) >= 30, (lang, cat)
+    lengths = sorted(len(p["text"]) for p in prompts if p["lang"] == "en")
+    assert lengths[0] < 50 and lengths[-1] > 150  # short and long prompts
+
+
+def test_select_prompts_is_stratified_and_deterministic():
+    a, b, c = select_prompts(10, seed=1), select_prompts(10, seed=1), select_prompts(10, seed=2)
+    assert [p["id"] for p in a] == [p["id"] for p in b]
+    assert [p["id"] for p in a] != [p["id"] for p in c]
+    assert {(p["lang"], p["category"]) for p in a} == {(lang, cat) for lang in LANGUAGES for cat in CATEGORIES}
+    with pytest.raises(InputError):
+        select_prompts(0)
+    with pytest.raises(InputError):
+        select_prompts(len(load_prompts()) + 1)
+
+
+def test_calibration_records_transformer_inputs(small_set, tiny_checkpoint):
+    from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config
+
+    out, m = small_set
+    assert m["checkpoint"]["identity"] == checkpoint_identity(tiny_checkpoint)
+    assert [s["split"] for s in m["samples"]] == ["calib"] * 3 + ["holdout"]
+    assert m["totals"]["calib_calls"] == 3 * 2 and m["totals"]["holdout_calls"] == 2
+    for s in m["samples"]:
+        assert s["size"] == [64, 64] and s["prompt_id"].startswith("p") and isinstance(s["seed"], int)
+        assert [c["step"] for c in s["calls"]] == [0, 1]
+        assert all(c["batch"] == 2 and c["grid"] == [1, 4, 4] for c in s["calls"])  # CFG: both branches, one call
+    assert len({s["seed"] for s in m["samples"]}) == 4
+    cs = CalibrationSet(out)
+    calls = list(cs.calls("calib"))
+    assert len(calls) == 6
+    hs = calls[0]["hidden_states"]
+    assert hs.shape == (2, 16, 64) and calls[0]["encoder_hidden_states_mask"].dtype == torch.bool
+    assert calls[0]["timestep"].shape == (2,) and not torch.equal(calls[0]["timestep"], calls[1]["timestep"])
+    # Replay inputs: text padded to the runtime bucket, RoPE rebuilt, ExportableTransformer order.
+    args = next(cs.export_inputs(read_config(tiny_checkpoint, "transformer")["axes_dims_rope"]))
+    assert len(args) == 8 and args[1].shape[1] % 32 == 0 and args[4].shape[0] == 16
+
+
+def test_calibration_is_deterministic_and_skips_when_unchanged(small_set, tiny_checkpoint, tmp_path):
+    out, m = small_set
+    again = calibrate(tiny_checkpoint, tmp_path / "b", seed=3, progress=False, **SMALL)
+    assert again["set_id"] == m["set_id"]
+    assert [s["sha256"] for s in again["samples"]] == [s["sha256"] for s in m["samples"]]
+    other = calibrate(tiny_checkpoint, tmp_path / "c", seed=4, progress=False, **SMALL)
+    assert other["set_id"] != m["set_id"]
+    # Unchanged: nothing re-recorded.
+    skipped = calibrate(tiny_checkpoint, tmp_path / "b", seed=3, progress=False, pipe=object(), **SMALL)
+    assert skipped.get("skipped") and skipped["set_id"] == m["set_id"]
+
+
+def test_calibration_resumes_after_a_lost_shard(small_set, tiny_checkpoint, tmp_path):
+    out, m = small_set
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / m["samples"][1]["file"]).unlink()
+    with pytest.raises(Exception, match="missing or changed"):
+        CalibrationSet(copy)
+    redone = calibrate(tiny_checkpoint, copy, seed=3, progress=False, **SMALL)
+    assert redone["set_id"] == m["set_id"] and not redone.get("skipped")
+
+
+def test_calibration_checks_before_work(tiny_checkpoint, small_set, tmp_path):
+    with pytest.raises(InputError, match="num_prompts"):
+        make_settings(tiny_checkpoint, num_prompts=2, steps=4, sizes="64x64,96x64,64x96")
+    with pytest.raises(InputError, match="forwards per size"):
+        make_settings(tiny_checkpoint, num_prompts=2, steps=1, sizes="64x64", holdout=0)
+    with pytest.raises(InputError, match="steps"):
+        make_settings(tiny_checkpoint, steps=0)
+    with pytest.raises(InputError, match="sizes"):
+        make_settings(tiny_checkpoint, sizes="65x64")
+    out, _ = small_set
+    cs = CalibrationSet(out)
+    cs.check_sizes([(64, 64)])
+    with pytest.raises(InputError, match="too few for 128x128"):
+        cs.check_sizes([(64, 64), (128, 128)])
+    with pytest.raises(InputError, match="recorded from this checkpoint"):
+        cs.check_checkpoint("0123456789abcdef")
+    with pytest.raises(InputError, match="qitrt calibrate"):
+        CalibrationSet(tmp_path)
+
+
+def test_calibrate_cli(tiny_checkpoint, small_set, tmp_path, capsys):
+    from qwen_image_trt.cli import main
+
+    out, m = small_set
+    args = ["calibrate", str(tiny_checkpoint), "--out", str(out), "--num-prompts", "4", "--steps", "2",
+            "--sizes", "64x64", "--holdout", "1", "--seed", "3"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert m["set_id"] in text and "skipped" in text
+    assert main(["calibrate", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--num-prompts", "0"]) == 2
+    assert "num_prompts" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["format"].startswith("qwen-image-trt/calibration")
