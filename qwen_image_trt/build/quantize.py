@@ -174,7 +174,10 @@ def _quantize_transformer(root, tconfig, calib, recipe, out: Path, source: dict,
 
     timings = {}
     t0 = time.perf_counter()
-    module = TRANSFORMER.build_module(root, torch.float32).to(device)
+    # High-precision layers compute in fp32 on CPU (tests, tiny model) and in bf16 on a GPU: the real 20B
+    # transformer is ~80 GB in fp32, ~40 GB in bf16 (its reference precision; fp16 overflows, see NOTES).
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    module = TRANSFORMER.build_module(root, dtype).to(device)
     cfg = modelopt_config(recipe)
     axes = tconfig["axes_dims_rope"]
     n_calls = calib.num_calls("calib")
