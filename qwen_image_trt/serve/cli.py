@@ -1,0 +1,46 @@
+"""`qitrt serve`: flags generated from ServerConfig's fields, turned into a ServerConfig once, here."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, fields
+
+from qwen_image_trt.serve.config import ServerConfig
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP server: dynamic batching over one worker process per device",
+                       description="OpenAI-compatible image server (POST /v1/images/generations, /v1/jobs, "
+                                   "/health, /metrics). See docs/serving.md.")
+    hints = typing.get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        meta = f.metadata
+        if meta.get("positional"):
+            p.add_argument(f.name, help=meta["help"])
+            continue
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        default = None if f.default is MISSING else f.default
+        p.add_argument("--" + f.name.replace("_", "-"), type=base, default=default,
+                       help=f"{meta['help']} (default: {default})")
+    p.set_defaults(func=_cmd_serve)
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(a, f.name) for f in fields(ServerConfig)})
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qwen_image_trt.serve.app import create_app
+
+    cfg = config_from_args(a)
+    app = create_app(cfg)
+    print(f"qitrt serve: {cfg.checkpoint} on {cfg.device_list()} at http://{cfg.host}:{cfg.port} "
+          f"(api key {'on' if cfg.api_key else 'off'})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           timeout_graceful_shutdown=int(cfg.shutdown_grace_s) or None))
+    server.run()
+    return 0

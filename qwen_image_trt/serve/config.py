@@ -1,0 +1,89 @@
+"""ServerConfig: every knob of `qitrt serve`, one documented field each. The CLI flags are generated from it."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+
+from qwen_image_trt.errors import InputError
+
+API_KEY_ENV = "QITRT_API_KEY"
+DEFAULT_MAX_BATCH = 8  # images per batch when neither the flag nor the engine profile says otherwise
+
+
+def doc(default, help: str, **kw):
+    """A dataclass field whose help text is its documentation (and its --flag's help)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: str = doc(None, "Qwen-Image checkpoint folder (diffusers layout)", positional=True)
+    engines: str | None = doc(None, "engine folder from `qitrt export`/`qitrt build` (its limits narrow requests)")
+    backend: str | None = doc(None, "torch | onnxruntime | tensorrt (default: onnxruntime with --engines, else torch)")
+    devices: str = doc("cpu", "comma-separated devices, one worker process each, e.g. cuda:0,cuda:1 or cpu,cpu")
+    host: str = doc("127.0.0.1", "address to bind; loopback unless you mean to expose the server")
+    port: int = doc(8000, "TCP port")
+    api_key: str | None = doc(None, f"key required as 'Authorization: Bearer KEY' or 'X-API-Key' on every endpoint "
+                              f"but /health (default: ${API_KEY_ENV}, else none)")
+    max_batch_size: int | None = doc(None, "most images in one pipeline call (default: the engine profile's batch "
+                                     f"max, halved for CFG, else {DEFAULT_MAX_BATCH}); 1 turns batching off")
+    max_queue_delay_ms: float = doc(5.0, "longest the oldest queued request waits for a batch to fill")
+    max_queue_size: int = doc(64, "requests waiting (not running) beyond which new ones get 429 + Retry-After")
+    priority_levels: int = doc(3, "priority values 0 (most urgent) .. N-1; the default is the middle one")
+    default_timeout_s: float = doc(120.0, "per-request timeout when the request names none (504 when passed)")
+    max_timeout_s: float = doc(600.0, "largest timeout a request may ask for")
+    max_prompt_chars: int = doc(4000, "longest prompt or negative prompt, in characters")
+    max_n: int = doc(8, "most images per request (also capped by the batch size)")
+    max_steps: int = doc(100, "most denoising steps per request")
+    default_size: str = doc("1024x1024", "image size when the request names none")
+    default_steps: int = doc(20, "denoising steps when the request names none")
+    max_body_bytes: int = doc(1 << 20, "largest request body (413 beyond)")
+    max_retries: int = doc(1, "times a request whose worker died is re-queued before it fails")
+    shutdown_grace_s: float = doc(30.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    threads_per_worker: int | None = doc(None, "torch CPU threads per worker (default: cores / CPU workers)")
+    job_ttl_s: float = doc(600.0, "how long a finished async job's result is kept")
+
+    def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+        for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise InputError(name, getattr(self, name), "an integer >= 1")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise InputError("max_batch_size", self.max_batch_size, "an integer >= 1")
+        if self.max_queue_delay_ms < 0 or self.max_retries < 0:
+            raise InputError("max_queue_delay_ms/max_retries", (self.max_queue_delay_ms, self.max_retries), ">= 0")
+        self.device_list()
+        parse_size(self.default_size, "default_size")
+
+    @property
+    def resolved_backend(self) -> str:
+        return self.backend or ("onnxruntime" if self.engines else "torch")
+
+    def device_list(self) -> list[str]:
+        devs = [d.strip() for d in self.devices.split(",") if d.strip()]
+        if not devs or any(not re.fullmatch(r"cpu|cuda(:\d+)?", d) for d in devs):
+            raise InputError("devices", self.devices, "a comma-separated list of cpu or cuda:N, e.g. cuda:0,cuda:1")
+        return devs
+
+    def cpu_threads(self) -> int | None:
+        """torch threads for each CPU worker: several workers each with all cores would oversubscribe the CPU
+        (N workers x N threads fight for N cores and all get slower), so they share the cores instead."""
+        n_cpu = sum(d == "cpu" for d in self.device_list())
+        if self.threads_per_worker:
+            return self.threads_per_worker
+        return max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu > 1 else None
+
+    @classmethod
+    def field_help(cls) -> dict:
+        return {f.name: f.metadata for f in fields(cls)}
+
+
+def parse_size(text, field_name: str = "size") -> tuple[int, int]:
+    """'WxH' -> (width, height); the ranges are checked later against the engine's limits."""
+    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text) if isinstance(text, str) else None
+    if not m:
+        raise InputError(field_name, text, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
+    return int(m.group(1)), int(m.group(2))

@@ -1,0 +1,125 @@
+"""Wire formats: the OpenAI images request (plus our extra fields), responses, errors, and the checked
+`GenParams` the engine works with. Type errors are pydantic's (422); range errors are InputError (400)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from qwen_image_trt.errors import InputError
+from qwen_image_trt.runtime.limits import Limits, check_size
+from qwen_image_trt.serve.config import ServerConfig, parse_size
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images/generations and POST /v1/jobs. Unknown fields are refused (422) so a typo is not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json"] = "b64_json"
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    true_cfg_scale: float = 4.0
+    priority: int | None = None
+    timeout: float | None = None
+    # accepted for OpenAI compatibility, no effect on this model
+    model: str | None = None
+    user: str | None = None
+    quality: str | None = None
+    style: str | None = None
+
+
+ALLOWED_FIELDS = sorted(ImageRequest.model_fields)
+
+
+@dataclass
+class GenParams:
+    """One checked request: what a worker needs, plus how the server schedules it."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    width: int
+    height: int
+    steps: int
+    true_cfg_scale: float
+    seed: int
+    priority: int
+    timeout_s: float
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative_prompt is not None and self.true_cfg_scale > 1
+
+    @property
+    def key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.cfg)
+
+
+def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images) -> GenParams:
+    """Range checks of a well-typed request; raises InputError naming the field and the allowed values."""
+    if not req.prompt.strip():
+        raise InputError("prompt", req.prompt, "a non-empty string")
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and len(text) > cfg.max_prompt_chars:
+            raise InputError(name, f"<{len(text)} characters>", f"at most {cfg.max_prompt_chars} characters")
+    width, height = parse_size(req.size or cfg.default_size)
+    try:
+        check_size("width", width, limits.width)
+        check_size("height", height, limits.height)
+    except InputError as e:
+        raise InputError("size", req.size, f"'WxH' with {e.field} {e.allowed}") from None
+    steps = cfg.default_steps if req.num_inference_steps is None else req.num_inference_steps
+    lo, hi = limits.steps[0], min(limits.steps[1], cfg.max_steps)
+    if not lo <= steps <= hi:
+        raise InputError("num_inference_steps", steps, f"an integer in [{lo}, {hi}]")
+    if not 0 < req.true_cfg_scale <= 100:
+        raise InputError("true_cfg_scale", req.true_cfg_scale, "a number in (0, 100] (> 1 with a negative_prompt "
+                                                               "turns CFG on)")
+    p = GenParams(req.prompt, req.negative_prompt, req.n, width, height, steps, req.true_cfg_scale,
+                  random.randrange(2**31) if req.seed is None else req.seed,
+                  cfg.priority_levels // 2 if req.priority is None else req.priority,
+                  cfg.default_timeout_s if req.timeout is None else req.timeout)
+    top = min(cfg.max_n, max_images(p.cfg))
+    if not 1 <= p.n <= top:
+        raise InputError("n", p.n, f"an integer in [1, {top}]")
+    if not 0 <= p.seed < 2**63:
+        raise InputError("seed", p.seed, "an integer in [0, 2**63)")
+    if not 0 <= p.priority < cfg.priority_levels:
+        raise InputError("priority", p.priority, f"an integer in [0, {cfg.priority_levels - 1}] (0 is most urgent)")
+    if not 0 < p.timeout_s <= cfg.max_timeout_s:
+        raise InputError("timeout", p.timeout_s, f"seconds in (0, {cfg.max_timeout_s}]")
+    return p
+
+
+def error_body(message: str, type_: str, param=None, allowed=None, code=None) -> dict:
+    """OpenAI's error shape, plus `allowed` when the server knows what would have been accepted."""
+    err = {"message": message, "type": type_, "param": param, "code": code}
+    if allowed is not None:
+        err["allowed"] = allowed
+    return {"error": err}
+
+
+def validation_error_body(e: ValidationError) -> dict:
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        allowed = f"one of the fields {ALLOWED_FIELDS}"
+    elif first["loc"] and first["loc"][0] in ImageRequest.model_fields:
+        ann = ImageRequest.model_fields[first["loc"][0]].annotation
+        allowed = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if first["loc"][0] == "response_format":
+            allowed = "'b64_json' (url is not served)"
+    else:
+        allowed = "a JSON object"
+    msg = f"{loc}: {first['msg']}"
+    return error_body(msg, "invalid_request_error", param=loc, allowed=allowed, code=first["type"])
