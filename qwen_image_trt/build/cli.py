@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration seed")
     _add_recipe_args(p)
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
+    p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse across builds")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: refittable engine (swap LoRA weights)")
+    p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow streaming weights from host")
     p.add_argument("--ort-level", default="basic", help="ONNX Runtime offline optimization level: basic | extended")
     p.add_argument("--device", default="cpu", help="device for calibration and quantization")
     p.add_argument("--force", action="store_true", help="re-run every stage")
@@ -82,7 +85,8 @@ def _cmd_build(a) -> int:
     opts = BuildOptions(precision=a.precision, target=a.target, sizes=a.sizes, max_batch=a.max_batch,
                         calibration=a.calibration, num_prompts=a.num_prompts, steps=a.steps, seed=a.seed,
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
-                        device=a.device, force=a.force)
+                        device=a.device, force=a.force, timing_cache=a.timing_cache, refittable=a.refittable,
+                        weight_streaming=a.weight_streaming)
     result = build(a.checkpoint, a.out, opts)
     print(result.summary())
     print(f"engines: {a.out} (qitrt generate CHECKPOINT --engines {a.out} --backend {a.target})")

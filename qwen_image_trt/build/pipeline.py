@@ -49,6 +49,9 @@ class BuildOptions:
     recipe: str | dict | None = None  # JSON file or dict of recipe overrides
     opt_level: int = 3
     ort_level: str = "basic"
+    timing_cache: str | None = None  # TensorRT timing cache to share across builds (default: in the engine folder)
+    refittable: bool = False  # TensorRT: weights can be swapped later (LoRA) without a rebuild
+    weight_streaming: bool = False  # TensorRT: stream weights from host memory when the GPU is short of it
     device: str = "cpu"
     force: bool = False
     progress: bool = True
@@ -236,7 +239,9 @@ def build(checkpoint, out_dir, options: BuildOptions) -> BuildResult:
             cfg = tconfig if name == "transformer" else ckpt.read_config(root, "vae")
             profiles = component_profile(name, sizes, o.max_batch, config=cfg)
             entry = build_tensorrt_engine(src, out, name, profiles, precision=o.precision, recipe=recipe,
-                                          timing_cache=out / "timing.cache", opt_level=o.opt_level,
+                                          timing_cache=Path(o.timing_cache) if o.timing_cache else out / "timing.cache",
+                                          opt_level=o.opt_level, refittable=o.refittable,
+                                          weight_streaming=o.weight_streaming,
                                           source_manifest=graphs, progress=o.progress, limits=limits,
                                           force=o.force)
             entry["sha256"] = src_sha
