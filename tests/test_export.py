@@ -108,3 +108,29 @@ def test_export_bad_input(tiny_checkpoint, tmp_path, kwargs, field):
     with pytest.raises(InputError, match=field):
         export_onnx(tiny_checkpoint, tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_export_bf16_transformer_keeps_vae_fp32(tiny_checkpoint, tmp_path):
+    m = export_onnx(tiny_checkpoint, tmp_path / "bf16", precision="bf16", components=["transformer", "vae_decoder"],
+                    progress=False)
+    tx, vae = m["components"]["transformer"], m["components"]["vae_decoder"]
+    graph = onnx.load(str(tmp_path / "bf16" / "transformer.onnx"))
+    assert {i.data_type for i in graph.graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.BFLOAT16}
+    assert tx["precision"] == "bf16" and vae["precision"] == "fp32"
+    # ONNX Runtime's CPU provider cannot run bf16 MatMul: the manifest says so rather than claiming a run.
+    assert tx["ort_check"]["max_abs_err_vs_eager"] is None and "bf16" in tx["ort_check"]["skipped"]
+    assert vae["ort_check"]["max_abs_err_vs_eager"] < 1e-4
+
+
+def test_large_graphs_get_one_external_data_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """The real transformer is ~40 GB: past protobuf's 2 GB limit, weights go to <name>.onnx.data."""
+    import qwen_image_trt.build.export as export
+
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1024)  # pretend the tiny VAE is huge
+    m = export.export_onnx(tiny_checkpoint, tmp_path / "ext", components=["vae_decoder"], progress=False)
+    entry = m["components"]["vae_decoder"]
+    assert entry["external_data"] == "vae_decoder.onnx.data"
+    files = sorted(p.name for p in (tmp_path / "ext").iterdir())
+    assert files == ["manifest.json", "vae_decoder.onnx", "vae_decoder.onnx.data"]
+    assert (tmp_path / "ext" / "vae_decoder.onnx").stat().st_size < entry["bytes"] / 10
+    assert entry["ort_check"]["max_abs_err_vs_eager"] < 1e-4  # ran in ONNX Runtime from the data file
