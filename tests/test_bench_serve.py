@@ -78,6 +78,13 @@ def test_fixed_request_count_per_phase():
     assert result["phases"][0]["sent"] == 10 and result["phases"][0]["errors"] == {"http_429:queue_full": 2}
 
 
+def test_compute_ceiling():
+    ok = [{"batch_images": 4, "compute_s": 0.5}, {"batch_images": 2, "compute_s": 0.5}, {"batch_images": 1}]
+    assert serve_load.compute_ceiling(ok, workers=2) == 2 * 6.0  # median of 8 and 4 images/s, two workers
+    assert serve_load.compute_ceiling(ok, workers=None) is None
+    assert serve_load.compute_ceiling([{"images": 1}], workers=1) is None
+
+
 def test_prometheus_parsing():
     before = serve_load.parse_prometheus('x_bucket{le="1.0"} 1\nx_bucket{le="+Inf"} 2\nx_sum 3\nx_count 2\n')
     after = serve_load.parse_prometheus('# HELP x\nx_bucket{le="1.0"} 2\nx_bucket{le="+Inf"} 5\nx_sum 10\n'
@@ -137,5 +144,7 @@ def test_start_the_real_server(tiny_checkpoint, tiny_engines, tmp_path):
     for p in result["phases"]:
         assert p["failed"] == 0 and p["queue_s"]["p50"] is not None
         assert p["batch_images_by_call"] and p["batch_images_by_call"]["count"] >= 1
+        # every figure beside the server's compute-bound ceiling (one worker here)
+        assert 0 < p["images_per_s"] <= p["ceiling_images_per_s"] * 1.05
     assert (out / "serve_throughput_vs_concurrency.png").stat().st_size > 5000
     assert (out / "serve_throughput_vs_rate.png").is_file() and (out / "serve_server.log").is_file()

@@ -95,14 +95,18 @@ def serve_markdown(result: dict) -> str:
               f"Requests: size {c.get('size')}, n {c.get('n')}, steps {c.get('steps') or 'server default'}, "
               f"CFG {'on' if c.get('cfg') else 'off'}; phases of {c.get('duration_s')} s"
               + (f" or {c['requests']} requests" if c.get("requests") else "") + ".", "",
-              "| phase | ok | failed | req/s | img/s | p50 s | p90 s | p99 s | queue p50 s | queue p99 s | "
+              "Ceiling: workers x median(images per batch / batch compute time), the images/s the server would "
+              "reach with every worker busy at the batch sizes it achieved (compute-bound limit).", "",
+              "| phase | ok | failed | req/s | img/s | ceiling img/s | of ceiling | p50 s | p90 s | p99 s | queue p50 s | queue p99 s | "
               "compute p50 s | mean batch (calls) | batch sizes by request | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for p in result.get("phases", []):
         lat, q, comp = p["latency_s"], p["queue_s"], p["compute_s"]
         calls = p.get("batch_images_by_call") or {}
         lines.append("| " + " | ".join([
             p["phase"], str(p["ok"]), str(p["failed"]), _f(p["requests_per_s"], 1, 2), _f(p["images_per_s"], 1, 2),
+            _f(p.get("ceiling_images_per_s"), 1, 2),
+            f"{p['fraction_of_ceiling']:.0%}" if p.get("fraction_of_ceiling") else "-",
             _f(lat["p50"], 1, 3), _f(lat["p90"], 1, 3), _f(lat["p99"], 1, 3), _f(q["p50"], 1, 3), _f(q["p99"], 1, 3),
             _f(comp["p50"], 1, 3), _f(calls.get("mean"), 1, 2),
             ", ".join(f"{k}: {v}" for k, v in sorted(p["batch_images_by_request"].items(), key=lambda kv: int(kv[0])))

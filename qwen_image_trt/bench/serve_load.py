@@ -21,6 +21,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -234,7 +235,18 @@ async def _open_loop(client, phase: _Phase, rate: float, counter) -> None:
     await asyncio.gather(*tasks)
 
 
-def summarize(phase: _Phase, mode: str, level: float, metrics_before: dict, metrics_after: dict) -> dict:
+def compute_ceiling(ok: list[dict], workers: int | None) -> float | None:
+    """The server's own limit in images/s: every worker busy all the time at the batch sizes it achieved,
+    i.e. workers x median(images per batch / batch compute time). Above it only a faster engine helps;
+    below it the gap is queueing, batching delay and HTTP (or too little load)."""
+    rates = [r["batch_images"] / r["compute_s"] for r in ok if r.get("compute_s") and r.get("batch_images")]
+    if not rates or not workers:
+        return None
+    return workers * float(statistics.median(rates))
+
+
+def summarize(phase: _Phase, mode: str, level: float, metrics_before: dict, metrics_after: dict,
+              workers: int | None = None) -> dict:
     recs = phase.records
     ok = [r for r in recs if "error" not in r]
     wall = max((r["end_s"] for r in recs), default=0.0)
@@ -254,6 +266,9 @@ def summarize(phase: _Phase, mode: str, level: float, metrics_before: dict, metr
                queue_s=percentiles(r.get("queue_s") for r in ok),
                compute_s=percentiles(r.get("compute_s") for r in ok),
                batch_images_by_request=by_request)
+    out["ceiling_images_per_s"] = compute_ceiling(ok, workers)
+    out["fraction_of_ceiling"] = (out["images_per_s"] / out["ceiling_images_per_s"]
+                                  if out["ceiling_images_per_s"] and out["images_per_s"] else None)
     if mode == "open":
         out["offered_rate"] = level
     name = _find_histogram(metrics_after, "batch_images") or _find_histogram(metrics_after, "batch")
@@ -322,7 +337,8 @@ async def _run(cfg: LoadConfig, transport, on_update, result: dict) -> None:
             finally:
                 bar.close()
             after = await _scrape(client)
-            summary = summarize(phase, mode, level, before, after)
+            workers = len((result.get("server_health") or {}).get("workers") or []) or None
+            summary = summarize(phase, mode, level, before, after, workers=workers)
             result["phases"].append(summary)
             bar.write(_progress_line(summary))
             on_update(result)
