@@ -66,6 +66,9 @@ def _add_core(sub) -> None:
     p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="override a gate, e.g. --gate forward_cosine_min=0.999 (see docs/parity.md)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (TensorRT engines need cuda)")
+    p.add_argument("--reference-dtype", default="fp32", help="eager reference precision: fp32 | bf16 | fp16 "
+                   "(bf16 for real checkpoints on one GPU)")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("quickstart", help="tiny model -> export -> generate with ONNX Runtime -> parity report")

@@ -232,7 +232,7 @@ def test_queue_full_429_then_cancel_everything(server):
     assert {r.status_code for r in responses} == {202, 429}
     accepted = [r.json()["id"] for r in responses if r.status_code == 202]
     rejected = next(r for r in responses if r.status_code == 429)
-    assert rejected is not None and int(rejected.headers["retry-after"]) >= 1
+    assert int(rejected.headers["retry-after"]) >= 1
     assert rejected.json()["error"]["type"] == "queue_full"
     assert QUEUE <= len(accepted) <= QUEUE + 16  # the queue, plus at most one batch per worker in flight
     positions = [httpx.get(f"{server['url']}/v1/jobs/{j}", headers=AUTH).json()["queue_position"]

@@ -98,10 +98,22 @@ def test_tiny_transformer_engine_matches_onnxruntime(trt_module, tiny_engines, t
 def test_tiny_vae_decoder_engine_with_cuda_graphs(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
     from qwen_image_trt.build.profiles import vae_decoder_profile
 
+    from qwen_image_trt.runtime.backends import make_runner
+    from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
+
     _build(trt_module, tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64,96x64", 2))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    entry = manifest["components"]["vae_decoder"]
+    ref = make_runner("onnxruntime", "vae_decoder", engines_dir=tiny_engines)
     g = torch.Generator().manual_seed(0)
-    feeds = {"latents": torch.randn(2, 16, 1, 8, 12, generator=g)}
-    _compare(tmp_path, "vae_decoder", feeds, tiny_engines, cuda_graphs=True, calls=4)  # eager, capture, replay x2
+    with TensorRTRunner("vae_decoder", tmp_path / entry["engine_file"], device="cuda", manifest=manifest,
+                        cuda_graphs=True) as runner:
+        for _ in range(4):  # eager, capture, replay, replay: new inputs every call, so a stale replay would show
+            latents = torch.randn(2, 16, 1, 8, 12, generator=g)
+            got = runner.infer({"latents": latents.cuda()})["images"].float().cpu()
+            want = ref.infer({"latents": latents})["images"]
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-2, atol=1e-2)
+        assert runner._graphs, "no CUDA graph was captured"
 
 
 def test_engine_refused_on_version_mismatch(trt_module, tiny_engines, tmp_path):

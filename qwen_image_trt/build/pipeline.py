@@ -178,9 +178,9 @@ def build(checkpoint, out_dir, options: BuildOptions) -> BuildResult:
         qm = quantize_onnx(root, calib_dir, out / "quantized", o.precision, recipe=recipe_overrides, keep=o.keep,
                            vae_from=onnx_dir, sizes=sizes, device=o.device, force=o.force, progress=o.progress)
         chk = qm["components"]["transformer"]["ort_check"]
+        check = chk.get("skipped") or f"ORT vs eager cos {chk['cosine_min']:.5f}"
         stages.append(_stage("quantize", not qm.get("skipped"), t,
-                             f"{len(qm['quantization']['quantized_layers'])} layers, ORT vs fp32 cos "
-                             f"{chk['cosine_min']:.5f}"))
+                             f"{len(qm['quantization']['quantized_layers'])} layers, {check}"))
         bar.update()
         graphs_dir = out / "quantized"
     graphs = read_manifest(graphs_dir)

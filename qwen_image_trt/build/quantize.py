@@ -268,32 +268,36 @@ def _layer_report(module, recipe) -> tuple[list[str], list[str]]:
 
 
 def _ort_check(path: Path, module, calib, axes, bucket: int, device: str) -> dict:
-    """Quantized graph in ONNX Runtime vs the eager fp32 module (quantizers off) on held-out forwards."""
+    """Quantized graph in ONNX Runtime vs the eager module (quantizers off) on held-out forwards."""
+    import modelopt.torch.quantization as mtq
     import onnxruntime as ort
 
     from qwen_image_trt.models.transformer_export import INPUT_NAMES
+    from qwen_image_trt.parity.metrics import tensor_metrics
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    import modelopt.torch.quantization as mtq
-
+    on_gpu = torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+    provider = "CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider"
+    reference = f"eager {str(module.compute_dtype).removeprefix('torch.')} ExportableTransformer, quantizers off"
+    if module.compute_dtype == torch.bfloat16 and not on_gpu:  # ONNX Runtime's CPU provider has no bf16 kernels
+        return {"skipped": "bf16 graph and no CUDA execution provider here: check it with `qitrt parity` on a GPU",
+                "provider": provider, "reference": reference, "cosine_min": None, "rel_l2_max": None}
+    sess = ort.InferenceSession(str(path), providers=[provider])
     mtq.disable_quantizer(module, "*")
     split = "holdout" if calib.num_calls("holdout") else "calib"
-    cos, rel = [], []
+    rows = []
     for i, args in enumerate(calib.export_inputs(axes, split, text_bucket=bucket)):
         if i >= CHECK_CALLS:
             break
-        got = sess.run(None, {n: a.numpy() for n, a in zip(INPUT_NAMES, args)})[0].astype(np.float64)
+        got = torch.from_numpy(sess.run(None, {n: a.numpy() for n, a in zip(INPUT_NAMES, args)})[0])
         with torch.no_grad():
-            want = module(*(a.to(device) for a in args)).float().cpu().numpy().astype(np.float64)
-        if not np.isfinite(got).all():
+            want = module(*(a.to(device) for a in args))
+        rows.append(tensor_metrics(want, got))
+        if not rows[-1]["finite"]:
             raise QitrtError(f"{path.name}: ONNX Runtime output has non-finite values")
-        cos.append(float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want) + 1e-30)))
-        rel.append(float(np.linalg.norm(got - want) / (np.linalg.norm(want) + 1e-30)))
-    return {"split": split, "calls": len(cos), "cosine_min": min(cos), "rel_l2_max": max(rel),
-            "provider": "CPUExecutionProvider", "reference": "eager fp32 ExportableTransformer"}
+    return {"split": split, "calls": len(rows), "cosine_min": min(r["cosine"] for r in rows),
+            "rel_l2_max": max(r["rel_l2"] for r in rows), "provider": provider, "reference": reference}
 
 
-# ------------------------------------------------------------------------------------------- graph passes
 def finalize_qdq(model, precision: str):
     """FP8 custom ops -> standard ONNX ops; weights stored quantized with DQ feeding MatMul/Gemm. Returns
     (model, counts)."""

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from qwen_image_trt.build.manifest import file_sha256, read_manifest
-from qwen_image_trt.build.profiles import Profile, normalize_profile, profile_to_json
+from qwen_image_trt.build.profiles import Profile, normalize_profile, profile_from_json, profile_to_json
 from qwen_image_trt.errors import EngineMismatchError, InputError, QitrtError
 
 log = logging.getLogger(__name__)
@@ -350,9 +350,13 @@ def build_tensorrt_engine(onnx_path, out_dir, component: str, profiles, *, preci
                   gpu_name=gpu_name, compute_capability=cc, cache_key=key, limits=limits, opt_level=opt_level,
                   refittable=refittable, weight_streaming=weight_streaming, source_entry=source_entry,
                   timing_cache=str(timing_cache) if timing_cache else None)
-    if engine_path.is_file() and not force:
+    # The profile TensorRT was built with (fixed dims resolved from the parsed network) sits beside the engine,
+    # so a reused engine's manifest entry says exactly what a fresh build's would.
+    resolved_file = engine_path.with_suffix(".profile.json")
+    if engine_path.is_file() and resolved_file.is_file() and not force:
         log.info("tensorrt: %s is up to date (cache key %s), not rebuilt", engine_path.name, key[:12])
-        return engine_entry(profiles=profiles, engine_bytes=engine_path.stat().st_size, **common)
+        resolved = profile_from_json(json.loads(resolved_file.read_text()))
+        return engine_entry(profiles=resolved, engine_bytes=engine_path.stat().st_size, **common)
 
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -371,6 +375,7 @@ def build_tensorrt_engine(onnx_path, out_dir, component: str, profiles, *, preci
         raise QitrtError(f"TensorRT could not build {component} from {onnx_path} (see the TensorRT log above); "
                          f"run `qitrt lint {onnx_path}` for a static check")
     _write_atomic(engine_path, plan)
+    _write_atomic(resolved_file, json.dumps(profile_to_json(resolved)).encode())
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(cache_file, config.get_timing_cache().serialize())

@@ -50,18 +50,21 @@ def _weights_fingerprint(folder: Path) -> list:
     """Names, sizes and safetensors headers of the weight files: cheap even for a 40 GB model,
     yet changes whenever any tensor's name, shape, dtype or offset changes (and with the file size)."""
     rows = []
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.index.json")):
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.index.json"))
+    for f in files:
         entry = [f.name, f.stat().st_size]
-        if f.suffix == ".safetensors":
-            with open(f, "rb") as fh:
+        with open(f, "rb") as fh:
+            start = 0
+            if f.suffix == ".safetensors":
                 (n,) = struct.unpack("<Q", fh.read(8))
                 entry.append(hashlib.sha256(fh.read(n)).hexdigest())
-                # The header says where tensors are, not what they hold: sample the data's first and
-                # last MiB too (a fine-tune changes both) without reading 40 GB.
-                fh.seek(8 + n)
-                entry.append(hashlib.sha256(fh.read(1 << 20)).hexdigest())
-                fh.seek(max(8 + n, entry[1] - (1 << 20)))
-                entry.append(hashlib.sha256(fh.read()).hexdigest())
+                start = 8 + n
+            # A header says where tensors are, not what they hold: sample the data's first and last
+            # MiB too (a fine-tune changes both) without reading 40 GB.
+            fh.seek(start)
+            entry.append(hashlib.sha256(fh.read(1 << 20)).hexdigest())
+            fh.seek(max(start, entry[1] - (1 << 20)))
+            entry.append(hashlib.sha256(fh.read()).hexdigest())
         rows.append(entry)
     return rows
 

@@ -9,7 +9,7 @@ import torch
 
 
 def tensor_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict:
-    ref, got = ref.detach().double().flatten(), got.detach().double().flatten()
+    ref, got = ref.detach().cpu().double().flatten(), got.detach().cpu().double().flatten()
     diff = got - ref
     ref_norm = ref.norm().item()
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()

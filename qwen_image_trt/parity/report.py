@@ -33,14 +33,16 @@ def write_html(data: dict, out: Path) -> Path:
                    f"<p>PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}, max |diff| {r['max_abs_levels']} levels</p>"
                    "<div class=row>"
                    + "".join(f"<figure><img src='{f[k]}'><figcaption>{cap}</figcaption></figure>"
-                             for k, cap in (("eager", "eager torch fp32"), ("engine", f"{data['backend']} "
-                                            f"{data['precision']}"), ("diff", "|difference| x8")))
+                             for k, cap in (("eager", f"eager torch {data['reference_dtype']}"),
+                                            ("engine", f"{data['backend']} {data['precision']}"),
+                                            ("diff", "|difference| x8")))
                    + "</div>")
     page = f"""<!doctype html><meta charset=utf-8><title>qitrt parity {verdict}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}}.row{{display:flex;gap:1em}}
 img{{width:256px;image-rendering:pixelated;border:1px solid #999}}.PASS{{color:green}}.FAIL{{color:#b00}}</style>
-<h1>Parity: {html.escape(data['backend'])} {html.escape(data['precision'])} vs eager torch fp32
+<h1>Parity: {html.escape(data['backend'])} {html.escape(data['precision'])}
+ vs eager torch {data['reference_dtype']}
  <span class={verdict}>{verdict}</span></h1>
 <p>checkpoint {html.escape(data['checkpoint'])} ({data['checkpoint_identity']}), engines {html.escape(data['engines'])},
  seed {data['seed']}, {data['steps']} steps, {data['seconds']} s</p>

@@ -39,6 +39,8 @@ class ParityConfig:
     image_size: tuple[int, int] = (128, 128)
     seed: int = 0
     gate_overrides: list[str] = field(default_factory=list)
+    device: str = "cpu"  # TensorRT needs cuda
+    reference_dtype: str = "fp32"  # bf16 for real checkpoints on one GPU: fp32 Qwen-Image is ~80 GB
     progress: bool = True
 
     @classmethod
@@ -46,7 +48,8 @@ class ParityConfig:
         from qwen_image_trt.cli import _size
 
         cfg = cls(checkpoint=Path(a.checkpoint), engines=Path(a.engines), out=Path(a.out), backend=a.backend,
-                  steps=a.steps, seed=a.seed, gate_overrides=list(a.gate))
+                  steps=a.steps, seed=a.seed, gate_overrides=list(a.gate), device=a.device,
+                  reference_dtype=a.reference_dtype)
         if a.sizes:
             cfg.sizes = [_size(s) for s in a.sizes.split(",")]
         if a.batches:
@@ -67,7 +70,8 @@ class ParityReport:
 
     def summary(self) -> str:
         d = self.data
-        lines = [f"parity {d['backend']} {d['precision']} vs eager torch fp32: {'PASS' if d['passed'] else 'FAIL'}"]
+        verdict = "PASS" if d["passed"] else "FAIL"
+        lines = [f"parity {d['backend']} {d['precision']} vs eager torch {d['reference_dtype']}: {verdict}"]
         for g in d["gates"]:
             lines.append(f"  {'ok ' if g['ok'] else 'BAD'} {g['name']:22s} {g['value']:.6g} "
                          f"({'>=' if g['kind'] == 'min' else '<='} {g['limit']:g})")
@@ -83,8 +87,10 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
     check_backend(cfg.backend)
     if cfg.backend == "torch":
         raise InputError("backend", "torch", "an engine backend (onnxruntime or tensorrt): torch is the reference")
-    if cfg.steps < 1:
-        raise InputError("steps", cfg.steps, "an integer >= 1")
+    if cfg.steps < 2:
+        raise InputError("steps", cfg.steps, "an integer >= 2 (Qwen-Image's scheduler needs two)")
+    if cfg.reference_dtype not in ("fp32", "bf16", "fp16"):
+        raise InputError("reference_dtype", cfg.reference_dtype, "one of fp32, bf16, fp16")
     for w, h in [*cfg.sizes, cfg.image_size]:
         check_size("width", w, (16, 4096))
         check_size("height", h, (16, 4096))
@@ -109,6 +115,7 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
         "backend": cfg.backend, "precision": manifest.get("precision", "fp32"),
         "checkpoint": str(cfg.checkpoint), "engines": str(cfg.engines),
         "checkpoint_identity": manifest["checkpoint"]["identity"], "seed": cfg.seed, "steps": cfg.steps,
+        "device": cfg.device, "reference_dtype": cfg.reference_dtype,
         "forward": forward, "per_step": steps, "images": images, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -129,8 +136,9 @@ def _per_forward(cfg: ParityConfig) -> list[dict]:
     for component in ("transformer", "vae_decoder"):
         spec = SPECS[component]
         config = read_config(cfg.checkpoint, spec.part)
-        ref = make_runner("torch", component, checkpoint=cfg.checkpoint)
-        got = make_runner(cfg.backend, component, engines_dir=cfg.engines)
+        ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
+                          precision=cfg.reference_dtype)
+        got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device)
         if component == "transformer":
             cases = [dict(batch=b, grid=(h // 16, w // 16), text_len=t)
                      for b in cfg.batches for (w, h) in cfg.sizes for t in cfg.text_lens]
@@ -139,7 +147,7 @@ def _per_forward(cfg: ParityConfig) -> list[dict]:
         with ref, got:
             for i, case in enumerate(tqdm(cases, desc=f"parity {component}", disable=not cfg.progress)):
                 args = spec.sample_inputs(config, **case, seed=cfg.seed + i)
-                feeds = dict(zip(spec.input_names, args))
+                feeds = {n: a.to(cfg.device) for n, a in zip(spec.input_names, args)}
                 out_name = spec.output_names[0]
                 m = metrics.tensor_metrics(ref.infer(feeds)[out_name], got.infer(feeds)[out_name])
                 rows.append({"component": component, **{k: list(v) if isinstance(v, tuple) else v
@@ -152,8 +160,11 @@ def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
 
     from qwen_image_trt.runtime.pipeline import load_pipeline
 
-    eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False)  # the stock two-call loop
-    engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend)
+    from qwen_image_trt.build.export import PRECISIONS
+
+    eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
+                          dtype=PRECISIONS[cfg.reference_dtype])  # the stock two-call loop
+    engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device)
     width, height = cfg.image_size
     steps, images = [], []
     for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from qwen_image_trt.errors import InputError
-from qwen_image_trt.runtime.limits import Limits, check_request
-
-
-def request_limits(engines) -> Limits:
-    if engines is None:
-        return Limits()
-    from qwen_image_trt.build.manifest import read_manifest
-
-    if not Path(engines).is_dir():
-        raise InputError("engines", str(engines), "an existing engine folder made by `qitrt export`/`qitrt build`")
-    return Limits.from_manifest(read_manifest(engines))
-
-
-def min_steps(checkpoint) -> int:
-    """Qwen-Image's scheduler stretches sigmas to `shift_terminal`, which is 0/0 for a 1-step schedule."""
-    from qwen_image_trt.models.checkpoint import read_config
-
-    return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
+from qwen_image_trt.runtime.limits import check_request, request_limits
 
 
 def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int = 20,
@@ -36,9 +18,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
 
     check_backend(backend)
     validate_checkpoint(checkpoint)
-    limits = request_limits(engines)
-    if min_steps(checkpoint) > limits.steps[0]:
-        limits = replace(limits, steps=(min_steps(checkpoint), limits.steps[1]))
+    limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
     out = Path(out)
     if out.suffix.lower() != ".png":

@@ -6,7 +6,8 @@ Engine folders may narrow the ranges: a manifest with {"limits": {"height": [min
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from qwen_image_trt.errors import InputError
 
@@ -57,3 +58,24 @@ def check_request(prompt, height: int, width: int, steps: int, limits: Limits = 
     lo, hi = limits.batch
     if not lo <= batch <= hi:
         raise InputError("batch", batch, f"an integer in [{lo}, {hi}] (the engine's batch profile)")
+
+
+def min_steps(checkpoint) -> int:
+    """Qwen-Image's scheduler stretches sigmas to `shift_terminal`, which is 0/0 for a 1-step schedule."""
+    from qwen_image_trt.models.checkpoint import read_config
+
+    return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
+
+
+def request_limits(engines=None, checkpoint=None) -> Limits:
+    """What a request may ask of this checkpoint and engine folder (the engine's profile, the scheduler)."""
+    limits = Limits()
+    if engines is not None:
+        from qwen_image_trt.build.manifest import read_manifest
+
+        if not Path(engines).is_dir():
+            raise InputError("engines", str(engines), "an existing engine folder made by `qitrt export`/`qitrt build`")
+        limits = Limits.from_manifest(read_manifest(engines))
+    if checkpoint is not None and min_steps(checkpoint) > limits.steps[0]:
+        limits = replace(limits, steps=(min_steps(checkpoint), limits.steps[1]))
+    return limits

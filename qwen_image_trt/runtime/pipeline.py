@@ -33,7 +33,7 @@ class QwenImageEnginePipeline(QwenImagePipeline):
         if steps == 1 and kwargs.get("sigmas") is None and self.scheduler.config.get("shift_terminal"):
             # diffusers stretches sigmas to shift_terminal with (1 - s) / (1 - s[-1]): 0/0 for a 1-step schedule.
             raise InputError("num_inference_steps", steps, ">= 2 with this scheduler (shift_terminal is set)")
-        scale = kwargs.get("true_cfg_scale", 1.0)
+        scale = kwargs.get("true_cfg_scale", 4.0)  # the stock default
         has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
         scales = scale if isinstance(scale, (list, tuple)) else [scale]
         if args or not has_neg or not all(s > 1 for s in scales):
@@ -136,11 +136,12 @@ class QwenImageEnginePipeline(QwenImagePipeline):
 
 def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str = "cpu", dtype=None,
                   batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
-                  progress: bool = False) -> QwenImageEnginePipeline:
+                  threads: int | None = None, progress: bool = False) -> QwenImageEnginePipeline:
     """A ready diffusers pipeline for `checkpoint`, with the transformer and VAE decode on `backend`.
 
     backend="torch" is the eager reference (stock diffusers modules). "onnxruntime" and "tensorrt" run the
     graphs in `engines`, which must have been built from this checkpoint (checked against its manifest).
+    `threads` caps ONNX Runtime's CPU threads (several CPU workers on one machine must share its cores).
     """
     from qwen_image_trt.build.manifest import check_engines_match, read_manifest
     from qwen_image_trt.models import checkpoint as ckpt
@@ -164,14 +165,13 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
             raise InputError("engines", str(engines), "an existing engine folder")
         manifest = read_manifest(engines)
         check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
-        runner = make_runner(backend, "transformer", engines_dir=engines, device=device, providers=providers)
+        opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads)
+        runner = make_runner(backend, "transformer", **opts)
         transformer = EngineTransformer(runner, ckpt.read_config(root, "transformer"),
                                         text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device)
         has_encoder = "vae_encoder" in manifest.get("components", {})
-        vae = EngineVAE(make_runner(backend, "vae_decoder", engines_dir=engines, device=device, providers=providers),
-                        ckpt.read_config(root, "vae"), device=device,
-                        encoder=make_runner(backend, "vae_encoder", engines_dir=engines, device=device,
-                                            providers=providers) if has_encoder else None)
+        vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
+                        encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
     pipe = _assemble(root, transformer, vae, device, dtype)
     pipe.batch_cfg = batch_cfg
     pipe.set_progress_bar_config(disable=not progress)

@@ -7,14 +7,13 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from qwen_image_trt.errors import InputError
-from qwen_image_trt.runtime.limits import Limits
+from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError
 from qwen_image_trt.serve.protocol import ImageRequest, check_params, error_body, validation_error_body
@@ -24,13 +23,7 @@ OUTCOMES = {200: "ok", 202: "accepted", 400: "invalid", 401: "unauthorized", 404
 
 
 def server_limits(cfg: ServerConfig) -> Limits:
-    if cfg.engines is None:
-        return Limits()
-    from qwen_image_trt.build.manifest import read_manifest
-
-    if not Path(cfg.engines).is_dir():
-        raise InputError("engines", cfg.engines, "an existing engine folder made by `qitrt export`/`qitrt build`")
-    return Limits.from_manifest(read_manifest(cfg.engines))
+    return request_limits(cfg.engines, cfg.checkpoint)
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:

@@ -27,8 +27,8 @@ class ServerConfig:
     port: int = doc(8000, "TCP port")
     api_key: str | None = doc(None, f"key required as 'Authorization: Bearer KEY' or 'X-API-Key' on every endpoint "
                               f"but /health (default: ${API_KEY_ENV}, else none)")
-    max_batch_size: int | None = doc(None, "most images in one pipeline call (default: the engine profile's batch "
-                                     f"max, halved for CFG, else {DEFAULT_MAX_BATCH}); 1 turns batching off")
+    max_batch_size: int | None = doc(None, "most images in one pipeline call (default: "
+                                     f"{DEFAULT_MAX_BATCH}, capped by the engine profile's batch); 1 turns batching off")
     max_queue_delay_ms: float = doc(5.0, "longest the oldest queued request waits for a batch to fill")
     max_queue_size: int = doc(64, "requests waiting (not running) beyond which new ones get 429 + Retry-After")
     priority_levels: int = doc(3, "priority values 0 (most urgent) .. N-1; the default is the middle one")
@@ -42,7 +42,10 @@ class ServerConfig:
     max_body_bytes: int = doc(1 << 20, "largest request body (413 beyond)")
     max_retries: int = doc(1, "times a request whose worker died is re-queued before it fails")
     shutdown_grace_s: float = doc(30.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    threads_per_worker: int | None = doc(None, "torch CPU threads per worker (default: cores / CPU workers)")
+    threads_per_worker: int | None = doc(None, "torch and ONNX Runtime CPU threads per worker (default: cores / "
+                                         "CPU workers)")
+    dtype: str = doc("auto", "weights dtype of the torch modules in each worker: auto (bf16 on CUDA, the model's "
+                     "reference precision; fp32 on CPU) | bf16 | fp16 | fp32")
     job_ttl_s: float = doc(600.0, "how long a finished async job's result is kept")
 
     def __post_init__(self):
@@ -55,6 +58,8 @@ class ServerConfig:
             raise InputError("max_batch_size", self.max_batch_size, "an integer >= 1")
         if self.max_queue_delay_ms < 0 or self.max_retries < 0:
             raise InputError("max_queue_delay_ms/max_retries", (self.max_queue_delay_ms, self.max_retries), ">= 0")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise InputError("dtype", self.dtype, "one of auto, bf16, fp16, fp32")
         self.device_list()
         parse_size(self.default_size, "default_size")
 

@@ -77,9 +77,10 @@ class Engine:
         self._task: asyncio.Task | None = None
 
     def max_images(self, cfg_on: bool) -> int:
-        """Images per pipeline call: the flag, capped by the engine profile (whose batch counts CFG branches)."""
-        profile = self.limits.batch[1] // (2 if cfg_on else 1)
-        want = self.cfg.max_batch_size or (profile if self.cfg.engines else DEFAULT_MAX_BATCH)
+        """Images per pipeline call: the flag, capped by the engine's limits. `limits.batch` counts images
+        (requests' images), not CFG branches: the profile builder already doubled it for CFG."""
+        profile = self.limits.batch[1]
+        want = self.cfg.max_batch_size or min(profile, DEFAULT_MAX_BATCH)
         return max(1, min(want, profile))
 
     async def start(self) -> None:
@@ -188,12 +189,18 @@ class Engine:
                 self._capacity.clear()
                 continue
             items = await self.batcher.next_batch()
-            w = self.executor.idle_worker()
-            if w is None:
+            try:
+                w = self.executor.idle_worker()
+                if w is None:
+                    for it in items:
+                        self.batcher.submit(it, force=True)
+                    continue
+                self._send(w, [it.payload for it in items])
+            except Exception as e:  # noqa: BLE001 - a bug here must fail this batch loudly, not stop dispatching
+                log.exception("dispatching a batch failed")
+                error = ServeError(500, "dispatch_error", f"{type(e).__name__}: {e}")
                 for it in items:
-                    self.batcher.submit(it, force=True)
-                continue
-            self._send(w, [it.payload for it in items])
+                    self._finish(it.payload, "failed", error=error)
 
     def _send(self, w: WorkerHandle, reqs: list[RequestState]) -> None:
         now = time.monotonic()

@@ -67,7 +67,8 @@ class Executor:
         w.cancel = self.ctx.Value("q", -1, lock=False)
         w.proc = self.ctx.Process(target=worker_main, name=f"qitrt-worker-{w.index}", daemon=True,
                                   args=(child, w.device, str(self.cfg.checkpoint), self.cfg.engines,
-                                        self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel))
+                                        self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel,
+                                        self.cfg.dtype))
         w.proc.start()
         child.close()
         w.conn, w.pid, w.ready, w.generation = parent, w.proc.pid, False, w.generation + 1

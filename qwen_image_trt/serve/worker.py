@@ -18,7 +18,8 @@ class BatchCancelled(Exception):
     pass
 
 
-def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_threads, cancel) -> None:
+def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_threads, cancel,
+                dtype: str = "auto") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -28,7 +29,12 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             torch.set_num_threads(cpu_threads)  # see ServerConfig.cpu_threads: CPU workers share the cores
         from qwen_image_trt.runtime.pipeline import load_pipeline
 
-        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device)
+        if dtype == "auto":
+            dtype = "bf16" if device.startswith("cuda") else "fp32"
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
+        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, dtype=torch_dtype,
+                             threads=threads)
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return

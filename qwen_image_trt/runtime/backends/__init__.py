@@ -18,15 +18,13 @@ def check_backend(backend: str) -> str:
 
 
 def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=None, device="cpu",
-                providers=None, precision: str = "fp32") -> Runner:
+                providers=None, precision: str = "fp32", threads: int | None = None) -> Runner:
     """A runner for one exported component (`transformer`, `vae_decoder`, `vae_encoder`).
 
     torch runs the export wrapper eagerly from the checkpoint; the others read `engines_dir`'s manifest.
     """
     check_backend(backend)
     if backend == "torch":
-        import torch
-
         from qwen_image_trt.build.export import PRECISIONS
         from qwen_image_trt.models.specs import SPECS
         from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
@@ -47,7 +45,7 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
         from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(component, Path(engines_dir) / entry.get("ort_file", entry["file"]),
-                                 device=device, providers=providers)
+                                 device=device, providers=providers, threads=threads)
     from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
 
     return TensorRTRunner(component, Path(engines_dir) / entry["engine_file"], device=device, manifest=manifest)

@@ -19,6 +19,7 @@ class Runner(ABC):
         self.name = name
         self.device = torch.device(device)
         self.is_active = False
+        self._input_names: list[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -31,6 +32,7 @@ class Runner(ABC):
         if self.is_active:
             self._deactivate_impl()
             self.is_active = False
+            self._input_names = None
 
     def __enter__(self):
         return self.activate()
@@ -41,7 +43,9 @@ class Runner(ABC):
     # -- inference -----------------------------------------------------------------------------
     @property
     def input_names(self) -> list[str]:
-        return list(self.input_metadata())
+        if self._input_names is None:  # asked on every infer: computed once per activation
+            self._input_names = list(self.input_metadata())
+        return self._input_names
 
     def input_metadata(self) -> dict[str, tuple[str, list]]:
         """{input name: (dtype name, shape with symbolic dims as strings)}."""

@@ -56,6 +56,7 @@ class OnnxRuntimeRunner(Runner):
             opts.optimized_model_filepath = str(self.optimized_model_path)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         self._outputs = [o.name for o in self.session.get_outputs()]
+        self._inputs = [i.name for i in self.session.get_inputs()]
         self._use_binding = self.device.type == "cuda"
 
     def _deactivate_impl(self):
@@ -67,22 +68,25 @@ class OnnxRuntimeRunner(Runner):
     def _infer_impl(self, feeds):
         if self._use_binding:
             return self._infer_bound(feeds)
-        arrays = {n: feeds[n].detach().cpu().numpy() for n in self.input_names}
+        arrays = {n: feeds[n].detach().cpu().numpy() for n in self._inputs}
         outs = self.session.run(self._outputs, arrays)
         return {n: torch.from_numpy(np.ascontiguousarray(o)) for n, o in zip(self._outputs, outs)}
 
     def _infer_bound(self, feeds):
         binding = self.session.io_binding()
         dev_id = self.device.index or 0
-        for i in self.session.get_inputs():
-            t = feeds[i.name].contiguous()
-            binding.bind_input(i.name, "cuda", dev_id, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
+        keep = []  # the bound tensors must outlive run_with_iobinding: ORT reads their raw pointers
+        for name in self.input_names:
+            t = feeds[name].to(self.device).contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", dev_id, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
         for n in self._outputs:
             binding.bind_output(n, "cuda", dev_id)
+        # ORT runs on its own stream: let torch's pending writes to the inputs land first.
+        torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         # ORT allocated the outputs on the device; hand them to torch via DLPack without a host copy.
-        return {n: torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.from_numpy(v.numpy())
-                for n, v in zip(self._outputs, binding.get_outputs())}
+        return {n: torch.from_dlpack(v) for n, v in zip(self._outputs, binding.get_outputs())}
 
 
 def _np_dtype(dtype: torch.dtype):
