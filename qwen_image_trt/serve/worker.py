@@ -14,6 +14,9 @@ import time
 import traceback
 
 
+PROGRESS_INTERVAL_S = 0.05
+
+
 class BatchCancelled(Exception):
     pass
 
@@ -72,8 +75,15 @@ def run_batch(pipe, batch_id: int, key: tuple, items: list[dict], conn, cancel) 
             gens.append(torch.Generator("cpu").manual_seed(it["seed"] + k))
             owners.append(it["request_id"])
 
+    last_sent = [0.0]
+
     def on_step(_pipe, i, _t, _kwargs):
-        conn.send(("progress", batch_id, i + 1, steps))
+        # Throttled: each message wakes the server's reader thread and event loop, which compete with
+        # the HTTP path for CPU; a person watching a job needs no more than ~20 updates a second.
+        now = time.monotonic()
+        if i + 1 == steps or now - last_sent[0] >= PROGRESS_INTERVAL_S:
+            conn.send(("progress", batch_id, i + 1, steps))
+            last_sent[0] = now
         if cancel.value == batch_id:
             raise BatchCancelled()
         return {}
