@@ -23,11 +23,12 @@ STAGE_COMMANDS = {
 
 
 def _size(text: str) -> tuple[int, int]:
+    from qwen_image_trt.runtime.limits import parse_size
+
     try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_core(sub) -> None:

@@ -13,12 +13,7 @@ from qwen_image_trt.errors import InputError, QitrtError
 SMALL = dict(num_prompts=4, steps=2, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from qwen_image_trt.errors import InputError
 SMALL = dict(num_prompts=4, steps=2, sizes="64x64", holdout=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 shared cores: one torch thread is ~10x faster than two fighting other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from qwen_image_trt.errors import InputError
 HIGH_PRECISION = ("img_in", "txt_in", "txt_norm", "time_text_embed", "norm_out", "proj_out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,9 @@ def _csv(kind):
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        try:
-            w, h = item.lower().strip().split("x")
-            out.append((int(w), int(h)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"size {item!r} is not WIDTHxHEIGHT, e.g. 1024x1024") from None
-    return out
+    from qwen_image_trt.cli import _size
+
+    return [_size(item) for item in text.split(",")]
 
 
 def register(sub) -> None:

@@ -6,6 +6,7 @@ Engine folders may narrow the ranges: a manifest with {"limits": {"height": [min
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,14 @@ class Limits:
     def from_manifest(cls, manifest: dict | None) -> "Limits":
         raw = (manifest or {}).get("limits") or {}
         return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")})
+
+
+def parse_size(text, field: str = "size") -> tuple[int, int]:
+    """'WxH' -> (width, height). Ranges are checked separately, against the engine's limits."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text) if isinstance(text, str) else None
+    if not m:
+        raise InputError(field, text, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
+    return int(m.group(1)), int(m.group(2))
 
 
 def check_size(field: str, value, bounds: tuple[int, int]) -> int:

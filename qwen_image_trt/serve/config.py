@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from qwen_image_trt.errors import InputError
+from qwen_image_trt.runtime.limits import parse_size  # noqa: F401 - also used by serve.protocol
 
 API_KEY_ENV = "QITRT_API_KEY"
 DEFAULT_MAX_BATCH = 8  # images per batch when neither the flag nor the engine profile says otherwise
@@ -86,9 +87,3 @@ class ServerConfig:
         return {f.name: f.metadata for f in fields(cls)}
 
 
-def parse_size(text, field_name: str = "size") -> tuple[int, int]:
-    """'WxH' -> (width, height); the ranges are checked later against the engine's limits."""
-    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text) if isinstance(text, str) else None
-    if not m:
-        raise InputError(field_name, text, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
-    return int(m.group(1)), int(m.group(2))
