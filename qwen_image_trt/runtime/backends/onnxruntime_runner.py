@@ -52,6 +52,9 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        # ORT's idle threads spin-wait after each run by default; in a pipeline that alternates ORT with
+        # torch (text encoder, scheduler) they steal the cores torch needs next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.optimized_model_path:
             opts.optimized_model_filepath = str(self.optimized_model_path)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
