@@ -124,6 +124,7 @@ class Engine:
         self._finish(st, "cancelled", error=ServeError(409, "cancelled", why))
 
     def job(self, job_id: str) -> RequestState:
+        self._purge_jobs()  # on reads too: an idle server must not serve results past their TTL
         st = self.jobs.get(job_id)
         if st is None:
             raise ServeError(404, "not_found", f"no job {job_id!r} (unknown, deleted, or expired)")
