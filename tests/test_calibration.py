@@ -101,9 +101,11 @@ def test_calibration_checks_before_work(tiny_checkpoint, small_set, tmp_path):
     with pytest.raises(InputError, match="num_prompts"):
         make_settings(tiny_checkpoint, num_prompts=2, steps=4, sizes="64x64,96x64,64x96")
     with pytest.raises(InputError, match="forwards per size"):
-        make_settings(tiny_checkpoint, num_prompts=2, steps=1, sizes="64x64", holdout=0)
+        make_settings(tiny_checkpoint, num_prompts=1, steps=2, sizes="64x64", holdout=0)
     with pytest.raises(InputError, match="steps"):
         make_settings(tiny_checkpoint, steps=0)
+    with pytest.raises(InputError, match=r"steps=1 .*\[2, "):  # Qwen-Image's shift_terminal: 1 step is NaN
+        make_settings(tiny_checkpoint, steps=1)
     with pytest.raises(InputError, match="sizes"):
         make_settings(tiny_checkpoint, sizes="65x64")
     out, _ = small_set

@@ -238,8 +238,9 @@ def run_offline(cfg: OfflineConfig, on_update=None) -> dict:
                 try:
                     row = measure_cell(pipe, cfg, v, w, h, b, peak)
                     row["load_s"] = load_s
+                    line = _progress_line(row)  # first: a row it cannot format must not be half-recorded
                     result["rows"].append(row)
-                    bar.write(_progress_line(row))
+                    bar.write(line)
                 except Exception as e:  # noqa: BLE001
                     log.warning("bench: %s %dx%d batch %d failed: %s", v.label, w, h, b, e)
                     result["errors"].append(dict(label=v.label, size=f"{w}x{h}", batch=b, stage="run",

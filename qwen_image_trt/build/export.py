@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen_image_trt.build.manifest import MANIFEST, file_sha256, read_manifest, tool_versions, write_manifest
+from qwen_image_trt.build.manifest import (MANIFEST, entry_files_intact, file_sha256, read_manifest, tool_versions,
+                                           write_manifest)
 from qwen_image_trt.errors import InputError
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.specs import SPECS, ExportSpec
@@ -86,10 +87,7 @@ def _pipeline_class(root: Path) -> str:
 
 
 def _up_to_date(out: Path, entry: dict | None, source: dict) -> bool:
-    if not entry or entry.get("source") != source:
-        return False
-    path = out / entry["file"]
-    return path.is_file() and file_sha256(path) == entry["sha256"]
+    return bool(entry) and entry.get("source") == source and entry_files_intact(out, entry)
 
 
 def component_precision(component: str, precision: str, opset: int = DEFAULT_OPSET) -> str:

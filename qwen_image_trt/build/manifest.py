@@ -34,6 +34,19 @@ def tool_versions() -> dict:
     return out
 
 
+def entry_files_intact(folder, entry: dict) -> bool:
+    """An entry's graph file has its recorded hash and its external data file (>2 GB graphs) its recorded size.
+    (The data file is not hashed: reading 40 GB on every resume would cost more than the stage it guards.)"""
+    folder = Path(folder)
+    graph = folder / entry["file"]
+    if not graph.is_file() or file_sha256(graph) != entry.get("sha256"):
+        return False
+    if entry.get("external_data"):
+        data = folder / entry["external_data"]
+        return data.is_file() and data.stat().st_size + graph.stat().st_size == entry.get("bytes")
+    return True
+
+
 def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():

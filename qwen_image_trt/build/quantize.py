@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen_image_trt.build.manifest import MANIFEST, file_sha256, read_manifest, tool_versions, write_manifest
+from qwen_image_trt.build.manifest import (MANIFEST, entry_files_intact, file_sha256, read_manifest, tool_versions,
+                                           write_manifest)
 from qwen_image_trt.build.recipe import QUANT_PRECISIONS, is_excluded, make_recipe, modelopt_config, recipe_hash
 from qwen_image_trt.errors import InputError, QitrtError
 
@@ -103,8 +104,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, recipe: d
 
     # --- transformer
     entry = (old or {}).get("components", {}).get("transformer")
-    if not force and entry and entry.get("source") == source and (out / entry["file"]).is_file() \
-            and file_sha256(out / entry["file"]) == entry["sha256"]:
+    if not force and entry and entry.get("source") == source and entry_files_intact(out, entry):
         log.info("quantize: transformer unchanged (calibration %s, recipe %s), skipped", calib.set_id,
                  source["recipe"])
         manifest["components"]["transformer"] = entry

@@ -68,15 +68,16 @@ def make_settings(checkpoint, num_prompts=None, steps=None, sizes=None, seed: in
                   record_every=None) -> CalibrationSettings:
     """Fill in defaults and check every value before any model is loaded."""
     from qwen_image_trt.build.profiles import parse_sizes
-    from qwen_image_trt.runtime.limits import MAX_STEPS
+    from qwen_image_trt.runtime.limits import MAX_STEPS, min_steps
 
     d = default_settings(checkpoint)
     num_prompts = d["num_prompts"] if num_prompts is None else num_prompts
     steps = d["steps"] if steps is None else steps
     sizes = tuple(d["sizes"]) if sizes is None else tuple(parse_sizes(sizes))
-    record_every = d["record_every"] if record_every is None else record_every
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise InputError("steps", steps, f"an integer in [1, {MAX_STEPS}]")
+    lowest = min_steps(checkpoint)  # 2 with Qwen-Image's shift_terminal: a 1-step schedule is NaN
+    if isinstance(steps, bool) or not isinstance(steps, int) or not lowest <= steps <= MAX_STEPS:
+        raise InputError("steps", steps, f"an integer in [{lowest}, {MAX_STEPS}]")
+    record_every = min(d["record_every"], steps) if record_every is None else record_every
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError("seed", seed, "a non-negative integer")
     if isinstance(record_every, bool) or not isinstance(record_every, int) or not 1 <= record_every <= steps:
