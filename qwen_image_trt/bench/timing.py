@@ -154,7 +154,9 @@ class PeakMemory:
             import torch
 
             index = torch.device(self.device).index or 0
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            # NVML counts physical GPUs; torch's index is relative to CUDA_VISIBLE_DEVICES. Match by UUID.
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
             return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
         except Exception:  # noqa: BLE001 (NVML absent or not permitted: fall back to torch's allocator)
             return None
