@@ -147,12 +147,6 @@ def test_quantized_graph_matches_eager_fp32_on_held_out_forwards(quantized, prec
     assert n == 4
 
 
-def _psnr(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_quantized_engines_run_in_the_pipeline_and_pass_image_gate(quantized, precision, tiny_checkpoint, eager_pipe):
     from qwen_image_trt import load_pipeline
@@ -163,7 +157,9 @@ def test_quantized_engines_run_in_the_pipeline_and_pass_image_gate(quantized, pr
               width=64, num_inference_steps=4)
     got = pipe(**kw, generator=torch.Generator().manual_seed(5)).images[0]
     want = eager_pipe(**kw, generator=torch.Generator().manual_seed(5)).images[0]
-    psnr = _psnr(got, want)
+    from qwen_image_trt.parity.metrics import psnr as image_psnr
+
+    psnr = image_psnr(np.asarray(got), np.asarray(want))
     assert psnr >= gates_for(precision).image_psnr_min, psnr
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from qwen_image_trt.build.manifest import write_atomic
 
 DEFAULT_OUT = Path("benchmarks/results")
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
-    os.replace(tmp, path)
 
 
 def _f(v, scale=1.0, digits=1, pct=False) -> str:
@@ -36,9 +33,9 @@ def write_result(result: dict, out_dir=DEFAULT_OUT, tag: str | None = None, plot
     out.mkdir(parents=True, exist_ok=True)
     tag = tag or result["kind"]
     paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md"}
-    _atomic_write(paths["json"], json.dumps(result, indent=2, default=str) + "\n")
+    write_atomic(paths["json"], json.dumps(result, indent=2, default=str) + "\n")
     md = offline_markdown(result) if result["kind"] == "offline" else serve_markdown(result)
-    _atomic_write(paths["md"], md)
+    write_atomic(paths["md"], md)
     if plots:
         plot = offline_plots if result["kind"] == "offline" else serve_plots
         paths.update(plot(result, out, tag))

@@ -54,13 +54,19 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
-    path = Path(folder) / MANIFEST
-    manifest = dict(manifest, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)  # atomic: a crash never leaves half a manifest
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write via a temporary file and rename: a crash never leaves half a manifest, engine or result."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else memoryview(data))
+    os.replace(tmp, path)
     return path
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
+    manifest = dict(manifest, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return write_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def check_engines_match(manifest: dict, checkpoint_identity: str, folder) -> None:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_image_trt.build.manifest import write_atomic
 from qwen_image_trt.errors import InputError, QitrtError
 
 log = logging.getLogger(__name__)
@@ -302,9 +303,7 @@ def _read_log(out: Path) -> dict | None:
 def _write_log(out: Path, stages, lint, failed: bool = False) -> None:
     data = {"stages": stages, "lint": lint, "failed": failed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = out / (BUILD_LOG + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, out / BUILD_LOG)
+    write_atomic(out / BUILD_LOG, json.dumps(data, indent=2) + "\n")
 
 
 def _progress(o: BuildOptions, total: int):

@@ -18,9 +18,9 @@ import math
 from typing import Iterable
 
 from qwen_image_trt.errors import InputError
+from qwen_image_trt.runtime.limits import DEFAULT_SIZE_RANGE, SIZE_MULTIPLE
 
-SIZE_MULTIPLE = 16
-MAX_SIDE = 4096  # the runtime's default size range (runtime/limits.py)
+MAX_SIDE = DEFAULT_SIZE_RANGE[1]
 DEFAULT_TEXT_LEN_RANGE = (1, 512)  # diffusers' max_sequence_length default is 512
 DEFAULT_OPT_TEXT_LEN = 128
 # Qwen-Image's transformer (the real checkpoint); pass `config=` for any other (the tiny model).

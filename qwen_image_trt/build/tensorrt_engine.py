@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from qwen_image_trt.build.manifest import file_sha256, read_manifest
+from qwen_image_trt.build.manifest import file_sha256, read_manifest, write_atomic
 from qwen_image_trt.build.profiles import Profile, normalize_profile, profile_from_json, profile_to_json
 from qwen_image_trt.errors import EngineMismatchError, InputError, QitrtError
 
@@ -311,11 +311,6 @@ def _parse_onnx(trt, network, logger, onnx_path: Path):
     return parser
 
 
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(memoryview(data))
-    os.replace(tmp, path)
 
 
 # -- the build ------------------------------------------------------------------------------------------
@@ -374,11 +369,11 @@ def build_tensorrt_engine(onnx_path, out_dir, component: str, profiles, *, preci
     if plan is None:
         raise QitrtError(f"TensorRT could not build {component} from {onnx_path} (see the TensorRT log above); "
                          f"run `qitrt lint {onnx_path}` for a static check")
-    _write_atomic(engine_path, plan)
-    _write_atomic(resolved_file, json.dumps(profile_to_json(resolved)).encode())
+    write_atomic(engine_path, plan)
+    write_atomic(resolved_file, json.dumps(profile_to_json(resolved)).encode())
     if cache_file:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache_file, config.get_timing_cache().serialize())
+        write_atomic(cache_file, config.get_timing_cache().serialize())
     seconds = time.perf_counter() - t0
     del _parser, network, config, builder
     return engine_entry(profiles=resolved, engine_bytes=engine_path.stat().st_size, build_seconds=seconds, **common)
