@@ -235,12 +235,17 @@ def test_queue_full_429_then_cancel_everything(server):
     assert int(rejected.headers["retry-after"]) >= 1
     assert rejected.json()["error"]["type"] == "queue_full"
     assert QUEUE <= len(accepted) <= QUEUE + 16  # the queue, plus at most one batch per worker in flight
-    positions = [httpx.get(f"{server['url']}/v1/jobs/{j}", headers=AUTH).json()["queue_position"]
-                 for j in accepted[-3:]]
-    assert all(p is not None for p in positions) and positions == sorted(positions)
-    for j in accepted:
-        s = httpx.delete(f"{server['url']}/v1/jobs/{j}", headers=AUTH).json()
-        assert s["status"] in ("cancelled", "succeeded")
+    try:
+        # Responses come back in list order, not arrival order, and a batch may leave the queue meanwhile:
+        # what must hold is that the queued jobs hold distinct places counted from 0.
+        states = [httpx.get(f"{server['url']}/v1/jobs/{j}", headers=AUTH).json() for j in accepted]
+        positions = [st["queue_position"] for st in states if st["status"] == "queued"]
+        assert len(positions) >= QUEUE - 16 and len(set(positions)) == len(positions)
+        assert all(0 <= p < len(accepted) for p in positions)
+    finally:  # never leave 100-step jobs behind for the next test's workers
+        for j in accepted:
+            s = httpx.delete(f"{server['url']}/v1/jobs/{j}", headers=AUTH).json()
+            assert s["status"] in ("cancelled", "succeeded")
     # the running batches (every request cancelled) stop at their next step: workers are free again soon
     deadline = time.monotonic() + 30
     while any(w["in_flight"] for w in httpx.get(server["url"] + "/health").json()["workers"]):
