@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
 
-    from qwen_image_trt.build.manifest import tool_versions
+    from qwen_image_trt.core.identity import tool_versions
     from qwen_image_trt.models import checkpoint as ckpt
     from qwen_image_trt.runtime.backends import make_runner
     from qwen_image_trt.runtime.transformer import EngineTransformer
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         checkpoint = make_tiny_checkpoint(tmp / "tiny")
     engines = a.engines
     if engines is None:
-        from qwen_image_trt.build.export import export_onnx
+        from qwen_image_trt.compile.export import export_onnx
 
         engines = tmp / "fp32"
         export_onnx(checkpoint, engines, precision="fp32", components=["transformer"], progress=False)

@@ -11,19 +11,19 @@ import importlib
 import logging
 import sys
 
-from qwen_image_trt.errors import QitrtError
+from qwen_image_trt.core.errors import QitrtError
 
 # module -> the commands it registers (listed so a module that fails to import can explain itself)
 STAGE_COMMANDS = {
     "qwen_image_trt.calibration.cli": ["calibrate"],
-    "qwen_image_trt.build.cli": ["quantize", "build", "lint"],
+    "qwen_image_trt.compile.cli": ["quantize", "build", "lint"],
     "qwen_image_trt.serve.cli": ["serve"],
     "qwen_image_trt.bench.cli": ["bench"],
 }
 
 
 def _size(text: str) -> tuple[int, int]:
-    from qwen_image_trt.runtime.limits import parse_size
+    from qwen_image_trt.core.shapes import parse_size
 
     try:
         return parse_size(text)
@@ -41,7 +41,8 @@ def _add_core(sub) -> None:
     p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="engine folder (manifest.json + *.onnx)")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16")
+    p.add_argument("--precision", default="auto", help="auto (the checkpoint's own dtype: bf16 for Qwen-Image) | "
+                   "fp32 (reference builds) | fp16 | bf16 (default: auto)")
     p.add_argument("--components", default="transformer,vae_decoder,vae_encoder")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--force", action="store_true", help="re-export even when nothing changed")
@@ -96,14 +97,15 @@ def _cmd_tiny(a) -> None:
 
 
 def _cmd_export(a) -> None:
-    from qwen_image_trt.build.export import DEFAULT_OPSET, export_onnx
+    from qwen_image_trt.compile.export import DEFAULT_OPSET, export_onnx
 
     m = export_onnx(a.checkpoint, a.out, precision=a.precision, components=a.components.split(","),
                     opset=a.opset or DEFAULT_OPSET, force=a.force)
-    for name, c in m["components"].items():
-        check = c["ort_check"]
+    for name, c in m.components.items():
+        check = c.check or {}
         ort = check.get("skipped") or f"ORT vs eager max|d|={check['max_abs_err_vs_eager']:.2e}"
-        print(f"{name:12s} {c['file']:20s} {c['bytes'] / 1e6:9.1f} MB  export {c['export_seconds']:.1f}s  {ort}")
+        print(f"{name:12s} {c.precision:5s} {c.graph.file:18s} {c.graph.bytes / 1e6:9.1f} MB  export "
+              f"{c.seconds:.1f}s  peak RSS {c.peak_rss_bytes / 1e9:.2f} GB  {ort}")
     print(f"manifest: {a.out}/manifest.json")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def quickstart(workdir: str | Path = "runs/quickstart") -> int:
-    from qwen_image_trt.build.export import export_onnx
+    from qwen_image_trt.compile.export import export_onnx
     from qwen_image_trt.models.tiny import make_tiny_checkpoint
     from qwen_image_trt.parity.run import ParityConfig, run_parity
     from qwen_image_trt.runtime.generate import generate_image
@@ -41,7 +41,7 @@ def quickstart(workdir: str | Path = "runs/quickstart") -> int:
     for a, b in zip(names, names[1:]):
         print(f"  {a:28s} {timings[b] - timings[a]:6.1f} s")
     print(f"\n  checkpoint     {checkpoint}\n  engines        {engines} "
-          f"({', '.join(manifest['components'])}; manifest.json)\n  image          {image}\n"
+          f"({', '.join(manifest.components)}; manifest.json)\n  image          {image}\n"
           f"  parity report  {report.html_path} (+ report.json)\n")
     print(report.summary())
     return 0 if report.passed else 1

@@ -20,7 +20,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_engines(tiny_checkpoint, tmp_path_factory):
     """fp32 ONNX export of the tiny checkpoint (transformer, vae_decoder, vae_encoder) with manifest.json."""
-    from qwen_image_trt.build.export import export_onnx
+    from qwen_image_trt.compile.export import export_onnx
 
     out = tmp_path_factory.mktemp("engines") / "fp32"
     export_onnx(tiny_checkpoint, out, precision="fp32", progress=False)

@@ -10,7 +10,7 @@ import pytest
 from qwen_image_trt.bench import serve_load
 from qwen_image_trt.bench.serve_load import LoadConfig, ServerUnreachable, run_serve_load
 from qwen_image_trt.cli import main
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 
 def test_compute_ceiling():

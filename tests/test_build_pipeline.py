@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from qwen_image_trt.build.pipeline import BuildOptions, build
-from qwen_image_trt.errors import InputError, QitrtError
+from qwen_image_trt.compile.stages import BuildOptions, build
+from qwen_image_trt.core.errors import InputError, QitrtError
 
 SMALL = dict(num_prompts=4, steps=2, progress=False)
 

@@ -10,7 +10,7 @@ import torch
 
 from qwen_image_trt.calibration.capture import CalibrationSet, calibrate, make_settings
 from qwen_image_trt.calibration.prompts import CATEGORIES, LANGUAGES, load_prompts, select_prompts
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 SMALL = dict(num_prompts=4, steps=2, sizes="64x64", holdout=1)
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from qwen_image_trt.errors import CheckpointError
+from qwen_image_trt.core.errors import CheckpointError
 from qwen_image_trt.models.checkpoint import checkpoint_identity, validate_checkpoint
 from qwen_image_trt.models.tiny import SYSTEM_PREFIX, make_tiny_checkpoint
 

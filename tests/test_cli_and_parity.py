@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qwen_image_trt.build.export import export_onnx
+from qwen_image_trt.compile.export import export_onnx
 from qwen_image_trt.models.checkpoint import checkpoint_identity
 from qwen_image_trt.parity.run import ParityConfig, run_parity
 

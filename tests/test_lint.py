@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from qwen_image_trt.build.lint import add_lint_parser, lint_main, lint_onnx
+from qwen_image_trt.compile.lint import add_lint_parser, lint_main, lint_onnx
 
 
 def _save(tmp_path, nodes, inputs, outputs, inits=(), name="m.onnx", opsets=(("", 19),), **save):
@@ -215,7 +215,7 @@ def test_lint_command(tmp_path, tiny_engines, capsys):
                  opsets=(("", 21),), name="new.onnx")
     assert _cli(["lint", str(warn)]) == 0
     assert _cli(["lint", str(warn), "--strict"]) == 1
-    from qwen_image_trt.errors import InputError
+    from qwen_image_trt.core.errors import InputError
 
     with pytest.raises(InputError):
         _cli(["lint", str(tmp_path / "nope.onnx")])

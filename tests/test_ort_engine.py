@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from qwen_image_trt.build.ort_engine import build_ort_engine
-from qwen_image_trt.errors import EngineMismatchError, InputError
+from qwen_image_trt.compile.ort_engine import build_ort_engine
+from qwen_image_trt.core.errors import EngineMismatchError, InputError
 
 
 def _run(path, feeds):
@@ -33,7 +33,7 @@ def _feeds(tiny_checkpoint, component):
 @pytest.mark.parametrize("component,level", [("transformer", "basic"), ("transformer", "extended"),
                                              ("vae_decoder", "basic")])
 def test_optimized_graph_matches_source(tiny_engines, tiny_checkpoint, tmp_path, component, level):
-    from qwen_image_trt.build.manifest import read_manifest
+    from qwen_image_trt.core.manifest import read_manifest
 
     src = tiny_engines / f"{component}.onnx"
     entry = build_ort_engine(src, tmp_path, component, precision="fp32", source_manifest=read_manifest(tiny_engines),
@@ -51,7 +51,7 @@ def test_optimized_graph_matches_source(tiny_engines, tiny_checkpoint, tmp_path,
 def test_runs_through_make_runner(tiny_engines, tiny_checkpoint, tmp_path):
     import torch
 
-    from qwen_image_trt.build.manifest import read_manifest
+    from qwen_image_trt.core.manifest import read_manifest
     from qwen_image_trt.runtime.backends import make_runner
 
     manifest = read_manifest(tiny_engines)
@@ -67,7 +67,7 @@ def test_runs_through_make_runner(tiny_engines, tiny_checkpoint, tmp_path):
 
 
 def test_rejects_bad_arguments_and_changed_source(tiny_engines, tmp_path):
-    from qwen_image_trt.build.manifest import read_manifest
+    from qwen_image_trt.core.manifest import read_manifest
 
     src = tiny_engines / "vae_encoder.onnx"
     with pytest.raises(InputError):

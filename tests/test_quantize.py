@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 HIGH_PRECISION = ("img_in", "txt_in", "txt_norm", "time_text_embed", "norm_out", "proj_out")
 
@@ -29,7 +29,7 @@ def calib_set(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_checkpoint, tiny_engines, calib_set, tmp_path_factory):
-    from qwen_image_trt.build.quantize import quantize_onnx
+    from qwen_image_trt.compile.quantize import quantize_onnx
 
     root = tmp_path_factory.mktemp("quant")
     return {p: quantize_onnx(tiny_checkpoint, calib_set, root / p, p, vae_from=tiny_engines, progress=False)
@@ -58,7 +58,7 @@ def _block(name):
 
 
 def test_default_recipe_keeps_sensitive_layers():
-    from qwen_image_trt.build.recipe import default_recipe, is_excluded, make_recipe
+    from qwen_image_trt.compile.recipe import default_recipe, is_excluded, make_recipe
 
     r = default_recipe("int8", 60)
     assert r["algorithm"] == "smoothquant" and r["smoothquant_alpha"] == 0.8
@@ -110,7 +110,7 @@ def test_qdq_only_on_intended_layers(quantized, precision):
 
 
 def test_keep_img_mlp_removes_its_qdq(tiny_checkpoint, tiny_engines, calib_set, tmp_path):
-    from qwen_image_trt.build.quantize import quantize_onnx
+    from qwen_image_trt.compile.quantize import quantize_onnx
 
     m = quantize_onnx(tiny_checkpoint, calib_set, tmp_path / "q", "int8", keep=["img_mlp"], vae_from=tiny_engines,
                       progress=False)
@@ -164,7 +164,7 @@ def test_quantized_engines_run_in_the_pipeline_and_pass_image_gate(quantized, pr
 
 
 def test_quantize_checks_before_work(tiny_checkpoint, tiny_engines, calib_set, tmp_path):
-    from qwen_image_trt.build.quantize import quantize_onnx
+    from qwen_image_trt.compile.quantize import quantize_onnx
 
     with pytest.raises(InputError, match="precision"):
         quantize_onnx(tiny_checkpoint, calib_set, tmp_path / "a", "int4")
@@ -183,7 +183,7 @@ def test_quantize_checks_before_work(tiny_checkpoint, tiny_engines, calib_set, t
 
 
 def test_quantize_skips_when_unchanged(tiny_checkpoint, tiny_engines, calib_set, quantized):
-    from qwen_image_trt.build.quantize import quantize_onnx
+    from qwen_image_trt.compile.quantize import quantize_onnx
 
     folder = quantized["int8"]
     before = json.loads((folder / "manifest.json").read_text())

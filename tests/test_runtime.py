@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen_image_trt import load_pipeline
-from qwen_image_trt.errors import EngineMismatchError, InputError
+from qwen_image_trt.core.errors import EngineMismatchError, InputError
 from qwen_image_trt.models.checkpoint import load_transformer
 from qwen_image_trt.runtime.backends import make_runner
 from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner

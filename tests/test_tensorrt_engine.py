@@ -12,9 +12,9 @@ import types
 
 import pytest
 
-from qwen_image_trt.build import tensorrt_engine as te
-from qwen_image_trt.build.profiles import profile_to_json, transformer_profile, vae_decoder_profile
-from qwen_image_trt.errors import EngineMismatchError, InputError, QitrtError
+from qwen_image_trt.compile import tensorrt_engine as te
+from qwen_image_trt.compile.profiles import profile_to_json, transformer_profile, vae_decoder_profile
+from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtError
 
 PROF = vae_decoder_profile("64x64,96x64", 2)
 KEY_ARGS = dict(onnx_sha="ab" * 32, precision="fp8", recipe={"algo": "max", "skip": ["img_mlp"]}, profiles=PROF,
@@ -168,7 +168,7 @@ def test_build_checks_arguments_before_tensorrt(tmp_path, monkeypatch):
 
 
 def test_engine_entry_and_source_check(tiny_engines):
-    from qwen_image_trt.build.manifest import file_sha256, read_manifest
+    from qwen_image_trt.core.manifest import file_sha256, read_manifest
 
     manifest = read_manifest(tiny_engines)
     onnx_path = tiny_engines / "vae_decoder.onnx"

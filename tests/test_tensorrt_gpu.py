@@ -63,8 +63,8 @@ def _compare(engines_dir, component, feeds, ort_dir, *, cuda_graphs=False, calls
 
 
 def _build(trt_module, tiny_engines, out, component, profiles, **kw):
-    from qwen_image_trt.build.manifest import read_manifest, write_manifest
-    from qwen_image_trt.build.tensorrt_engine import build_tensorrt_engine
+    from qwen_image_trt.core.manifest import read_manifest, write_manifest
+    from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
 
     manifest = read_manifest(tiny_engines)
     entry = build_tensorrt_engine(tiny_engines / f"{component}.onnx", out, component, profiles, precision="fp32",
@@ -77,7 +77,7 @@ def _build(trt_module, tiny_engines, out, component, profiles, **kw):
 
 
 def test_tiny_transformer_engine_matches_onnxruntime(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
-    from qwen_image_trt.build.profiles import transformer_profile
+    from qwen_image_trt.compile.profiles import transformer_profile
     from qwen_image_trt.models.transformer_export import sample_inputs
     from qwen_image_trt.models.specs import TRANSFORMER
 
@@ -96,7 +96,7 @@ def test_tiny_transformer_engine_matches_onnxruntime(trt_module, tiny_engines, t
 
 
 def test_tiny_vae_decoder_engine_with_cuda_graphs(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
-    from qwen_image_trt.build.profiles import vae_decoder_profile
+    from qwen_image_trt.compile.profiles import vae_decoder_profile
 
     from qwen_image_trt.runtime.backends import make_runner
     from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
@@ -117,8 +117,8 @@ def test_tiny_vae_decoder_engine_with_cuda_graphs(trt_module, tiny_engines, tiny
 
 
 def test_engine_refused_on_version_mismatch(trt_module, tiny_engines, tmp_path):
-    from qwen_image_trt.build.profiles import vae_decoder_profile
-    from qwen_image_trt.errors import EngineMismatchError, InputError
+    from qwen_image_trt.compile.profiles import vae_decoder_profile
+    from qwen_image_trt.core.errors import EngineMismatchError, InputError
     from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
 
     entry = _build(trt_module, tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1))

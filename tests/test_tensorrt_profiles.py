@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_image_trt.build import profiles as P
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.compile import profiles as P
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.limits import Limits, check_request
 
 

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.backends import tensorrt_runner as tr
 
 INPUT, OUTPUT = "INPUT", "OUTPUT"

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 
 def _csv(kind):
@@ -20,7 +20,7 @@ def _csv(kind):
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
-    from qwen_image_trt.cli import _size
+    from qwen_image_trt.core.shapes import parse_size as _size
 
     return [_size(item) for item in text.split(",")]
 

@@ -132,7 +132,7 @@ def machine_info(device: str = "cpu") -> dict:
     """Where a result was measured: host, CPU, GPU, memory, library versions."""
     import torch
 
-    from qwen_image_trt.build.manifest import tool_versions
+    from qwen_image_trt.core.identity import tool_versions
 
     info = {"hostname": platform.node(), "platform": platform.platform(), "cpu": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(), "device": str(device), "versions": tool_versions()}

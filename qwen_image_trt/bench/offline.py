@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qwen_image_trt.bench import devices, flops
 from qwen_image_trt.bench.timing import ComponentTimer, PeakMemory, median, stopwatch
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,20 @@ class OfflineConfig:
     progress: bool = True
 
 
-def _engine_precision(manifest: dict) -> str:
-    quant = manifest.get("quantization") or {}
-    if isinstance(quant, dict):
-        for key in ("format", "precision", "mode"):
-            if quant.get(key):
-                return str(quant[key])
-    return str(manifest.get("quant_format") or manifest.get("precision") or "fp32")
+def _engine_precision(manifest) -> str:
+    return manifest.precision
 
 
-def _usable(manifest: dict, backend: str) -> bool:
-    comps = manifest.get("components", {})
-    key = "engine_file" if backend == "tensorrt" else "file"
-    return all(key in comps.get(c, {}) for c in ("transformer", "vae_decoder"))
+def _usable(manifest, backend: str) -> bool:
+    comps = manifest.components
+    return all(c in comps and (backend != "tensorrt" or comps[c].tensorrt is not None)
+               for c in ("transformer", "vae_decoder"))
 
 
 def plan_variants(cfg: OfflineConfig) -> tuple[list[Variant], list[str]]:
     """Check backends and engine folders before any heavy work; (variants, notes). Eager torch comes first."""
-    from qwen_image_trt.build.manifest import read_manifest
-    from qwen_image_trt.errors import QitrtError
+    from qwen_image_trt.core.manifest import read_manifest
+    from qwen_image_trt.core.errors import QitrtError
     from qwen_image_trt.runtime.backends import check_backend
 
     notes = []

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from qwen_image_trt.build.manifest import write_atomic
+from qwen_image_trt.core.files import write_atomic
 
 DEFAULT_OUT = Path("benchmarks/results")
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qwen_image_trt.errors import InputError, QitrtError
+from qwen_image_trt.core.errors import InputError, QitrtError
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
 """`qitrt calibrate`: run the real pipeline over shipped prompts and record the transformer's inputs.
 
-The pipeline runs as served: true CFG on (negative prompt " ", scale 4), both branches batched into one
-transformer call per step. A forward pre-hook on the stock transformer records, per call, what the
-exported graph takes (hidden_states, encoder_hidden_states, its mask, timestep) plus the image grid, so
-RoPE tables can be rebuilt at replay. One safetensors shard per prompt, a manifest with prompt ids,
-seeds, sizes, steps and shapes, and a content id (`set_id`) that quantized engines record.
+The pipeline is diffusers' own QwenImagePipeline with eager modules, run as a user runs it: true CFG on
+(negative prompt " ", scale 4), so every recorded step has a conditional and an unconditional call. A
+forward pre-hook on the transformer records, per call, what the exported graph takes (hidden_states,
+encoder_hidden_states, its mask, timestep) plus the image grid, so RoPE tables can be rebuilt at replay.
+One safetensors shard per prompt, a manifest with prompt ids, seeds, sizes, steps and shapes, and a
+content id (`set_id`) that quantized engines record.
 
 A set is made once per checkpoint and reused by every precision; a re-run with the same settings skips
 prompts whose shard is already there and intact (an interrupted run resumes).
@@ -23,12 +24,16 @@ from pathlib import Path
 import torch
 
 from qwen_image_trt.calibration.prompts import prompt_seed, prompt_set_sha256, select_prompts
-from qwen_image_trt.errors import InputError, QitrtError
+from qwen_image_trt.core.errors import InputError, QitrtError
+from qwen_image_trt.core.files import file_sha256
+from qwen_image_trt.core.identity import tool_versions
+from qwen_image_trt.core.manifest import (CalibrationCall, CalibrationManifest, CalibrationSample, CheckpointId,
+                                          read_calibration_manifest, try_read_manifest, write_manifest)
+from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, MAX_STEPS, padded_text_len, parse_sizes
+from qwen_image_trt.models import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FORMAT = "qwen-image-trt/calibration@1"
-MANIFEST = "manifest.json"
 NEGATIVE_PROMPT = " "  # any negative prompt turns true CFG on; " " is what the reference pipeline serves
 TRUE_CFG_SCALE = 4.0
 MIN_CALLS_PER_SIZE = 4  # fewer recorded forwards than this at a size cannot calibrate it
@@ -55,42 +60,35 @@ REAL_DEFAULTS = dict(num_prompts=32, steps=20, sizes=((1024, 1024),), record_eve
 TINY_DEFAULTS = dict(num_prompts=8, steps=4, sizes=((64, 64),), record_every=1)
 
 
-def is_tiny(checkpoint) -> bool:
-    return (Path(checkpoint) / "TINY_RANDOM_WEIGHTS.txt").is_file()
-
-
 def default_settings(checkpoint) -> dict:
-    return dict(TINY_DEFAULTS if is_tiny(checkpoint) else REAL_DEFAULTS)
+    return dict(TINY_DEFAULTS if ckpt.is_tiny(checkpoint) else REAL_DEFAULTS)
+
+
+def _int_in(field: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise InputError(field, value, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]{why}")
+    return value
 
 
 def make_settings(checkpoint, num_prompts=None, steps=None, sizes=None, seed: int = 0, holdout=None,
                   record_every=None) -> CalibrationSettings:
     """Fill in defaults and check every value before any model is loaded."""
-    from qwen_image_trt.build.profiles import parse_sizes
-    from qwen_image_trt.runtime.limits import MAX_STEPS, min_steps
-
     d = default_settings(checkpoint)
     num_prompts = d["num_prompts"] if num_prompts is None else num_prompts
     steps = d["steps"] if steps is None else steps
     sizes = tuple(d["sizes"]) if sizes is None else tuple(parse_sizes(sizes))
-    lowest = min_steps(checkpoint)  # 2 with Qwen-Image's shift_terminal: a 1-step schedule is NaN
-    if isinstance(steps, bool) or not isinstance(steps, int) or not lowest <= steps <= MAX_STEPS:
-        raise InputError("steps", steps, f"an integer in [{lowest}, {MAX_STEPS}]")
+    _int_in("steps", steps, ckpt.min_steps(checkpoint), MAX_STEPS)  # 2 with shift_terminal: 1 step is NaN
     record_every = min(d["record_every"], steps) if record_every is None else record_every
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError("seed", seed, "a non-negative integer")
-    if isinstance(record_every, bool) or not isinstance(record_every, int) or not 1 <= record_every <= steps:
-        raise InputError("record_every", record_every, f"an integer in [1, steps={steps}]")
+    _int_in("seed", seed, 0)
+    _int_in("record_every", record_every, 1, steps, f" (steps={steps})")
     select_prompts(num_prompts, seed)  # range check of num_prompts
     if holdout is None:
         holdout = max(1, num_prompts // 8) if num_prompts >= 4 else 0
-    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < num_prompts:
-        raise InputError("holdout", holdout, f"an integer in [0, num_prompts={num_prompts})")
+    _int_in("holdout", holdout, 0, num_prompts - 1, f" (num_prompts={num_prompts} minus one)")
     if num_prompts - holdout < len(sizes):
         raise InputError("num_prompts", num_prompts, f"at least {len(sizes) + holdout} for {len(sizes)} size(s) "
                          f"and {holdout} held-out prompt(s): every size needs its own calibration prompts")
-    calls = math.ceil(steps / record_every)
-    per_size = (num_prompts - holdout) // len(sizes) * calls
+    per_size = (num_prompts - holdout) // len(sizes) * math.ceil(steps / record_every) * 2  # cond + uncond
     if per_size < MIN_CALLS_PER_SIZE:
         raise InputError("num_prompts/steps", (num_prompts, steps),
                          f"enough to record >= {MIN_CALLS_PER_SIZE} forwards per size (got {per_size} per size "
@@ -99,26 +97,35 @@ def make_settings(checkpoint, num_prompts=None, steps=None, sizes=None, seed: in
 
 
 class _Recorder:
-    """Forward pre-hook: copies the inputs of every transformer call made while `active`."""
+    """Forward pre-hook: copies the inputs of the transformer calls of every `record_every`-th step.
 
-    def __init__(self):
+    A step is a run of calls with one timestep (true CFG: the conditional call, then the unconditional one).
+    """
+
+    def __init__(self, record_every: int):
+        self.record_every = record_every
+        self.reset()
+
+    def reset(self):
         self.calls: list[dict] = []
-        self.step = 0
-        self.record_every = 1
+        self.step, self.branch, self._last_t = -1, 0, None
 
     def __call__(self, module, args, kwargs):
-        step, self.step = self.step, self.step + 1
-        if step % self.record_every:
+        t = kwargs["timestep"].detach().reshape(-1)[0].item()
+        if t != self._last_t:
+            self.step, self.branch, self._last_t = self.step + 1, 0, t
+        else:
+            self.branch += 1
+        if self.step % self.record_every:
             return None
         hs = kwargs.get("hidden_states", args[0] if args else None)
         ehs = kwargs["encoder_hidden_states"]
         mask = kwargs.get("encoder_hidden_states_mask")
-        if mask is None:
+        if mask is None:  # diffusers passes None when nothing is padded
             mask = torch.ones(ehs.shape[:2], dtype=torch.bool, device=ehs.device)
-        img_shapes = kwargs["img_shapes"]
-        grid = tuple(int(v) for v in img_shapes[0][0])
         self.calls.append({
-            "step": step, "grid": grid,
+            "step": self.step, "branch": ("cond", "uncond")[min(self.branch, 1)],
+            "grid": tuple(int(v) for v in kwargs["img_shapes"][0][0]),
             "hidden_states": hs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states": ehs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states_mask": mask.detach().to("cpu").bool().clone(),
@@ -129,164 +136,158 @@ class _Recorder:
 
 def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, seed: int = 0, holdout=None,
               record_every=None, device: str = "cpu", force: bool = False, progress: bool = True,
-              pipe=None) -> dict:
+              pipe=None) -> CalibrationManifest:
     """Record a calibration set for `checkpoint` into `out_dir`; return its manifest."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from qwen_image_trt.build.manifest import file_sha256, tool_versions
-    from qwen_image_trt.models import checkpoint as ckpt
 
     root = ckpt.validate_checkpoint(checkpoint)
     settings = make_settings(root, num_prompts, steps, sizes, seed, holdout, record_every)
     identity = ckpt.checkpoint_identity(root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = select_prompts(settings.num_prompts, settings.seed)
-    n_calib = settings.num_prompts - settings.holdout
     source = {"checkpoint": identity, "settings": settings.as_dict(), "prompt_set": prompt_set_sha256()[:16]}
-
-    old = _read(out)
-    done: dict[str, dict] = {}
-    if old and not force and old.get("source") == source:
-        for s in old.get("samples", []):
-            f = out / s["file"]
-            if f.is_file() and file_sha256(f) == s["sha256"]:
-                done[s["prompt_id"]] = s
-    elif old:
-        log.warning("calibrate: %s held a set with other settings or checkpoint; replacing it", out)
-
-    manifest = {
-        "format": CALIBRATION_FORMAT, "stage": "calibrate",
-        "checkpoint": {"path": str(root.resolve()), "identity": identity},
-        "source": source, "versions": tool_versions(), "samples": [],
-    }
+    old = try_read_manifest(out, CalibrationManifest)
+    done = _intact_samples(out, old, source) if not force else {}
+    manifest = CalibrationManifest(checkpoint=CheckpointId(path=str(root.resolve()), identity=identity),
+                                   source=source, versions=tool_versions())
     t0 = time.perf_counter()
+    recorder = _Recorder(settings.record_every)
     hook = None
-    recorder = _Recorder()
-    recorder.record_every = settings.record_every
-    bar = tqdm(total=len(prompts), desc="calibrate", unit="prompt", disable=not progress)
+    samples = plan_samples(settings)
+    bar = tqdm(total=len(samples), desc="calibrate", unit="prompt", disable=not progress)
     try:
-        for i, p in enumerate(prompts):
-            w, h = settings.sizes[i % len(settings.sizes)] if i < n_calib else \
-                settings.sizes[(i - n_calib) % len(settings.sizes)]
-            entry = {"index": i, "prompt_id": p["id"], "lang": p["lang"], "category": p["category"],
-                     "seed": prompt_seed(settings.seed, i), "size": [w, h],
-                     "split": "calib" if i < n_calib else "holdout", "file": f"prompt_{i:04d}_{p['id']}.safetensors"}
-            if p["id"] in done and done[p["id"]]["file"] == entry["file"]:
-                manifest["samples"].append(done[p["id"]])
+        for sample, text in samples:
+            if sample.prompt_id in done and done[sample.prompt_id].file == sample.file:
+                manifest.samples.append(done[sample.prompt_id])
                 bar.update()
                 continue
             if pipe is None:
-                from qwen_image_trt.runtime.pipeline import load_pipeline
+                from qwen_image_trt.models.pipelines import load_stock_pipeline
 
-                pipe = load_pipeline(root, backend="torch", device=device)
+                pipe = load_stock_pipeline(root, device=device)
             if hook is None:
                 hook = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
-            recorder.calls, recorder.step = [], 0
-            gen = torch.Generator("cpu").manual_seed(entry["seed"])
-            pipe(prompt=p["text"], negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=TRUE_CFG_SCALE, height=h,
-                 width=w, num_inference_steps=settings.steps, generator=gen, output_type="latent")
-            tensors, calls = {}, []
-            for k, c in enumerate(recorder.calls):
-                for key in KEYS:
-                    tensors[f"{k:03d}.{key}"] = c[key]
-                calls.append({"key": f"{k:03d}", "step": c["step"], "grid": list(c["grid"]),
-                              "batch": int(c["hidden_states"].shape[0]),
-                              "text_len": int(c["encoder_hidden_states"].shape[1])})
-            path = out / entry["file"]
-            # One metadata key: safetensors writes a multi-key metadata map in hash order, which would make
-            # the file's bytes (and the set id) differ between identical runs.
-            save_file(tensors, str(path), metadata={"qitrt": json.dumps({"format": CALIBRATION_FORMAT,
-                                                                         "prompt_id": p["id"]})})
-            entry.update(sha256=file_sha256(path), bytes=path.stat().st_size, calls=calls)
-            manifest["samples"].append(entry)
-            _write(out, manifest)  # after every prompt: an interrupted run resumes here
-            bar.set_postfix(size=f"{w}x{h}", calls=len(calls))
+            manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out))
+            write_manifest(out, manifest)  # after every prompt: an interrupted run resumes here
+            bar.set_postfix(size="x".join(map(str, sample.size)), calls=len(manifest.samples[-1].calls))
             bar.update()
     finally:
         bar.close()
         if hook is not None:
             hook.remove()
-    manifest["set_id"] = _set_id(manifest)
-    manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest["totals"] = {"prompts": len(prompts), "calib_calls": sum(len(s["calls"]) for s in manifest["samples"]
-                                                                     if s["split"] == "calib"),
-                          "holdout_calls": sum(len(s["calls"]) for s in manifest["samples"]
-                                               if s["split"] == "holdout"),
-                          "bytes": sum(s["bytes"] for s in manifest["samples"])}
-    if old and old.get("set_id") == manifest["set_id"] and len(done) == len(prompts):
-        log.info("calibrate: %s unchanged (set %s), skipped", out, manifest["set_id"])
-        manifest["seconds"] = old.get("seconds", manifest["seconds"])
-        manifest["skipped"] = True
-    _write(out, manifest)
+    _finish(manifest, old, time.perf_counter() - t0, recorded=len(samples) - len(done))
+    write_manifest(out, manifest)
     return manifest
 
 
-def _set_id(manifest: dict) -> str:
+def plan_samples(settings: CalibrationSettings) -> list[tuple[CalibrationSample, str]]:
+    """(sample, prompt text) per prompt: calibration prompts cycle through the sizes, then held-out ones do."""
+    prompts = select_prompts(settings.num_prompts, settings.seed)
+    n_calib = settings.num_prompts - settings.holdout
+    out = []
+    for i, p in enumerate(prompts):
+        k = i if i < n_calib else i - n_calib
+        w, h = settings.sizes[k % len(settings.sizes)]
+        out.append((CalibrationSample(index=i, prompt_id=p["id"], lang=p["lang"], category=p["category"],
+                                      seed=prompt_seed(settings.seed, i), size=[w, h],
+                                      split="calib" if i < n_calib else "holdout",
+                                      file=f"prompt_{i:04d}_{p['id']}.safetensors"), p["text"]))
+    return out
+
+
+def _intact_samples(out: Path, old: CalibrationManifest | None, source: dict) -> dict[str, CalibrationSample]:
+    """Samples of an earlier run with the same source whose shard is still there, unchanged."""
+    if old is None:
+        return {}
+    if old.source != source:
+        log.warning("calibrate: %s held a set with other settings or checkpoint; replacing it", out)
+        return {}
+    return {s.prompt_id: s for s in old.samples
+            if s.sha256 and (out / s.file).is_file() and file_sha256(out / s.file) == s.sha256}
+
+
+def _record_prompt(pipe, recorder: _Recorder, sample: CalibrationSample, text: str, settings: CalibrationSettings,
+                   out: Path) -> CalibrationSample:
+    from safetensors.torch import save_file
+
+    recorder.reset()
+    w, h = sample.size
+    pipe(prompt=text, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=TRUE_CFG_SCALE, height=h, width=w,
+         num_inference_steps=settings.steps, generator=torch.Generator("cpu").manual_seed(sample.seed),
+         output_type="latent")
+    tensors, calls = {}, []
+    for k, c in enumerate(recorder.calls):
+        for key in KEYS:
+            tensors[f"{k:03d}.{key}"] = c[key]
+        calls.append(CalibrationCall(key=f"{k:03d}", step=c["step"], branch=c["branch"], grid=list(c["grid"]),
+                                     batch=int(c["hidden_states"].shape[0]),
+                                     text_len=int(c["encoder_hidden_states"].shape[1])))
+    path = out / sample.file
+    # One metadata key: safetensors writes a multi-key metadata map in hash order, which would make the
+    # file's bytes (and the set id) differ between identical runs.
+    save_file(tensors, str(path), metadata={"qitrt": json.dumps({"prompt_id": sample.prompt_id})})
+    return sample.model_copy(update={"sha256": file_sha256(path), "bytes": path.stat().st_size, "calls": calls})
+
+
+def _finish(manifest: CalibrationManifest, old: CalibrationManifest | None, seconds: float, recorded: int) -> None:
+    manifest.set_id = set_id(manifest)
+    manifest.seconds = round(seconds, 3)
+    by_split = {split: [s for s in manifest.samples if s.split == split] for split in ("calib", "holdout")}
+    manifest.totals = {"prompts": len(manifest.samples),
+                       "calib_calls": sum(len(s.calls) for s in by_split["calib"]),
+                       "holdout_calls": sum(len(s.calls) for s in by_split["holdout"]),
+                       "bytes": sum(s.bytes or 0 for s in manifest.samples)}
+    manifest.ran = recorded > 0
+    if not manifest.ran and old is not None and old.set_id == manifest.set_id:
+        log.info("calibrate: unchanged (set %s), skipped", manifest.set_id)
+        manifest.seconds = old.seconds
+
+
+def set_id(manifest: CalibrationManifest) -> str:
     """Content id: checkpoint, settings, prompts and every shard's hash."""
-    body = {"source": manifest["source"],
-            "samples": [(s["prompt_id"], s["seed"], s["size"], s["split"], s["sha256"]) for s in manifest["samples"]]}
+    body = {"source": manifest.source,
+            "samples": [(s.prompt_id, s.seed, s.size, s.split, s.sha256) for s in manifest.samples]}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return m if m.get("format") == CALIBRATION_FORMAT else None
-
-
-def _write(out: Path, manifest: dict) -> None:
-    from qwen_image_trt.build.manifest import write_atomic
-
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 class CalibrationSet:
     """A recorded set, opened for replay. Checks format, integrity, checkpoint and size coverage."""
 
     def __init__(self, folder, verify: bool = True):
-        from qwen_image_trt.build.manifest import file_sha256
-
         self.folder = Path(folder)
-        m = _read(self.folder)
-        if m is None:
-            raise InputError("calibration", str(folder), "a folder made by `qitrt calibrate` (manifest.json with "
-                             f"format {CALIBRATION_FORMAT})")
-        if "set_id" not in m:
+        try:
+            m = read_calibration_manifest(self.folder)
+        except QitrtError as e:
+            raise InputError("calibration", str(folder), f"a folder made by `qitrt calibrate` ({e})") from None
+        if m.set_id is None:
             raise InputError("calibration", str(folder), "a complete calibration set (this one was interrupted: "
                              "re-run `qitrt calibrate` with the same settings to finish it)")
         if verify:
-            for s in m["samples"]:
-                f = self.folder / s["file"]
-                if not f.is_file() or file_sha256(f) != s["sha256"]:
-                    raise QitrtError(f"calibration set {folder}: shard {s['file']} is missing or changed since it "
+            for s in m.samples:
+                f = self.folder / s.file
+                if not f.is_file() or file_sha256(f) != s.sha256:
+                    raise QitrtError(f"calibration set {folder}: shard {s.file} is missing or changed since it "
                                      "was recorded; re-run `qitrt calibrate`")
         self.manifest = m
-        self.set_id: str = m["set_id"]
-        self.identity: str = m["checkpoint"]["identity"]
+        self.set_id: str = m.set_id
+        self.identity: str = m.checkpoint.identity
 
     @property
     def settings(self) -> dict:
-        return self.manifest["source"]["settings"]
+        return self.manifest.source["settings"]
 
     def check_checkpoint(self, identity: str) -> None:
         if identity != self.identity:
             raise InputError("calibration", str(self.folder),
                              f"a calibration set recorded from this checkpoint ({identity}); it was recorded from "
-                             f"{self.identity} ({self.manifest['checkpoint'].get('path')}). Run `qitrt calibrate` "
+                             f"{self.identity} ({self.manifest.checkpoint.path}). Run `qitrt calibrate` "
                              "for this checkpoint")
 
     def calls_per_size(self, split: str = "calib") -> dict[tuple[int, int], int]:
         out: dict[tuple[int, int], int] = {}
-        for s in self.manifest["samples"]:
-            if s["split"] == split:
-                out[tuple(s["size"])] = out.get(tuple(s["size"]), 0) + len(s["calls"])
+        for s in self.manifest.samples:
+            if s.split == split:
+                out[tuple(s.size)] = out.get(tuple(s.size), 0) + len(s.calls)
         return out
 
     def check_sizes(self, sizes, min_calls: int = MIN_CALLS_PER_SIZE) -> None:
@@ -300,43 +301,53 @@ class CalibrationSet:
                              f"{', '.join(short)} (set has {got}). Re-run `qitrt calibrate --sizes ...`")
 
     def num_calls(self, split: str = "calib") -> int:
-        return sum(len(s["calls"]) for s in self.manifest["samples"] if s["split"] == split)
+        return sum(len(s.calls) for s in self.manifest.samples if s.split == split)
 
     def calls(self, split: str = "calib"):
-        """Yield dicts with the four recorded tensors and `grid` (frame, h, w), in recording order."""
+        """Yield dicts with the four recorded tensors, `grid` (frame, h, w), step and branch, in recording order."""
         from safetensors.torch import load_file
 
-        for s in self.manifest["samples"]:
-            if s["split"] != split:
+        for s in self.manifest.samples:
+            if s.split != split:
                 continue
-            tensors = load_file(str(self.folder / s["file"]))
-            for c in s["calls"]:
-                item = {key: tensors[f"{c['key']}.{key}"] for key in KEYS}
-                item["grid"] = tuple(c["grid"])
-                item["step"] = c["step"]
-                item["prompt_id"] = s["prompt_id"]
+            tensors = load_file(str(self.folder / s.file))
+            for c in s.calls:
+                item = {key: tensors[f"{c.key}.{key}"] for key in KEYS}
+                item.update(grid=tuple(c.grid), step=c.step, branch=c.branch, prompt_id=s.prompt_id)
                 yield item
 
     def export_inputs(self, axes_dims_rope, split: str = "calib", text_bucket: int | None = None,
                       dtype=torch.float32):
         """Yield input tuples in ExportableTransformer order (INPUT_NAMES), text padded to the runtime's
         bucket exactly as EngineTransformer does, so the quantizers see what the engine will see."""
-        from qwen_image_trt.models.transformer_export import RopeTables
-        from qwen_image_trt.runtime.transformer import DEFAULT_TEXT_BUCKET
-
-        bucket = text_bucket or DEFAULT_TEXT_BUCKET
-        rope = RopeTables(axes_dims_rope)
         for c in self.calls(split):
-            states, mask = c["encoder_hidden_states"].to(dtype), c["encoder_hidden_states_mask"].bool()
-            batch, length, width = states.shape
-            padded = math.ceil(length / bucket) * bucket
-            text = torch.zeros(batch, padded, width, dtype=dtype)
-            text[:, :length] = states
-            text_mask = torch.zeros(batch, padded, dtype=torch.bool)
-            text_mask[:, :length] = mask
-            frame, h, w = c["grid"]
-            yield (c["hidden_states"].to(dtype), text, text_mask, c["timestep"].to(dtype), *rope(frame, h, w, padded))
+            yield replay_inputs(c, axes_dims_rope, text_bucket, dtype)
 
 
-__all__ = ["calibrate", "CalibrationSet", "make_settings", "default_settings", "CALIBRATION_FORMAT",
+def replay_inputs(call: dict, axes_dims_rope, text_bucket: int | None = None, dtype=torch.float32) -> tuple:
+    """One recorded call as ExportableTransformer inputs, text padded to the bucket with its mask."""
+    states, mask = call["encoder_hidden_states"].to(dtype), call["encoder_hidden_states_mask"].bool()
+    batch, length, width = states.shape
+    padded = padded_text_len(length, text_bucket or DEFAULT_TEXT_BUCKET)
+    text = torch.zeros(batch, padded, width, dtype=dtype)
+    text[:, :length] = states
+    text_mask = torch.zeros(batch, padded, dtype=torch.bool)
+    text_mask[:, :length] = mask
+    frame, h, w = call["grid"]
+    rope = _rope(tuple(axes_dims_rope))(frame, h, w, padded)
+    return (call["hidden_states"].to(dtype), text, text_mask, call["timestep"].to(dtype), *rope)
+
+
+_ROPES: dict = {}
+
+
+def _rope(axes: tuple):
+    from qwen_image_trt.models.transformer_export import RopeTables
+
+    if axes not in _ROPES:
+        _ROPES[axes] = RopeTables(axes)
+    return _ROPES[axes]
+
+
+__all__ = ["calibrate", "CalibrationSet", "make_settings", "default_settings", "replay_inputs", "plan_samples",
            "MIN_CALLS_PER_SIZE"]

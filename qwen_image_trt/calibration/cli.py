@@ -17,19 +17,21 @@ def register(sub) -> None:
                    help="prompts kept out of calibration for parity checks (default num_prompts // 8)")
     p.add_argument("--record-every", type=int, default=None,
                    help="record every k-th step (default 2 for real checkpoints, 1 for tiny) to bound the set's size")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
     p.add_argument("--force", action="store_true", help="re-record even when the set is complete and unchanged")
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(a) -> int:
     from qwen_image_trt.calibration.capture import calibrate
+    from qwen_image_trt.core.resources import default_device
 
     m = calibrate(a.checkpoint, a.out, num_prompts=a.num_prompts, steps=a.steps, sizes=a.sizes, seed=a.seed,
-                  holdout=a.holdout, record_every=a.record_every, device=a.device, force=a.force)
-    t = m["totals"]
-    state = "unchanged, skipped" if m.get("skipped") else f"{m['seconds']:.1f}s"
-    print(f"calibration set {m['set_id']}: {t['prompts']} prompts, {t['calib_calls']} calibration + "
+                  holdout=a.holdout, record_every=a.record_every, device=a.device or default_device(),
+                  force=a.force)
+    t = m.totals
+    state = f"{m.seconds:.1f}s" if m.ran else "unchanged, skipped"
+    print(f"calibration set {m.set_id}: {t['prompts']} prompts, {t['calib_calls']} calibration + "
           f"{t['holdout_calls']} held-out forwards, {t['bytes'] / 1e6:.1f} MB ({state})")
     print(f"manifest: {a.out}/manifest.json")
     return 0

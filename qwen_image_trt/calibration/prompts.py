@@ -14,7 +14,7 @@ import random
 from functools import lru_cache
 from importlib import resources
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 CATEGORIES = ("people", "text", "scene", "object", "style")
 LANGUAGES = ("en", "zh")

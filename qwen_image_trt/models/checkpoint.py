@@ -1,22 +1,28 @@
-"""Finding, checking and identifying Qwen-Image checkpoints in the diffusers layout.
+"""Finding, checking and sizing Qwen-Image checkpoints in the diffusers layout.
 
 Tiny and real checkpoints go through the same code: `from_pretrained` on a local folder, offline.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_image_trt.errors import CheckpointError
+from qwen_image_trt.core.errors import CheckpointError
+from qwen_image_trt.core.identity import (CONFIG_FILES, checkpoint_identity, read_part_config, safetensors_header,
+                                          weight_files)
+
+# Checkpoints are local folders: never reach for a hub (a typo in a path must not become a download).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-_CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                 "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+TINY_MARKER = "TINY_RANDOM_WEIGHTS.txt"
+# safetensors dtype names -> bytes per element and the precision name this project uses for them
+_ST_DTYPES = {"F32": (4, "fp32"), "F16": (2, "fp16"), "BF16": (2, "bf16"), "F64": (8, "fp64"),
+              "F8_E4M3": (1, "fp8"), "I8": (1, "int8"), "U8": (1, "uint8"), "I64": (8, "int64"), "I32": (4, "int32")}
 
 
 def validate_checkpoint(path: str | os.PathLike, parts=ALL_PARTS) -> Path:
@@ -27,58 +33,65 @@ def validate_checkpoint(path: str | os.PathLike, parts=ALL_PARTS) -> Path:
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{root} has no model_index.json: not a diffusers pipeline checkpoint")
-    index = json.loads(index_file.read_text())
-    cls = index.get("_class_name")
+    cls = pipeline_class(root)
     if cls not in SUPPORTED_PIPELINES:
         raise CheckpointError(f"{root} holds a {cls!r} checkpoint; supported: {', '.join(SUPPORTED_PIPELINES)}")
-    missing = [p for p in parts if not (root / p / _CONFIG_FILES[p]).is_file()]
+    missing = [p for p in parts if not (root / p / CONFIG_FILES[p]).is_file()]
     if missing:
         raise CheckpointError(f"{root} is missing part(s) {', '.join(missing)} "
-                              f"(expected {', '.join(f'{p}/{_CONFIG_FILES[p]}' for p in missing)})")
+                              f"(expected {', '.join(f'{p}/{CONFIG_FILES[p]}' for p in missing)})")
     for part in set(parts) & {"transformer", "vae", "text_encoder"}:
         if not list((root / part).glob("*.safetensors")) and not list((root / part).glob("*.bin")):
             raise CheckpointError(f"{root}/{part} has a config but no weights (*.safetensors)")
     return root
 
 
+def pipeline_class(root: str | os.PathLike) -> str:
+    return json.loads((Path(root) / "model_index.json").read_text()).get("_class_name")
+
+
 def read_config(checkpoint: str | os.PathLike, part: str) -> dict:
-    cfg = json.loads((Path(checkpoint) / part / _CONFIG_FILES[part]).read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return read_part_config(checkpoint, part)
 
 
-def _weights_fingerprint(folder: Path) -> list:
-    """Names, sizes and safetensors headers of the weight files: cheap even for a 40 GB model,
-    yet changes whenever any tensor's name, shape, dtype or offset changes (and with the file size)."""
-    rows = []
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.index.json"))
-    for f in files:
-        entry = [f.name, f.stat().st_size]
-        with open(f, "rb") as fh:
-            start = 0
-            if f.suffix == ".safetensors":
-                (n,) = struct.unpack("<Q", fh.read(8))
-                entry.append(hashlib.sha256(fh.read(n)).hexdigest())
-                start = 8 + n
-            # A header says where tensors are, not what they hold: sample the data's first and last
-            # MiB too (a fine-tune changes both) without reading 40 GB.
-            fh.seek(start)
-            entry.append(hashlib.sha256(fh.read(1 << 20)).hexdigest())
-            fh.seek(max(start, entry[1] - (1 << 20)))
-            entry.append(hashlib.sha256(fh.read()).hexdigest())
-        rows.append(entry)
-    return rows
+def is_tiny(checkpoint) -> bool:
+    return (Path(checkpoint) / TINY_MARKER).is_file()
 
 
-def checkpoint_identity(checkpoint: str | os.PathLike, parts=("transformer", "vae")) -> str:
-    """A short content hash of the configs and weight indexes of `parts`: what engines are built from."""
-    root = Path(checkpoint)
-    h = hashlib.sha256()
-    h.update((root / "model_index.json").read_bytes())
-    for part in parts:
-        h.update(part.encode())
-        h.update(json.dumps(read_config(root, part), sort_keys=True).encode())
-        h.update(json.dumps(_weights_fingerprint(root / part)).encode())
-    return h.hexdigest()[:16]
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a part's safetensors headers say: parameter count, bytes, and the dtype most bytes are in."""
+
+    parameters: int
+    bytes: int
+    precision: str  # "bf16" for a real Qwen-Image checkpoint
+
+
+def weights_info(checkpoint, part: str = "transformer") -> WeightsInfo:
+    """Read from the headers only, so sizing a 40 GB transformer costs a few KB of reads."""
+    params = size = 0
+    by_dtype: dict[str, int] = {}
+    for f in weight_files(Path(checkpoint) / part):
+        if f.suffix != ".safetensors":
+            continue
+        for name, t in safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in t["shape"]:
+                n *= int(d)
+            width, prec = _ST_DTYPES.get(t["dtype"], (0, t["dtype"].lower()))
+            params += n
+            size += n * width
+            by_dtype[prec] = by_dtype.get(prec, 0) + n * width
+    if not by_dtype:
+        raise CheckpointError(f"{checkpoint}/{part} has no .safetensors weights to size")
+    return WeightsInfo(params, size, max(by_dtype, key=by_dtype.get))
+
+
+def min_steps(checkpoint) -> int:
+    """Qwen-Image's scheduler stretches sigmas to `shift_terminal`, which is 0/0 for a 1-step schedule."""
+    return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
 
 
 def load_transformer(checkpoint, dtype=None):
@@ -94,3 +107,7 @@ def load_vae(checkpoint, dtype=None):
     from diffusers import AutoencoderKLQwenImage
 
     return AutoencoderKLQwenImage.from_pretrained(checkpoint, subfolder="vae", torch_dtype=dtype or torch.float32).eval()
+
+
+__all__ = ["validate_checkpoint", "read_config", "checkpoint_identity", "pipeline_class", "is_tiny", "weights_info",
+           "WeightsInfo", "min_steps", "load_transformer", "load_vae", "SUPPORTED_PIPELINES"]

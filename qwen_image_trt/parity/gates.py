@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 
 @dataclass(frozen=True)

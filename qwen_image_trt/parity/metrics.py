@@ -5,16 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
-
-def tensor_metrics(ref: torch.Tensor, got: torch.Tensor) -> dict:
-    ref, got = ref.detach().cpu().double().flatten(), got.detach().cpu().double().flatten()
-    diff = got - ref
-    ref_norm = ref.norm().item()
-    cos = torch.nn.functional.cosine_similarity(ref, got, dim=0).item()
-    return {"max_abs": diff.abs().max().item(), "rel_l2": diff.norm().item() / max(ref_norm, 1e-30), "cosine": cos,
-            "finite": bool(torch.isfinite(got).all())}
+from qwen_image_trt.core.metrics import tensor_metrics  # noqa: F401 - parity's tensor metric is the core one
 
 
 PSNR_CAP_DB = 200.0  # identical images: a finite number keeps report.json strict JSON

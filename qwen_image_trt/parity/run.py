@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.parity import metrics
 from qwen_image_trt.parity.gates import Gates, gates_for
 
@@ -45,7 +45,7 @@ class ParityConfig:
 
     @classmethod
     def from_cli(cls, a) -> "ParityConfig":
-        from qwen_image_trt.cli import _size
+        from qwen_image_trt.core.shapes import parse_size as _size
 
         cfg = cls(checkpoint=Path(a.checkpoint), engines=Path(a.engines), out=Path(a.out), backend=a.backend,
                   steps=a.steps, seed=a.seed, gate_overrides=list(a.gate), device=a.device,
@@ -79,7 +79,7 @@ class ParityReport:
 
 
 def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
-    from qwen_image_trt.build.manifest import check_engines_match, read_manifest
+    from qwen_image_trt.core.manifest import check_engines_match, read_manifest
     from qwen_image_trt.models.checkpoint import checkpoint_identity, validate_checkpoint
     from qwen_image_trt.runtime.backends import check_backend
     from qwen_image_trt.runtime.limits import check_size
@@ -101,7 +101,7 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
         raise InputError("engines", str(cfg.engines), "an existing engine folder")
     manifest = read_manifest(cfg.engines)
     check_engines_match(manifest, checkpoint_identity(root), cfg.engines)
-    return manifest, gates_for(manifest.get("precision", "fp32")).override(cfg.gate_overrides)
+    return manifest, gates_for(manifest.precision).override(cfg.gate_overrides)
 
 
 def run_parity(cfg: ParityConfig) -> ParityReport:
@@ -112,9 +112,9 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     forward = _per_forward(cfg)
     steps, images = _per_step_and_images(cfg)
     data = {
-        "backend": cfg.backend, "precision": manifest.get("precision", "fp32"),
+        "backend": cfg.backend, "precision": manifest.precision,
         "checkpoint": str(cfg.checkpoint), "engines": str(cfg.engines),
-        "checkpoint_identity": manifest["checkpoint"]["identity"], "seed": cfg.seed, "steps": cfg.steps,
+        "checkpoint_identity": manifest.checkpoint.identity, "seed": cfg.seed, "steps": cfg.steps,
         "device": cfg.device, "reference_dtype": cfg.reference_dtype,
         "forward": forward, "per_step": steps, "images": images, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -160,10 +160,10 @@ def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
 
     from qwen_image_trt.runtime.pipeline import load_pipeline
 
-    from qwen_image_trt.build.export import PRECISIONS
+    from qwen_image_trt.core.shapes import torch_dtype
 
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
-                          dtype=PRECISIONS[cfg.reference_dtype])  # the stock two-call loop
+                          dtype=torch_dtype(cfg.reference_dtype))  # the stock two-call loop
     engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device)
     width, height = cfg.image_size
     steps, images = [], []

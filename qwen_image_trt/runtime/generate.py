@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.limits import check_request, request_limits
 
 

@@ -6,15 +6,12 @@ Engine folders may narrow the ranges: a manifest with {"limits": {"height": [min
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qwen_image_trt.errors import InputError
-
-SIZE_MULTIPLE = 16  # VAE x8, then 2x2 latent packing
-DEFAULT_SIZE_RANGE = (16, 4096)
-MAX_STEPS = 200
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.shapes import DEFAULT_SIZE_RANGE, MAX_STEPS, SIZE_MULTIPLE
+from qwen_image_trt.models.checkpoint import min_steps
 
 
 @dataclass(frozen=True)
@@ -27,17 +24,9 @@ class Limits:
     image_tokens: tuple[int, int] = (1, (DEFAULT_SIZE_RANGE[1] // SIZE_MULTIPLE) ** 2)
 
     @classmethod
-    def from_manifest(cls, manifest: dict | None) -> "Limits":
-        raw = (manifest or {}).get("limits") or {}
+    def from_manifest(cls, manifest) -> "Limits":
+        raw = (manifest.limits if manifest is not None else None) or {}
         return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")})
-
-
-def parse_size(text, field: str = "size") -> tuple[int, int]:
-    """'WxH' -> (width, height). Ranges are checked separately, against the engine's limits."""
-    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text) if isinstance(text, str) else None
-    if not m:
-        raise InputError(field, text, "a string 'WIDTHxHEIGHT', e.g. '1024x1024'")
-    return int(m.group(1)), int(m.group(2))
 
 
 def check_size(field: str, value, bounds: tuple[int, int]) -> int:
@@ -69,18 +58,11 @@ def check_request(prompt, height: int, width: int, steps: int, limits: Limits = 
         raise InputError("batch", batch, f"an integer in [{lo}, {hi}] (the engine's batch profile)")
 
 
-def min_steps(checkpoint) -> int:
-    """Qwen-Image's scheduler stretches sigmas to `shift_terminal`, which is 0/0 for a 1-step schedule."""
-    from qwen_image_trt.models.checkpoint import read_config
-
-    return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
-
-
 def request_limits(engines=None, checkpoint=None) -> Limits:
     """What a request may ask of this checkpoint and engine folder (the engine's profile, the scheduler)."""
     limits = Limits()
     if engines is not None:
-        from qwen_image_trt.build.manifest import read_manifest
+        from qwen_image_trt.core.manifest import read_manifest
 
         if not Path(engines).is_dir():
             raise InputError("engines", str(engines), "an existing engine folder made by `qitrt export`/`qitrt build`")

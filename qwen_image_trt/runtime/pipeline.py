@@ -12,7 +12,7 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,17 +136,20 @@ class QwenImageEnginePipeline(QwenImagePipeline):
 
 def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str = "cpu", dtype=None,
                   batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
-                  threads: int | None = None, progress: bool = False) -> QwenImageEnginePipeline:
+                  threads: int | None = None, progress: bool = False,
+                  trt_options: dict | None = None) -> QwenImageEnginePipeline:
     """A ready diffusers pipeline for `checkpoint`, with the transformer and VAE decode on `backend`.
 
     backend="torch" is the eager reference (stock diffusers modules). "onnxruntime" and "tensorrt" run the
     graphs in `engines`, which must have been built from this checkpoint (checked against its manifest).
-    `threads` caps ONNX Runtime's CPU threads (several CPU workers on one machine must share its cores).
+    `threads` caps ONNX Runtime's CPU threads (several CPU workers on one machine must share its cores);
+    `trt_options` go to each TensorRT runner (e.g. {"weight_streaming_budget": bytes, "cuda_graphs": True}).
     """
-    from qwen_image_trt.build.manifest import check_engines_match, read_manifest
+    from qwen_image_trt.core.manifest import check_engines_match, read_manifest
     from qwen_image_trt.models import checkpoint as ckpt
     from qwen_image_trt.runtime.backends import check_backend, make_runner
-    from qwen_image_trt.runtime.transformer import DEFAULT_TEXT_BUCKET, EngineTransformer
+    from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
+    from qwen_image_trt.runtime.transformer import EngineTransformer
     from qwen_image_trt.runtime.vae import EngineVAE
 
     check_backend(backend)
@@ -165,11 +168,12 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
             raise InputError("engines", str(engines), "an existing engine folder")
         manifest = read_manifest(engines)
         check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
-        opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads)
+        opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads,
+                    trt_options=trt_options)
         runner = make_runner(backend, "transformer", **opts)
         transformer = EngineTransformer(runner, ckpt.read_config(root, "transformer"),
                                         text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device)
-        has_encoder = "vae_encoder" in manifest.get("components", {})
+        has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
     pipe = _assemble(root, transformer, vae, device, dtype)
@@ -180,11 +184,6 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
 
 
 def _assemble(root: Path, transformer, vae, device, dtype) -> QwenImageEnginePipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from qwen_image_trt.models.pipelines import load_eager_parts
 
-    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype).eval()
-    return QwenImageEnginePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        vae=vae, text_encoder=text_encoder.to(device), tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        transformer=transformer)
+    return QwenImageEnginePipeline(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype))

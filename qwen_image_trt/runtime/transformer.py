@@ -8,17 +8,15 @@ builds the text mask, and looks up real RoPE tables. Padded buffers and tables a
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, padded_text_len
 from qwen_image_trt.models.transformer_export import RopeTables
 from qwen_image_trt.runtime.backends.base import Runner
-
-DEFAULT_TEXT_BUCKET = 32
 
 
 class EngineTransformer(nn.Module):
@@ -46,7 +44,7 @@ class EngineTransformer(nn.Module):
         return contextlib.nullcontext()
 
     def padded_text_len(self, text_len: int) -> int:
-        return math.ceil(text_len / self.text_bucket) * self.text_bucket
+        return padded_text_len(text_len, self.text_bucket)
 
     def _padded_text(self, states: torch.Tensor, mask: torch.Tensor | None):
         batch, length, width = states.shape

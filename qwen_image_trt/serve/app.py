@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError

@@ -6,8 +6,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
-from qwen_image_trt.errors import InputError
-from qwen_image_trt.runtime.limits import parse_size  # noqa: F401 - also used by serve.protocol
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.shapes import parse_size  # noqa: F401 - also used by serve.protocol
 
 API_KEY_ENV = "QITRT_API_KEY"
 DEFAULT_MAX_BATCH = 8  # images per batch when neither the flag nor the engine profile says otherwise

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.limits import Limits, check_size
 from qwen_image_trt.serve.config import ServerConfig, parse_size
 

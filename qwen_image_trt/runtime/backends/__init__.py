@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.backends.base import Runner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -18,34 +18,41 @@ def check_backend(backend: str) -> str:
 
 
 def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=None, device="cpu",
-                providers=None, precision: str = "fp32", threads: int | None = None) -> Runner:
+                providers=None, precision: str = "fp32", threads: int | None = None,
+                trt_options: dict | None = None) -> Runner:
     """A runner for one exported component (`transformer`, `vae_decoder`, `vae_encoder`).
 
     torch runs the export wrapper eagerly from the checkpoint; the others read `engines_dir`'s manifest.
+    `trt_options`: TensorRTRunner keyword options (cuda_graphs, weight_streaming_budget, ...).
     """
     check_backend(backend)
     if backend == "torch":
-        from qwen_image_trt.build.export import PRECISIONS
+        from qwen_image_trt.core.shapes import torch_dtype
         from qwen_image_trt.models.specs import SPECS
         from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
 
         spec = SPECS[component]
-        return TorchRunner(component, lambda: spec.build_module(Path(checkpoint), PRECISIONS[precision]),
+        return TorchRunner(component, lambda: spec.build_module(Path(checkpoint), torch_dtype(precision)),
                            spec.input_names, spec.output_names, device=device)
     if engines_dir is None:
         raise InputError("engines", None, f"an engine folder (from `qitrt export`/`qitrt build`) for backend {backend}")
-    from qwen_image_trt.build.manifest import read_manifest
+    from qwen_image_trt.core.manifest import read_manifest
 
     manifest = read_manifest(engines_dir)
-    entry = manifest.get("components", {}).get(component)
-    if entry is None:
+    if component not in manifest.components:
         raise InputError("engines", str(engines_dir), f"a folder holding a {component!r} graph; it has "
-                         f"{sorted(manifest.get('components', {}))}")
+                         f"{sorted(manifest.components)}")
+    entry = manifest.components[component]
+    folder = Path(engines_dir)
     if backend == "onnxruntime":
         from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(component, Path(engines_dir) / entry.get("ort_file", entry["file"]),
-                                 device=device, providers=providers, threads=threads)
+        model = folder / entry.onnxruntime.file if entry.onnxruntime else entry.graph.path(folder)
+        return OnnxRuntimeRunner(component, model, device=device, providers=providers, threads=threads)
+    if entry.tensorrt is None:
+        raise InputError("engines", str(engines_dir), f"a folder with a TensorRT engine for {component!r} "
+                         "(`qitrt build --target tensorrt`); this one holds ONNX graphs only")
     from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
 
-    return TensorRTRunner(component, Path(engines_dir) / entry["engine_file"], device=device, manifest=manifest)
+    return TensorRTRunner(component, folder / entry.tensorrt.file, device=device, entry=entry.tensorrt,
+                          **(trt_options or {}))

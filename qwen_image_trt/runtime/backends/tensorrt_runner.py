@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_trt.errors import EngineMismatchError, InputError
+from qwen_image_trt.core.errors import EngineMismatchError, InputError
 from qwen_image_trt.runtime.backends.base import Runner
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class TensorRTRunner(Runner):
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _activate_impl(self):
-        from qwen_image_trt.build.tensorrt_engine import check_engine_compatible, gpu_info, require_tensorrt
+        from qwen_image_trt.core.tensorrt import check_engine_compatible, gpu_info, require_tensorrt
 
         if self.device.type != "cuda":
             raise InputError("device", str(self.device), "a CUDA device: TensorRT engines run on NVIDIA GPUs")
@@ -212,7 +212,7 @@ class TensorRTRunner(Runner):
 
     # -- inference ------------------------------------------------------------------------------------
     def _prepare(self, feeds) -> dict[str, torch.Tensor]:
-        from qwen_image_trt.build.profiles import check_shape_in_profile
+        from qwen_image_trt.core.shapes import check_shape_in_profile
 
         ready = {}
         for spec in self.plan.inputs:
@@ -300,7 +300,7 @@ class TensorRTRunner(Runner):
 
 
 def _profile_from_entry(entry: dict):
-    from qwen_image_trt.build.profiles import profile_from_json
+    from qwen_image_trt.core.shapes import profile_from_json
 
     try:
         return profile_from_json(entry.get("profiles") or {})

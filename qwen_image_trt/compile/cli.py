@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="int8 (SmoothQuant) / fp8 (E4M3) Q/DQ ONNX transformer with NVIDIA ModelOpt, "
@@ -11,10 +13,10 @@ def register(sub) -> None:
     p.add_argument("--precision", required=True, help="int8 | fp8")
     p.add_argument("--out", required=True, help="engine folder (manifest.json, transformer.onnx, VAE graphs)")
     _add_recipe_args(p)
-    p.add_argument("--vae-from", default=None, help="fp32 export folder to take the VAE graphs from "
-                   "(default: export them into OUT/vae-fp32)")
+    p.add_argument("--graphs", required=True, help="`qitrt export` folder of this checkpoint: the high-precision "
+                   "transformer the Q/DQ graph is written from, and the VAE graphs")
     p.add_argument("--sizes", default=None, help="sizes the engine must serve; the calibration set must cover each")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="calibration device (default: cuda when visible, else cpu)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_quantize)
 
@@ -34,14 +36,19 @@ def register(sub) -> None:
     _add_recipe_args(p)
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level")
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse across builds")
-    p.add_argument("--refittable", action="store_true", help="TensorRT: refittable engine (swap LoRA weights)")
-    p.add_argument("--weight-streaming", action="store_true", help="TensorRT: allow streaming weights from host")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorRT: allow TF32 for fp32 layers (default: off for fp32 reference builds, on otherwise)")
+    p.add_argument("--weight-streaming", action="store_true", help="TensorRT: build an engine that can stream "
+                   "weights from host memory (set the budget at run time: --trt-weight-streaming-budget)")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="build even when the up-front estimate says this machine cannot hold it")
     p.add_argument("--ort-level", default="basic", help="ONNX Runtime offline optimization level: basic | extended")
-    p.add_argument("--device", default="cpu", help="device for calibration and quantization")
+    p.add_argument("--device", default=None, help="device for calibration, quantization and TensorRT builds "
+                   "(cuda[:N] or cpu; default: cuda when visible, else cpu)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
     p.set_defaults(func=_cmd_build)
 
-    from qwen_image_trt.build.lint import add_lint_parser
+    from qwen_image_trt.compile.lint import add_lint_parser
 
     add_lint_parser(sub)
 
@@ -58,37 +65,40 @@ def _keep(values) -> tuple:
 
 
 def _cmd_quantize(a) -> int:
-    from qwen_image_trt.build.quantize import quantize_onnx
-    from qwen_image_trt.build.recipe import load_recipe_file
+    from qwen_image_trt.compile.quantize import quantize_onnx
+    from qwen_image_trt.compile.recipe import load_recipe_file
 
     sizes = None
     if a.sizes:
-        from qwen_image_trt.build.profiles import parse_sizes
+        from qwen_image_trt.core.shapes import parse_sizes
 
         sizes = parse_sizes(a.sizes)
-    m = quantize_onnx(a.checkpoint, a.calibration, a.out, a.precision,
+    from qwen_image_trt.core.resources import default_device
+
+    m = quantize_onnx(a.checkpoint, a.calibration, a.out, a.precision, graphs=a.graphs,
                       recipe=load_recipe_file(a.recipe) if a.recipe else None, keep=_keep(a.keep),
-                      vae_from=a.vae_from, sizes=sizes, device=a.device, force=a.force)
-    t = m["components"]["transformer"]
-    q = m["quantization"]
-    state = "unchanged, skipped" if m.get("skipped") else f"{t['quantize_seconds']:.1f}s"
-    chk = t["ort_check"]
-    check = chk.get("skipped") or (f"ORT vs {chk['reference']} on held-out forwards: cos {chk['cosine_min']:.5f}, "
-                                   f"rel L2 {chk['rel_l2_max']:.2e}")
-    print(f"transformer {a.precision}: {len(q['quantized_layers'])} layers quantized, {len(q['kept_layers'])} kept; "
-          f"{t['bytes'] / 1e6:.1f} MB; {check} ({state})")
+                      sizes=sizes, device=a.device or default_device(), force=a.force)
+    t = m.components["transformer"]
+    q = m.quantization
+    state = f"{t.seconds:.1f}s" if m.ran else "unchanged, skipped"
+    chk = t.check or {}
+    check = chk.get("skipped") or (f"ONNX Runtime on held-out calls: mismatch vs ModelOpt fake-quant "
+                                   f"{chk['mismatch']:.3f} (x quantization error), error vs high precision "
+                                   f"{chk['block_rel_err']:.3f} (x the quantized blocks' contribution)")
+    print(f"transformer {a.precision}: {len(q.quantized_layers)} layers quantized, {len(q.kept_layers)} kept; "
+          f"{t.graph.bytes / 1e6:.1f} MB; {check} ({state})")
     print(f"manifest: {a.out}/manifest.json")
     return 0
 
 
 def _cmd_build(a) -> int:
-    from qwen_image_trt.build.pipeline import BuildOptions, build
+    from qwen_image_trt.compile.stages import BuildOptions, build
 
     opts = BuildOptions(precision=a.precision, target=a.target, sizes=a.sizes, max_batch=a.max_batch,
                         calibration=a.calibration, num_prompts=a.num_prompts, steps=a.steps, seed=a.seed,
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
-                        device=a.device, force=a.force, timing_cache=a.timing_cache, refittable=a.refittable,
-                        weight_streaming=a.weight_streaming)
+                        device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
+                        weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check)
     result = build(a.checkpoint, a.out, opts)
     print(result.summary())
     print(f"engines: {a.out} (qitrt generate CHECKPOINT --engines {a.out} --backend {a.target})")

@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from qwen_image_trt.errors import InputError
+from qwen_image_trt.core.errors import InputError
 
 QUANT_PRECISIONS = ("int8", "fp8")
 RECIPE_FORMAT = "qwen-image-trt/quant-recipe@1"
@@ -38,13 +38,16 @@ ALLOWED_KEYS = {"format", "precision", "algorithm", "smoothquant_alpha", "weight
                 "keep_modules", "keep_first_blocks", "keep_last_blocks", "keep", "quantize_modulation"}
 
 
-def default_recipe(precision: str, num_blocks: int, keep=()) -> dict:
+def _unresolved_default(precision: str) -> dict:
     if precision not in QUANT_PRECISIONS:
         raise InputError("precision", precision, f"one of {', '.join(QUANT_PRECISIONS)} for quantization")
-    recipe = {"format": RECIPE_FORMAT, "precision": precision, **DEFAULTS[precision],
-              "keep_modules": list(HIGH_PRECISION_MODULES), "keep_first_blocks": 2, "keep_last_blocks": 2,
-              "keep": [], "quantize_modulation": True}
-    return resolve_recipe(recipe, num_blocks, keep=keep)
+    return {"format": RECIPE_FORMAT, "precision": precision, **DEFAULTS[precision],
+            "keep_modules": list(HIGH_PRECISION_MODULES), "keep_first_blocks": 2, "keep_last_blocks": 2,
+            "keep": [], "quantize_modulation": True}
+
+
+def default_recipe(precision: str, num_blocks: int, keep=()) -> dict:
+    return resolve_recipe(_unresolved_default(precision), num_blocks, keep=keep)
 
 
 def load_recipe_file(path) -> dict:
@@ -61,8 +64,9 @@ def load_recipe_file(path) -> dict:
 
 
 def make_recipe(precision: str, num_blocks: int, overrides: dict | None = None, keep=()) -> dict:
-    """Default recipe for `precision`, with `overrides` (from --recipe) and extra `keep` entries applied."""
-    recipe = default_recipe(precision, num_blocks)
+    """Default recipe for `precision`, with `overrides` (from --recipe) and extra `keep` entries applied.
+    Checked once, after the overrides: a 1-block model may set keep_first_blocks=0 over the default 2."""
+    recipe = _unresolved_default(precision)
     if overrides:
         unknown = sorted(set(overrides) - ALLOWED_KEYS)
         if unknown:

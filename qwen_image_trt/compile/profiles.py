@@ -14,57 +14,17 @@ Conventions (see docs/tensorrt.md):
 
 from __future__ import annotations
 
-import math
-from typing import Iterable
 
-from qwen_image_trt.errors import InputError
-from qwen_image_trt.runtime.limits import DEFAULT_SIZE_RANGE, SIZE_MULTIPLE
-
-MAX_SIDE = DEFAULT_SIZE_RANGE[1]
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.shapes import (DEFAULT_TEXT_BUCKET, Profile, check_shape_in_profile, image_tokens,
+                                        normalize_profile, padded_text_len, parse_sizes, profile_from_json,
+                                        profile_to_json)
 DEFAULT_TEXT_LEN_RANGE = (1, 512)  # diffusers' max_sequence_length default is 512
 DEFAULT_OPT_TEXT_LEN = 128
 # Qwen-Image's transformer (the real checkpoint); pass `config=` for any other (the tiny model).
 QWEN_IMAGE_TRANSFORMER = {"in_channels": 64, "joint_attention_dim": 3584, "attention_head_dim": 128}
 QWEN_IMAGE_Z_DIM = 16
 
-Shape = tuple[int, ...]
-Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-
-def parse_sizes(text) -> list[tuple[int, int]]:
-    """"1024x1024,1664x928" (or an iterable of "WxH" strings / (w, h) pairs) -> [(1024, 1024), (1664, 928)]."""
-    allowed = f"comma-separated WIDTHxHEIGHT sizes, each side a multiple of {SIZE_MULTIPLE} in " \
-              f"[{SIZE_MULTIPLE}, {MAX_SIDE}], e.g. 1024x1024,1664x928"
-    items = [s for s in text.split(",")] if isinstance(text, str) else list(text or [])
-    sizes: list[tuple[int, int]] = []
-    for item in items:
-        if isinstance(item, str):
-            parts = item.strip().lower().split("x")
-            if len(parts) != 2:
-                raise InputError("sizes", text, allowed)
-            try:
-                w, h = int(parts[0]), int(parts[1])
-            except ValueError:
-                raise InputError("sizes", text, allowed) from None
-        else:
-            try:
-                w, h = item
-            except (TypeError, ValueError):
-                raise InputError("sizes", text, allowed) from None
-        for side in (w, h):
-            if isinstance(side, bool) or not isinstance(side, int) or side % SIZE_MULTIPLE \
-                    or not SIZE_MULTIPLE <= side <= MAX_SIDE:
-                raise InputError("sizes", text, allowed)
-        if (w, h) not in sizes:
-            sizes.append((w, h))
-    if not sizes:
-        raise InputError("sizes", text, allowed)
-    return sizes
-
-
-def image_tokens(width: int, height: int) -> int:
-    """Packed latent tokens for one image: (h/16) * (w/16)."""
-    return (width // SIZE_MULTIPLE) * (height // SIZE_MULTIPLE)
 
 
 def _check_batch(max_batch, opt_batch) -> tuple[int, int]:
@@ -76,12 +36,8 @@ def _check_batch(max_batch, opt_batch) -> tuple[int, int]:
     return max_batch, opt
 
 
-def _round_up(n: int, bucket: int) -> int:
-    return max(bucket, math.ceil(n / bucket) * bucket)
-
-
 def transformer_profile(sizes, max_batch: int, text_len_range: tuple[int, int] = DEFAULT_TEXT_LEN_RANGE,
-                        opt_batch: int | None = None, text_bucket: int = 32, cfg: bool = True, *,
+                        opt_batch: int | None = None, text_bucket: int = DEFAULT_TEXT_BUCKET, cfg: bool = True, *,
                         config: dict | None = None, opt_text_len: int = DEFAULT_OPT_TEXT_LEN) -> Profile:
     """Profile of the exported transformer's eight inputs (models/transformer_export.py).
 
@@ -99,8 +55,8 @@ def transformer_profile(sizes, max_batch: int, text_len_range: tuple[int, int] =
     b = (1, opt_batch * cfg_mult, max_batch * cfg_mult)
     tokens = [image_tokens(w, h) for w, h in sizes]
     img = (min(tokens), tokens[0], max(tokens))
-    txt_min, txt_max = _round_up(lo, text_bucket), _round_up(hi, text_bucket)
-    txt = (txt_min, min(max(_round_up(opt_text_len, text_bucket), txt_min), txt_max), txt_max)
+    txt_min, txt_max = padded_text_len(lo, text_bucket), padded_text_len(hi, text_bucket)
+    txt = (txt_min, min(max(padded_text_len(opt_text_len, text_bucket), txt_min), txt_max), txt_max)
 
     c = {**QWEN_IMAGE_TRANSFORMER, **(config or {})}
     channels, width, half_head = c["in_channels"], c["joint_attention_dim"], c["attention_head_dim"] // 2
@@ -166,43 +122,6 @@ def limits_from_sizes(sizes, max_batch: int) -> dict:
     tokens = [image_tokens(w, h) for w, h in sizes]
     return {"height": [min(hs), max(hs)], "width": [min(ws), max(ws)], "batch": [1, max_batch],
             "image_tokens": [min(tokens), max(tokens)]}
-
-
-def profile_to_json(profile: Profile) -> dict:
-    """{name: {"min": [...], "opt": [...], "max": [...]}} for manifests."""
-    return {name: {"min": list(mn), "opt": list(op), "max": list(mx)} for name, (mn, op, mx) in profile.items()}
-
-
-def profile_from_json(data: dict) -> Profile:
-    return {name: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for name, v in data.items()}
-
-
-def normalize_profile(profile) -> Profile:
-    """Accept either form (tuples or the JSON dict) and check min <= opt <= max per dim."""
-    if profile and isinstance(next(iter(profile.values())), dict):
-        profile = profile_from_json(profile)
-    out: Profile = {}
-    for name, shapes in profile.items():
-        try:
-            mn, op, mx = (tuple(int(d) for d in s) for s in shapes)
-        except (TypeError, ValueError):
-            raise InputError(f"profiles[{name}]", shapes, "(min_shape, opt_shape, max_shape)") from None
-        if not len(mn) == len(op) == len(mx) or not all(a <= b <= c for a, b, c in zip(mn, op, mx)) \
-                or any(d < 0 for d in mn):
-            raise InputError(f"profiles[{name}]", shapes, "three shapes of one rank with 0 <= min <= opt <= max per dim")
-        out[name] = (mn, op, mx)
-    return out
-
-
-def check_shape_in_profile(name: str, shape: Iterable[int], profile: Profile) -> None:
-    """Raise InputError when `shape` of input `name` is outside the profile's [min, max] box."""
-    if name not in profile:
-        return
-    mn, _, mx = profile[name]
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != len(mn) or not all(a <= d <= c for a, d, c in zip(mn, shape, mx)):
-        raise InputError(name, list(shape), f"a shape between {list(mn)} and {list(mx)} (the engine's optimization "
-                         "profile; rebuild with `qitrt build --sizes ... --max-batch ...` for other shapes)")
 
 
 __all__ = ["parse_sizes", "image_tokens", "transformer_profile", "vae_decoder_profile", "vae_encoder_profile",

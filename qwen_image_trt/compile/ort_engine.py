@@ -13,35 +13,29 @@ import logging
 import time
 from pathlib import Path
 
-from qwen_image_trt.build.manifest import file_sha256
-from qwen_image_trt.build.tensorrt_engine import PRECISIONS, _relative_or_absolute, source_entry_for
-from qwen_image_trt.errors import InputError, QitrtError
+from qwen_image_trt.core.errors import InputError, QitrtError
+from qwen_image_trt.core.files import file_sha256
+from qwen_image_trt.core.manifest import OrtEngine
 
 log = logging.getLogger(__name__)
 
 LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
-ORT_FORMAT = "qwen-image-trt/onnxruntime@1"
-EXTERNAL_MIN_BYTES = 1024  # initializers from this size go to the .data file when the source had one
-PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2
+EXTERNAL_MIN_BYTES = 1024  # initializers from this size go to the .data file
 
 
 def ort_file_name(component: str, precision: str, level: str) -> str:
     return f"{component}.{precision}.ort-{level}.onnx"
 
 
-def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, source_manifest=None,
-                     providers=("CPUExecutionProvider",), level: str = "basic", limits: dict | None = None,
-                     check: bool = True) -> dict:
-    """Save `onnx_path` optimized by ONNX Runtime into `out_dir`; return its manifest entry.
+def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, providers=("CPUExecutionProvider",),
+                     level: str = "basic", check: bool = True) -> OrtEngine:
+    """Save `onnx_path` optimized by ONNX Runtime into `out_dir`; return what was written.
 
-    The entry has `ort_file` (read by the onnxruntime backend), `file` (the source graph), the source's
-    sha256, precision, provider, level and `limits` (None: ONNX graphs have no hard shape bounds).
-    With `check`, the saved model is loaded once in a fresh session before the entry is returned.
+    Initializers go to an external data file (graphs of any size). With `check`, the saved model is loaded
+    once in a fresh session before returning.
     """
     import onnxruntime as ort
 
-    if precision not in PRECISIONS:
-        raise InputError("precision", precision, f"one of {', '.join(PRECISIONS)}")
     if level not in LEVELS:
         raise InputError("level", level, f"one of {', '.join(LEVELS)} (portable ONNX Runtime optimization levels)")
     providers = list(providers)
@@ -53,9 +47,6 @@ def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, sour
     if not onnx_path.is_file():
         raise InputError("onnx_path", str(onnx_path), "an existing .onnx file")
     out.mkdir(parents=True, exist_ok=True)
-    onnx_sha = file_sha256(onnx_path)
-    source_entry = source_entry_for(source_manifest, component, onnx_path, onnx_sha) or {}
-
     target = out / ort_file_name(component, precision, level)
     data_name = target.name + ".data"
     if target.resolve() == onnx_path.resolve():
@@ -67,14 +58,15 @@ def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, sour
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     opts.optimized_model_filepath = str(target)
-    external = _has_external_data(onnx_path) or _data_bytes(onnx_path) > PROTOBUF_LIMIT
-    if external:
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                      str(EXTERNAL_MIN_BYTES))
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                  str(EXTERNAL_MIN_BYTES))
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
     except Exception as e:
+        for stale in (target, out / data_name):
+            stale.unlink(missing_ok=True)
         raise QitrtError(f"ONNX Runtime could not load {onnx_path} with {providers}: {e}") from e
     if not target.is_file():
         raise QitrtError(f"ONNX Runtime did not write the optimized model {target}")
@@ -88,40 +80,19 @@ def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, sour
         except Exception as e:
             raise QitrtError(f"the optimized model {target} does not load again in ONNX Runtime: {e}") from e
 
-    size = target.stat().st_size + ((out / data_name).stat().st_size if (out / data_name).is_file() else 0)
-    entry = {
-        "format": ORT_FORMAT,
-        "file": _relative_or_absolute(onnx_path, out),
-        "ort_file": target.name,
-        "ort_external_data": data_name if (out / data_name).is_file() else None,
-        "ort_sha256": file_sha256(target),
-        "source_sha256": onnx_sha,
-        "precision": precision,
-        "provider": providers[0],
-        "providers": providers,
-        "optimization_level": level,
-        "onnxruntime": ort.__version__,
-        "limits": limits,
-        "bytes": size,
-        "build_seconds": round(seconds, 3),
-    }
-    for key in ("inputs", "outputs", "dynamic_axes", "external_data"):
-        if key in source_entry:
-            entry[key] = source_entry[key]
+    data = out / data_name
     log.info("onnxruntime: %s -> %s (%s, %.1fs)", onnx_path.name, target.name, level, seconds)
-    return entry
+    return OrtEngine(file=target.name, sha256=file_sha256(target), external_data=data_name if data.is_file() else None,
+                     level=level, providers=providers, onnxruntime=ort.__version__,
+                     bytes=target.stat().st_size + (data.stat().st_size if data.is_file() else 0),
+                     seconds=round(seconds, 3))
 
 
-def _has_external_data(path: Path) -> bool:
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(t) for t in model.graph.initializer)
-
-
-def _data_bytes(path: Path) -> int:
-    return path.stat().st_size
+def ort_engine_intact(folder, engine: OrtEngine | None) -> bool:
+    if engine is None:
+        return False
+    path = Path(folder) / engine.file
+    return path.is_file() and file_sha256(path) == engine.sha256
 
 
-__all__ = ["build_ort_engine", "ort_file_name", "LEVELS"]
+__all__ = ["build_ort_engine", "ort_engine_intact", "ort_file_name", "LEVELS"]

@@ -20,85 +20,22 @@ import os
 import time
 from pathlib import Path
 
-from qwen_image_trt.build.manifest import file_sha256, read_manifest, write_atomic
-from qwen_image_trt.build.profiles import Profile, normalize_profile, profile_from_json, profile_to_json
-from qwen_image_trt.errors import EngineMismatchError, InputError, QitrtError
+from qwen_image_trt.core.files import file_sha256, write_atomic
+from qwen_image_trt.core.manifest import read_manifest
+from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtError
+from qwen_image_trt.core.shapes import Profile, normalize_profile, profile_from_json, profile_to_json
+from qwen_image_trt.core.tensorrt import (check_engine_compatible, engine_cache_key, gpu_info, normalize_cc,
+                                          require_tensorrt)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-MIN_TENSORRT_MAJOR = 10  # strongly typed networks, named I/O tensors, execute_async_v3, IProgressMonitor
 ENGINE_SUFFIX = ".plan"
 ENGINE_FORMAT = "qwen-image-trt/tensorrt@1"
-_INSTALL_HINT = ("install TensorRT >= 10 on a machine with an NVIDIA GPU (e.g. `pip install tensorrt-cu12` from "
-                 "NVIDIA's index), or build for ONNX Runtime instead (`qitrt build --target onnxruntime`)")
 
 
 # -- environment ----------------------------------------------------------------------------------------
-def require_tensorrt(device: int = 0):
-    """Return the `tensorrt` module, or raise QitrtError when TensorRT >= 10 or a CUDA GPU is missing."""
-    try:
-        import tensorrt as trt
-    except Exception as e:  # ImportError, or a wheel whose shared libraries fail to load
-        raise QitrtError(f"TensorRT is not available here ({type(e).__name__}: {e}): {_INSTALL_HINT}") from None
-    major = _major(getattr(trt, "__version__", "0"))
-    if major < MIN_TENSORRT_MAJOR:
-        raise QitrtError(f"TensorRT {trt.__version__} is too old: strongly typed engines need TensorRT >= "
-                         f"{MIN_TENSORRT_MAJOR}; {_INSTALL_HINT}")
-    import torch
-
-    if not torch.cuda.is_available() or torch.cuda.device_count() <= device:
-        raise QitrtError(f"TensorRT {trt.__version__} is installed but no CUDA GPU {device} is visible to torch "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); TensorRT engines are "
-                         "built and run on an NVIDIA GPU")
-    return trt
-
-
-def gpu_info(device: int = 0) -> tuple[str, str]:
-    """(GPU name, compute capability as "major.minor") of a CUDA device."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.cuda.get_device_name(device), f"{major}.{minor}"
-
-
-def _major(version: str) -> int:
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return 0
-
-
-def normalize_cc(compute_capability) -> str:
-    """(9, 0) | "9.0" | "sm90" | 9.0 -> "9.0"."""
-    if isinstance(compute_capability, (tuple, list)):
-        return f"{int(compute_capability[0])}.{int(compute_capability[1])}"
-    text = str(compute_capability).lower().removeprefix("sm_").removeprefix("sm")
-    if "." in text:
-        major, minor = text.split(".", 1)
-        return f"{int(major)}.{int(minor)}"
-    if text.isdigit() and len(text) >= 2:
-        return f"{int(text[:-1])}.{int(text[-1])}"
-    raise InputError("compute_capability", compute_capability, 'e.g. "9.0", (9, 0) or "sm90"')
-
-
 # -- pure helpers (unit tested) -------------------------------------------------------------------------
-def engine_cache_key(onnx_sha: str, precision: str, recipe, profiles, trt_version: str, compute_capability,
-                     **extra) -> str:
-    """Hex key of everything an engine depends on; equal keys mean the same engine can be reused.
-
-    `extra` (e.g. refittable, weight_streaming, opt_level) is folded in when given.
-    """
-    payload = {
-        "onnx_sha256": onnx_sha, "precision": precision, "recipe": recipe,
-        "profiles": profile_to_json(normalize_profile(profiles)) if profiles else {},
-        "tensorrt": str(trt_version), "compute_capability": normalize_cc(compute_capability),
-        **{k: v for k, v in sorted(extra.items())},
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def engine_file_name(component: str, precision: str, trt_version: str, compute_capability, key: str) -> str:
     """e.g. transformer.fp8.trt10.13.0.35.sm90.1a2b3c4d5e6f.plan"""
     cc = normalize_cc(compute_capability).replace(".", "")
@@ -135,34 +72,6 @@ def resolve_profile(network_inputs: dict[str, tuple], profiles) -> Profile:
                         name, list(shape), list(mn), list(mx))
         out[name] = tuple(fixed)
     return normalize_profile(out)
-
-
-def check_engine_compatible(entry: dict, trt_version: str, gpu_name: str, compute_capability, *,
-                            strict_gpu: bool = False) -> None:
-    """Raise EngineMismatchError when an engine built as `entry` cannot run here.
-
-    TensorRT plans are tied to the exact TensorRT version and to the GPU's compute capability. Another
-    GPU model of the same compute capability runs the engine (its tactics were timed elsewhere): a
-    warning, or an error with `strict_gpu`.
-    """
-    name = entry.get("engine_file", "engine")
-    fix = "rebuild with `qitrt build ... --target tensorrt` on this machine"
-    built_trt, built_cc = entry.get("tensorrt"), entry.get("compute_capability")
-    if built_trt is None or built_cc is None:
-        raise EngineMismatchError(f"{name}: the manifest entry does not say which TensorRT/GPU built it; {fix}")
-    if str(built_trt) != str(trt_version):
-        raise EngineMismatchError(f"{name} was built with TensorRT {built_trt}, this machine has TensorRT "
-                                  f"{trt_version}: {fix}")
-    if normalize_cc(built_cc) != normalize_cc(compute_capability):
-        raise EngineMismatchError(f"{name} was built for compute capability {normalize_cc(built_cc)} "
-                                  f"({entry.get('gpu')}), this GPU ({gpu_name}) is {normalize_cc(compute_capability)}: "
-                                  f"{fix}")
-    if entry.get("gpu") and gpu_name and entry["gpu"] != gpu_name:
-        msg = (f"{name} was built on {entry['gpu']}, running on {gpu_name} (same compute capability "
-               f"{normalize_cc(compute_capability)}): it runs, but tactics were timed on the other GPU")
-        if strict_gpu:
-            raise EngineMismatchError(f"{msg}; {fix}")
-        log.warning(msg)
 
 
 def limits_from_profiles(component: str, profiles, *, cfg: bool = True) -> dict:

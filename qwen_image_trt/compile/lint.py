@@ -473,17 +473,17 @@ def _expand(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            from qwen_image_trt.build.manifest import read_manifest
+            from qwen_image_trt.core.manifest import read_manifest
 
             manifest = read_manifest(p)
-            out.extend(p / e["file"] for e in manifest.get("components", {}).values() if e.get("file"))
+            out.extend(c.graph.path(p) for c in manifest.components.values())
         else:
             out.append(p)
     return out
 
 
 def lint_main(args) -> int:
-    from qwen_image_trt.errors import InputError
+    from qwen_image_trt.core.errors import InputError
 
     files = _expand(args.model)
     missing = [str(f) for f in files if not f.is_file()]
@@ -503,7 +503,7 @@ def lint_main(args) -> int:
 __all__ = ["lint_onnx", "LintReport", "Finding", "lint_main", "add_lint_parser", "TENSORRT_ONNX_OPS",
            "TRT_DOMAIN_OPS"]
 
-if __name__ == "__main__":  # python -m qwen_image_trt.build.lint MODEL.onnx
+if __name__ == "__main__":  # python -m qwen_image_trt.compile.lint MODEL.onnx
     import argparse
 
     parser = argparse.ArgumentParser(prog="qitrt")

@@ -1,0 +1,181 @@
+"""Write a Q/DQ graph from a high-precision ONNX graph and ModelOpt's calibrated quantizers.
+
+ModelOpt decides the numbers (amax per quantizer, SmoothQuant's per-channel smoothing, the smoothed
+weights); this module puts exactly those numbers into the exported graph, in the form TensorRT's strongly
+typed Q/DQ fusion and ONNX Runtime both take:
+
+    x -> [Mul(pre_quant_scale)] -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- W_q
+
+with W_q the smoothed weight stored quantized (int8 / float8e4m3fn), per output channel (int8) or per
+tensor (fp8), in the layout the graph's MatMul (W^T, axis 1) or Gemm (W, axis 0) reads. Every other
+tensor of the source graph is copied unchanged, streamed from its data file.
+
+Why not ModelOpt's own ONNX export: it goes through the legacy TorchScript exporter, which holds the
+whole model proto (and constant-folded weight copies) in memory - 3-5x the weights - and cannot write
+graphs over 2 GB; the real transformer is 41 GB. Here the host holds the quantized weights (1/2 to 1/4
+of the model) while the graph is written a tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qwen_image_trt.core.errors import QitrtError
+
+log = logging.getLogger(__name__)
+
+BOUNDS = {"int8": 127.0, "fp8": 448.0}  # largest magnitude of int8 and float8 e4m3fn
+MIN_AMAX = 1e-12  # a quantizer that saw only zeros still needs a finite, non-zero scale
+
+
+@dataclass
+class QuantizedLinear:
+    """One Linear layer as ModelOpt calibrated it, in numbers the graph can hold."""
+
+    name: str  # relative to QwenImageTransformer2DModel, e.g. transformer_blocks.2.attn.to_q
+    precision: str  # int8 | fp8
+    weight_q: np.ndarray  # [out, in]: int8, or float8 e4m3fn bits as uint8
+    weight_scale: np.ndarray  # float32, [out] (per channel) or [] (per tensor)
+    input_scale: float
+    pre_quant_scale: np.ndarray | None  # float32 [in] (SmoothQuant), or None
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_q.nbytes + self.weight_scale.nbytes + (
+            self.pre_quant_scale.nbytes if self.pre_quant_scale is not None else 0)
+
+
+def quantize_weight(weight: torch.Tensor, amax: torch.Tensor, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """(quantized weight, scale) exactly as ModelOpt's fake quantizer rounds it (symmetric, zero point 0).
+
+    `amax`: [out, 1] for per-channel int8, a scalar for per-tensor. int8 rounds half to even and clamps to
+    [-128, 127] (narrow_range off, ModelOpt's default); fp8 saturates to +-448 and rounds to e4m3fn.
+    """
+    bound = BOUNDS[precision]
+    w = weight.detach().float().cpu()
+    scale = amax.detach().float().cpu().clamp_min(MIN_AMAX) / bound
+    scaled = w / (scale if scale.dim() == 0 else scale.reshape(-1, 1))
+    if precision == "int8":
+        q = torch.clamp(torch.round(scaled), -128, 127).to(torch.int8).numpy()
+    else:
+        q = scaled.clamp(-bound, bound).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return q, scale.reshape(-1).numpy() if scale.numel() > 1 else scale.reshape(()).numpy()
+
+
+def from_modelopt(module, precision: str, prefix: str = "transformer.") -> tuple[dict[str, QuantizedLinear], list]:
+    """Read every Linear's quantizers after `mtq.quantize`: ({name: QuantizedLinear} of enabled ones, kept names)."""
+    quantized, kept = {}, []
+    for full, m in module.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if wq is None or not isinstance(m, torch.nn.Linear):
+            continue
+        name = full.removeprefix(prefix)
+        if not wq.is_enabled:
+            kept.append(name)
+            continue
+        iq = m.input_quantizer
+        if not iq.is_enabled or iq.amax is None or wq.amax is None:
+            raise QitrtError(f"{name}: weight quantizer on but input quantizer off or uncalibrated; the recipe "
+                             "quantizes weights and activations together (no calibration data reached it?)")
+        w_amax = wq.amax if wq.amax.numel() > 1 else wq.amax.reshape(())
+        weight_q, weight_scale = quantize_weight(m.weight, w_amax, precision)
+        pqs = getattr(iq, "pre_quant_scale", None)
+        quantized[name] = QuantizedLinear(
+            name=name, precision=precision, weight_q=weight_q, weight_scale=weight_scale.astype(np.float32),
+            input_scale=float(iq.amax.detach().float().max().clamp_min(MIN_AMAX)) / BOUNDS[precision],
+            pre_quant_scale=pqs.detach().float().cpu().reshape(-1).numpy() if pqs is not None else None)
+    return quantized, kept
+
+
+def _const(ir, name: str, array: np.ndarray, dtype=None):
+    value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+    return value
+
+
+def _float_array(array: np.ndarray, dtype) -> tuple[np.ndarray, object]:
+    """Scales and smoothing factors in the graph's float type (bf16 graphs get bf16 scales)."""
+    import onnx_ir as ir
+
+    if dtype == ir.DataType.BFLOAT16:
+        bits = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16).view(torch.uint16)
+        return bits.numpy(), ir.DataType.BFLOAT16
+    if dtype == ir.DataType.FLOAT16:
+        return array.astype(np.float16), ir.DataType.FLOAT16
+    return array.astype(np.float32), ir.DataType.FLOAT
+
+
+def insert_qdq(model, layers: dict[str, QuantizedLinear], float_dtype, prefix: str = "transformer.") -> dict:
+    """Rewrite `model` (ONNX IR, from the high-precision export) in place; return counts for the manifest."""
+    import onnx_ir as ir
+
+    from qwen_image_trt.compile.onnx_io import linear_weights
+
+    graph = model.graph
+    found = linear_weights(model)
+    missing = sorted(name for name in layers if prefix + name not in found)
+    if missing:
+        raise QitrtError(f"{len(missing)} layer(s) the recipe quantizes have no matrix multiplication with a "
+                         f"weight in the exported graph (first: {missing[0]}): was the graph exported by this "
+                         "version of `qitrt export`?")
+    counts = {"quantized_matmuls": 0, "smoothed_inputs": 0, "weights_stored_quantized": 0}
+    for name, q in sorted(layers.items()):
+        lw = found[prefix + name]
+        node = lw.node
+        fp8 = q.precision == "fp8"
+        q_dtype = ir.DataType.FLOAT8E4M3FN if fp8 else ir.DataType.INT8
+        new_nodes = []
+        # activation: [Mul(smoothing)] -> Q -> DQ
+        x = node.inputs[0]
+        if q.pre_quant_scale is not None:
+            arr, dt = _float_array(q.pre_quant_scale, float_dtype)
+            smooth = ir.Node("", "Mul", [x, _const(ir, f"{name}.input_quantizer.pre_quant_scale", arr, dt)],
+                             name=f"{name}/smooth")
+            new_nodes.append(smooth)
+            x = smooth.outputs[0]
+            counts["smoothed_inputs"] += 1
+        arr, dt = _float_array(np.array(q.input_scale, dtype=np.float32), float_dtype)
+        a_scale = _const(ir, f"{name}.input_quantizer.scale", arr, dt)
+        a_zp = _const(ir, f"{name}.input_quantizer.zero_point", np.zeros((), np.uint8 if fp8 else np.int8), q_dtype)
+        quant = ir.Node("", "QuantizeLinear", [x, a_scale, a_zp], name=f"{name}/input_quantize")
+        dequant = ir.Node("", "DequantizeLinear", [quant.outputs[0], a_scale, a_zp], name=f"{name}/input_dequantize")
+        new_nodes += [quant, dequant]
+        # weight: stored quantized, dequantized right into the MatMul/Gemm
+        stored = np.ascontiguousarray(q.weight_q.T) if lw.transposed else q.weight_q
+        w_q = _const(ir, f"{name}.weight.quantized", stored, q_dtype)
+        arr, dt = _float_array(q.weight_scale, float_dtype)
+        w_scale = _const(ir, f"{name}.weight_quantizer.scale", arr, dt)
+        w_zp = _const(ir, f"{name}.weight_quantizer.zero_point",
+                      np.zeros(q.weight_scale.shape, np.uint8 if fp8 else np.int8), q_dtype)
+        attrs = [ir.AttrInt64("axis", 1 if lw.transposed else 0)] if q.weight_scale.ndim else []
+        w_dq = ir.Node("", "DequantizeLinear", [w_q, w_scale, w_zp], attributes=attrs, name=f"{name}/weight_dequantize")
+        new_nodes.append(w_dq)
+        old_weight = lw.weight
+        graph.insert_before(node, new_nodes)
+        node.replace_input_with(0, dequant.outputs[0])
+        node.replace_input_with(1, w_dq.outputs[0])
+        for v in (w_q, w_scale, w_zp, a_scale, a_zp, *(n.inputs[1] for n in new_nodes if n.op_type == "Mul")):
+            graph.register_initializer(v)
+        if not old_weight.uses():
+            graph.initializers.pop(old_weight.name)
+        counts["quantized_matmuls"] += 1
+        counts["weights_stored_quantized"] += 1
+    counts["quantize_nodes"] = sum(n.op_type == "QuantizeLinear" for n in graph)
+    counts["dequantize_nodes"] = sum(n.op_type == "DequantizeLinear" for n in graph)
+    return counts
+
+
+def graph_float_dtype(model):
+    """The float type the graph computes in: that of its largest float initializer."""
+    import onnx_ir as ir
+
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    best = max((v for v in model.graph.initializers.values() if v.const_value is not None
+                and v.const_value.dtype in floats), key=lambda v: v.const_value.nbytes, default=None)
+    return best.const_value.dtype if best is not None else ir.DataType.FLOAT
+
+
+__all__ = ["QuantizedLinear", "quantize_weight", "from_modelopt", "insert_qdq", "graph_float_dtype", "BOUNDS"]

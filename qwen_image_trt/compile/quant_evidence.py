@@ -1,0 +1,112 @@
+"""Evidence that a quantized graph is quantized as the recipe says, in numbers that can fail.
+
+On random weights the transformer blocks add little to the output (a few percent at real width), so a
+quantized graph's closeness to fp32 says almost nothing: a graph with wrong scales, or no quantization at
+all, stays close too. Two comparisons that do see such bugs, on held-out calibration calls:
+
+- agreement with ModelOpt's fake-quantized torch model (`fake_quant`), which simulates the same
+  quantizers: `mismatch` = ||graph - fake_quant|| / ||fake_quant - high_precision||, the graph's departure
+  from the simulation measured in units of the quantization error itself (0 = the same quantization;
+  a broken scale or layout gives >> 1);
+- error against high precision relative to what the quantized blocks contribute: `block_rel_err` =
+  ||graph - high_precision|| / ||high_precision - bypassed||, where `bypassed` skips every block that
+  holds a quantized layer.
+
+The inputs and the three reference outputs are saved beside the graph (EVIDENCE_FILE, named in the
+manifest), so `qitrt parity` recomputes both figures for any backend that runs the graph.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from qwen_image_trt.core.metrics import l2, tensor_metrics
+
+EVIDENCE_FILE = "quantization_evidence.safetensors"
+CHECK_CALLS = 4  # held-out forwards
+# Measured on the tiny model (docs/quantization.md): a correct graph mismatches the fake-quantized model by
+# <= 0.05 of the quantization error (ONNX Runtime vs torch rounding at bin edges); the broken-scale
+# controls in tests/test_quantize.py give >= 1. The stage refuses a graph over this bound.
+MISMATCH_MAX = 0.25
+
+
+def quantized_blocks(layer_names) -> list[int]:
+    blocks = {int(m.group(1)) for n in layer_names if (m := re.match(r"transformer_blocks\.(\d+)\.", n))}
+    return sorted(blocks)
+
+
+@torch.no_grad()
+def reference_outputs(module, inputs: list[tuple], skip_blocks=()) -> list[torch.Tensor]:
+    """Outputs of the (ExportableTransformer) module on `inputs`, optionally with some blocks bypassed."""
+    device = next(module.parameters()).device
+    old = module.skip_blocks
+    module.skip_blocks = frozenset(skip_blocks)
+    try:
+        return [module(*(a.to(device) for a in args)).float().cpu() for args in inputs]
+    finally:
+        module.skip_blocks = old
+
+
+def save(folder: Path, inputs: list[tuple], high_precision, fake_quant, bypassed, input_names) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, args in enumerate(inputs):
+        for name, a in zip(input_names, args):
+            tensors[f"{i}.input.{name}"] = a.clone().contiguous()  # RoPE tables are shared between calls
+        tensors[f"{i}.high_precision"] = high_precision[i].contiguous()
+        tensors[f"{i}.fake_quant"] = fake_quant[i].contiguous()
+        tensors[f"{i}.bypassed"] = bypassed[i].contiguous()
+    path = Path(folder) / EVIDENCE_FILE
+    save_file(tensors, str(path))
+    return path
+
+
+def load(path: Path, input_names) -> list[dict]:
+    """[{"inputs": {name: tensor}, "high_precision", "fake_quant", "bypassed"}] per saved call."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    n = 1 + max(int(k.split(".", 1)[0]) for k in t)
+    return [{"inputs": {name: t[f"{i}.input.{name}"] for name in input_names},
+             **{k: t[f"{i}.{k}"] for k in ("high_precision", "fake_quant", "bypassed")}} for i in range(n)]
+
+
+def compare(outputs, calls: list[dict]) -> dict:
+    """Both figures (worst over calls) for a backend's `outputs` of the saved calls."""
+    rows = []
+    for got, c in zip(outputs, calls):
+        got = torch.as_tensor(got).float()
+        hp, fq, by = c["high_precision"], c["fake_quant"], c["bypassed"]
+        rows.append({
+            "mismatch": l2(got, fq) / max(l2(fq, hp), 1e-30),
+            "block_rel_err": l2(got, hp) / max(l2(hp, by), 1e-30),
+            "fake_quant_block_rel_err": l2(fq, hp) / max(l2(hp, by), 1e-30),
+            "block_contribution": l2(hp, by) / max(l2(hp), 1e-30),
+            "cosine_vs_fake_quant": tensor_metrics(fq, got)["cosine"],
+            "cosine_vs_high_precision": tensor_metrics(hp, got)["cosine"],
+            "finite": bool(torch.isfinite(got).all()),
+        })
+    worst = {k: (min if k.startswith("cosine") else max)(r[k] for r in rows)
+             for k in rows[0] if k != "finite"}
+    worst["finite"] = all(r["finite"] for r in rows)
+    worst["calls"] = len(rows)
+    return worst
+
+
+def verdict(figures: dict, mismatch_max: float = MISMATCH_MAX) -> str | None:
+    """None when the graph is the quantization ModelOpt simulated; else what is wrong, in words."""
+    if not figures.get("finite", True):
+        return "the quantized graph's output has non-finite values"
+    if figures["mismatch"] > mismatch_max:
+        return (f"the quantized graph disagrees with ModelOpt's fake-quantized model by {figures['mismatch']:.2f}x "
+                f"the quantization error itself (allowed {mismatch_max}): a Q/DQ scale, zero point, smoothing "
+                "factor or weight layout in the graph is not the one ModelOpt calibrated")
+    return None
+
+
+__all__ = ["EVIDENCE_FILE", "CHECK_CALLS", "MISMATCH_MAX", "reference_outputs", "save", "load", "compare", "verdict",
+           "quantized_blocks"]

@@ -1,0 +1,250 @@
+"""Stage: high-precision transformer graph + calibration set -> int8 / fp8 Q/DQ graph (`qitrt quantize`).
+
+1. Calibrate: ModelOpt (`mtq.quantize`) on the tensor-only ExportableTransformer in the graph's own
+   precision (fp32 on CPU, bf16 on a GPU), replaying the recorded calls with text padded to the runtime's
+   bucket, so the quantizers see exactly what the engine will. Layers the recipe keeps are disabled in
+   the config before calibration (SmoothQuant folds scales into weights, so disabling afterwards would
+   be wrong).
+2. Reference outputs on held-out calls, while the module is loaded: high precision, the quantized blocks
+   bypassed (before quantizing), ModelOpt's fake quantization (after).
+3. Write: the quantizers' numbers go into the exported high-precision graph as Q/DQ (`qdq.py`), every
+   other tensor streamed from the source graph's data file. The torch module is freed first, so the
+   host holds the module once, then only the quantized weights.
+4. Check: ONNX checker and shape inference from the path; the graph in ONNX Runtime on the held-out calls
+   against the references (`quant_evidence.py`); a graph that disagrees with ModelOpt's simulation is
+   refused.
+
+The VAE graphs are taken from the export folder (hard-linked), in the precision they were exported in.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_image_trt.compile import onnx_io, quant_evidence
+from qwen_image_trt.compile.recipe import QUANT_PRECISIONS, is_excluded, make_recipe, modelopt_config, recipe_hash
+from qwen_image_trt.core.errors import InputError, QitrtError
+from qwen_image_trt.core.identity import tool_versions
+from qwen_image_trt.core.manifest import Component, Manifest, Quantization, read_manifest, try_read_manifest, \
+    write_manifest
+from qwen_image_trt.core.resources import PeakRSS
+from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, torch_dtype
+
+log = logging.getLogger(__name__)
+
+WRITER = "modelopt-calibration+qitrt-qdq-writer@1"
+QUANT_OPSET = 19  # FP8 Q/DQ with a zero point needs opset >= 19
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+
+
+def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, recipe: dict | None = None, keep=(),
+                  sizes=None, text_bucket: int | None = None, device: str = "cpu", force: bool = False,
+                  progress: bool = True) -> Manifest:
+    """Quantize the transformer graph in `graphs` (a `qitrt export` folder of `checkpoint`) with `calibration`
+    into `out_dir`; return the manifest (also written there).
+
+    `recipe`: overrides of the default recipe (dict, e.g. from --recipe FILE); `keep`: extra modules kept in
+    high precision (e.g. ["img_mlp"]); `sizes`: [(w, h)] the engine must serve: the calibration set must
+    cover each.
+    """
+    from qwen_image_trt.calibration.capture import CalibrationSet
+    from qwen_image_trt.models import checkpoint as ckpt
+
+    # --- every check before any heavy work
+    if precision not in QUANT_PRECISIONS:
+        raise InputError("precision", precision, f"one of {', '.join(QUANT_PRECISIONS)} (bf16/fp16 need no "
+                         "calibration: `qitrt export --precision bf16`)")
+    root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
+    identity = ckpt.checkpoint_identity(root)
+    calib = CalibrationSet(calibration)
+    calib.check_checkpoint(identity)
+    if sizes:
+        calib.check_sizes(sizes)
+    elif calib.num_calls("calib") < 1:
+        raise InputError("calibration", str(calibration), "a set with calibration forwards")
+    source_manifest, source_graph = _source_graph(graphs, identity)
+    tconfig = ckpt.read_config(root, "transformer")
+    recipe = make_recipe(precision, tconfig["num_layers"], overrides=recipe, keep=keep)
+    bucket = int(text_bucket or DEFAULT_TEXT_BUCKET)
+    _require_modelopt()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    import modelopt
+
+    source = {"checkpoint": identity, "graph": source_graph.graph.identity(), "calibration": calib.set_id,
+              "recipe": recipe_hash(recipe), "precision": precision, "opset": QUANT_OPSET, "writer": WRITER,
+              "text_bucket": bucket, "modelopt": modelopt.__version__}
+    old = try_read_manifest(out)
+    manifest = Manifest(stage="quantize", checkpoint=source_manifest.checkpoint, precision=precision,
+                        opset=QUANT_OPSET, exporter=f"{source_manifest.exporter} + {WRITER}", versions=tool_versions())
+    entry = old.components.get("transformer") if old is not None and old.stage == "quantize" else None
+    if not force and entry is not None and entry.source == source and entry.graph.intact(out):
+        log.info("quantize: transformer unchanged (calibration %s, recipe %s), skipped", calib.set_id, source["recipe"])
+        manifest.components["transformer"], manifest.quantization = entry, old.quantization
+        manifest.ran = False
+    else:
+        manifest.components["transformer"], manifest.quantization = _quantize_transformer(
+            root, calib, recipe, graphs, source_graph, out, source, bucket, device, progress)
+    manifest.components.update(_link_components(Path(graphs), source_manifest, out, VAE_COMPONENTS))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _source_graph(graphs, identity: str):
+    """The high-precision export the quantized graph is written from, checked against the checkpoint."""
+    if graphs is None or not Path(graphs).is_dir():
+        raise InputError("graphs", str(graphs), "a folder made by `qitrt export` for this checkpoint")
+    m = read_manifest(graphs)
+    if m.checkpoint.identity != identity:
+        raise InputError("graphs", str(graphs), f"an export of this checkpoint ({identity}); it holds graphs of "
+                         f"{m.checkpoint.identity}")
+    missing = [c for c in ("transformer", *VAE_COMPONENTS) if c not in m.components]
+    if missing:
+        raise InputError("graphs", str(graphs), f"an export holding {', '.join(missing)}")
+    t = m.components["transformer"]
+    if t.precision not in ("fp32", "bf16", "fp16") or t.qdq:
+        raise InputError("graphs", str(graphs), f"a high-precision transformer export (it is {t.precision})")
+    return m, t
+
+
+def _require_modelopt() -> None:
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except ImportError as e:
+        raise QitrtError(f"quantization needs NVIDIA ModelOpt: pip install nvidia-modelopt ({e})") from None
+
+
+def _link_components(src: Path, src_manifest: Manifest, out: Path, names) -> dict[str, Component]:
+    """Hard-link (or copy) exported graphs into `out`, keeping their manifest entries."""
+    entries = {}
+    for name in names:
+        e = src_manifest.components[name]
+        for rel in (e.graph.file, e.graph.external_data):
+            if not rel:
+                continue
+            a, b = src / rel, out / rel
+            if b.exists() and b.stat().st_size == a.stat().st_size and b.samefile(a):
+                continue
+            b.unlink(missing_ok=True)
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+        entries[name] = e
+    return entries
+
+
+def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: Path, stage_source: dict,
+                          bucket: int, device: str, progress: bool) -> tuple[Component, Quantization]:
+    from qwen_image_trt.compile import qdq
+    from qwen_image_trt.models.specs import TRANSFORMER
+
+    timings = {}
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        module = TRANSFORMER.build_module(root, torch_dtype(source.precision)).to(device)
+        axes = module.transformer.config.axes_dims_rope
+        split = "holdout" if calib.num_calls("holdout") else "calib"
+        held_out = [args for _, args in zip(range(quant_evidence.CHECK_CALLS),
+                                            calib.export_inputs(axes, split, text_bucket=bucket))]
+        layers, kept, refs = _calibrate(module, calib, recipe, axes, held_out, bucket, device, progress)
+        timings["calibrate_s"] = time.perf_counter() - t0
+        del module
+        gc.collect()
+
+        t1 = time.perf_counter()
+        model = onnx_io.load_structure(source.graph.path(graphs))
+        counts = qdq.insert_qdq(model, layers, qdq.graph_float_dtype(model))
+        quantized_names = sorted(layers)
+        del layers  # the quantized weights now live in `model` until it is written
+        graph = onnx_io.save(model, out / "transformer.onnx")
+        del model
+        gc.collect()
+        onnx_io.check_graph(graph.path(out))
+        timings["write_s"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        evidence_path = quant_evidence.save(out, held_out, *refs, TRANSFORMER.input_names)
+        check = _check_in_onnxruntime(graph.path(out), evidence_path, source.precision)
+        timings["check_s"] = time.perf_counter() - t2
+    inputs, outputs = onnx_io.io_info(graph.path(out))
+    entry = Component(graph=graph, precision=recipe["precision"], source=stage_source, inputs=inputs, outputs=outputs,
+                      dynamic_axes=source.dynamic_axes, seconds=round(time.perf_counter() - t0, 3),
+                      peak_rss_bytes=mem.peak, check={**check, "timings": {k: round(v, 3) for k, v in timings.items()}},
+                      qdq={**counts, "high_precision": source.precision})
+    info = Quantization(
+        recipe=recipe, recipe_hash=stage_source["recipe"], text_bucket=bucket,
+        calibration={"set_id": calib.set_id, "folder": str(calib.folder.resolve()), "calls": calib.num_calls("calib"),
+                     "settings": calib.settings,
+                     "prompts": [s.prompt_id for s in calib.manifest.samples if s.split == "calib"]},
+        quantized_layers=quantized_names, kept_layers=sorted(kept),
+        evidence={"file": quant_evidence.EVIDENCE_FILE, "split": "holdout" if calib.num_calls("holdout") else "calib",
+                  "bypassed_blocks": quant_evidence.quantized_blocks(quantized_names), **check})
+    return entry, info
+
+
+def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, progress: bool):
+    """ModelOpt calibration; returns (quantized layers, kept layer names, (high_precision, fake_quant, bypassed))."""
+    import modelopt.torch.quantization as mtq
+    from tqdm.auto import tqdm
+
+    from qwen_image_trt.compile import qdq
+
+    # References before quantizing: SmoothQuant rewrites the weights in place.
+    high = quant_evidence.reference_outputs(module, held_out)
+    blocks = sorted({int(n.split(".")[1]) for n, m in module.transformer.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")
+                     and not is_excluded(n, recipe)})
+    bypassed = quant_evidence.reference_outputs(module, held_out, skip_blocks=blocks)
+    n_calls = calib.num_calls("calib")
+
+    def forward_loop(model):
+        bar = tqdm(total=n_calls, desc=f"quantize {recipe['precision']} (calibrate)", unit="fwd", disable=not progress)
+        for args in calib.export_inputs(axes, "calib", text_bucket=bucket):
+            model(*(a.to(device) for a in args))
+            bar.update()
+        bar.close()
+
+    with torch.no_grad():
+        module = mtq.quantize(module, modelopt_config(recipe), forward_loop)
+    fake = quant_evidence.reference_outputs(module, held_out)
+    layers, kept = qdq.from_modelopt(module, recipe["precision"])
+    if not layers:
+        raise QitrtError("the recipe left no layer to quantize; relax keep/keep_first_blocks/keep_last_blocks")
+    wrong = [n for n in layers if is_excluded(n, recipe)]
+    if wrong:
+        raise QitrtError(f"internal: {wrong[0]} is excluded by the recipe but ModelOpt quantized it")
+    return layers, kept, (high, fake, bypassed)
+
+
+def _check_in_onnxruntime(path: Path, evidence_path: Path, high_precision: str) -> dict:
+    """The written graph in ONNX Runtime on the held-out calls, judged against the saved references."""
+    import onnxruntime as ort
+
+    from qwen_image_trt.models.transformer_export import INPUT_NAMES
+
+    on_gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    provider = "CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider"
+    if high_precision == "bf16" and not on_gpu:  # ONNX Runtime's CPU provider has no bf16 kernels
+        return {"skipped": "bf16 graph and no CUDA execution provider here: check it with `qitrt parity` on a GPU",
+                "provider": provider}
+    calls = quant_evidence.load(evidence_path, INPUT_NAMES)
+    sess = onnx_io.ort_session(path, provider)
+    outputs = [sess.run(None, {n: t.numpy() for n, t in c["inputs"].items()})[0] for c in calls]
+    del sess
+    figures = quant_evidence.compare([torch.from_numpy(o) for o in outputs], calls)
+    problem = quant_evidence.verdict(figures)
+    if problem:
+        raise QitrtError(f"{path}: {problem}. Figures: {figures}")
+    return {"provider": provider, **figures}
+
+
+__all__ = ["quantize_onnx", "QUANT_PRECISIONS", "VAE_COMPONENTS"]
