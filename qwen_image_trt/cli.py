@@ -32,10 +32,21 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_core(sub) -> None:
-    p = sub.add_parser("tiny", help="write a tiny random-weight Qwen-Image checkpoint (real classes)")
+    p = sub.add_parser("tiny", help="write a tiny random-weight Qwen-Image checkpoint (real classes); "
+                       "--real-width: the real transformer config with N blocks; --sparse: the real model's "
+                       "configs and sparse weight files, for sizing only")
     p.add_argument("out", help="folder to write (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--real-width", action="store_true", help="Qwen-Image's real transformer config (width 3072, "
+                      "24 heads x 128, joint_attention_dim 3584) with --layers of its 60 blocks, random weights")
+    kind.add_argument("--sparse", action="store_true", help="the real configs (60 blocks, Qwen2.5-VL-7B text "
+                      "encoder) with weight files whose data is a sparse hole: plans and sizes, never runs")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks for --real-width (default 1) or "
+                   "--sparse (default 60)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--real-width: weight dtype on disk "
+                   "(bf16 like the real checkpoint)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
@@ -71,6 +82,7 @@ def _add_core(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (TensorRT engines need cuda)")
     p.add_argument("--reference-dtype", default="fp32", help="eager reference precision: fp32 | bf16 | fp16 "
                    "(bf16 for real checkpoints on one GPU)")
+    _add_trt_args(p)
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("quickstart", help="tiny model -> export -> generate with ONNX Runtime -> parity report")
@@ -88,12 +100,48 @@ def _add_generation_args(p) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
+    _add_trt_args(p)
 
 
-def _cmd_tiny(a) -> None:
-    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+def _add_trt_args(p) -> None:
+    p.add_argument("--trt-weight-streaming-budget", default=None, metavar="BYTES|FRACTION|auto",
+                   help="TensorRT engines built with --weight-streaming: weights kept on the GPU, in bytes, as a "
+                   "fraction of the streamable weights (0.5), or auto (default: the engine's own)")
+    p.add_argument("--trt-cuda-graphs", action="store_true",
+                   help="TensorRT: capture one CUDA graph per input shape and replay it (default: off)")
 
-    print(make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
+
+def _trt_options(a) -> dict:
+    from qwen_image_trt.runtime.backends import trt_options
+
+    return trt_options(a.trt_weight_streaming_budget, a.trt_cuda_graphs)
+
+
+def _cmd_tiny(a) -> int:
+    from pathlib import Path
+
+    from qwen_image_trt.core.errors import InputError
+    from qwen_image_trt.models import tiny
+
+    if (a.layers is not None or a.dtype != "bf16") and not (a.real_width or a.sparse):
+        raise InputError("layers/dtype", a.layers if a.layers is not None else a.dtype,
+                         "only with --real-width or --sparse (the tiny checkpoint has a fixed config)")
+    if a.out and Path(a.out).is_dir() and any(Path(a.out).iterdir()) and not a.overwrite:
+        raise InputError("out", a.out, "a new or empty folder (or --overwrite to replace it)")
+    if a.real_width or a.sparse:
+        layers = a.layers if a.layers is not None else (1 if a.real_width else 60)
+        if not 1 <= layers <= 60:
+            raise InputError("layers", layers, "an integer in [1, 60] (Qwen-Image has 60 blocks)")
+        if a.sparse and a.dtype != "bf16":
+            raise InputError("dtype", a.dtype, "bf16 with --sparse (it describes the real bf16 checkpoint)")
+        if a.sparse:
+            print(tiny.make_sparse_checkpoint(a.out, num_layers=layers, overwrite=a.overwrite))
+        else:
+            print(tiny.make_real_width_checkpoint(a.out, num_layers=layers, seed=a.seed, dtype=a.dtype,
+                                                  overwrite=a.overwrite))
+        return 0
+    print(tiny.make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
+    return 0
 
 
 def _cmd_export(a) -> None:
@@ -115,7 +163,7 @@ def _cmd_generate(a) -> None:
     backend = a.backend or ("onnxruntime" if a.engines else "torch")
     path = generate_image(a.checkpoint, a.out, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed,
                           steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
-                          device=a.device, true_cfg_scale=a.true_cfg_scale)
+                          device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a))
     print(path)
 
 

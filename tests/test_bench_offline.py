@@ -86,10 +86,14 @@ def test_failed_variant_keeps_partial_results(tiny_checkpoint, tiny_engines, tmp
     # eager torch is still measured and written
     fake = tmp_path / "trt"
     shutil.copytree(tiny_engines, fake)
-    manifest = json.loads((fake / "manifest.json").read_text())
+    from qwen_image_trt.core.manifest import TensorRTEngine, read_manifest, write_manifest
+
+    manifest = read_manifest(fake)
     for comp in ("transformer", "vae_decoder"):
-        manifest["components"][comp]["engine_file"] = f"{comp}.missing.plan"
-    (fake / "manifest.json").write_text(json.dumps(manifest))
+        manifest.components[comp].tensorrt = TensorRTEngine(
+            file=f"{comp}.missing.plan", bytes=0, tensorrt="10.13.0", gpu="NVIDIA H100", compute_capability="9.0",
+            profiles={}, cache_key="0" * 64, builder={})
+    write_manifest(fake, manifest)
     out = tmp_path / "out"
     code, cap = _run(["bench", "offline", str(tiny_checkpoint), "--backends", "tensorrt", "--engines", str(fake),
                       "--sizes", "32x32", "--steps", "2", "--repeat", "1", "--warmup", "0", "--out", str(out),

@@ -55,20 +55,23 @@ def test_calibration_records_transformer_inputs(small_set, tiny_checkpoint):
     from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config
 
     out, m = small_set
-    assert m["checkpoint"]["identity"] == checkpoint_identity(tiny_checkpoint)
-    assert [s["split"] for s in m["samples"]] == ["calib"] * 3 + ["holdout"]
-    assert m["totals"]["calib_calls"] == 3 * 2 and m["totals"]["holdout_calls"] == 2
-    for s in m["samples"]:
-        assert s["size"] == [64, 64] and s["prompt_id"].startswith("p") and isinstance(s["seed"], int)
-        assert [c["step"] for c in s["calls"]] == [0, 1]
-        assert all(c["batch"] == 2 and c["grid"] == [1, 4, 4] for c in s["calls"])  # CFG: both branches, one call
-    assert len({s["seed"] for s in m["samples"]}) == 4
+    assert m.checkpoint.identity == checkpoint_identity(tiny_checkpoint)
+    assert [s.split for s in m.samples] == ["calib"] * 3 + ["holdout"]
+    # The stock pipeline with true CFG: a conditional and an unconditional call per step.
+    assert m.totals["calib_calls"] == 3 * 2 * 2 and m.totals["holdout_calls"] == 2 * 2
+    for s in m.samples:
+        assert s.size == [64, 64] and s.prompt_id.startswith("p") and isinstance(s.seed, int)
+        assert [(c.step, c.branch) for c in s.calls] == [(0, "cond"), (0, "uncond"), (1, "cond"), (1, "uncond")]
+        assert all(c.batch == 1 and c.grid == [1, 4, 4] for c in s.calls)
+        assert s.calls[0].text_len != s.calls[1].text_len  # prompt vs " ": each branch keeps its own length
+    assert len({s.seed for s in m.samples}) == 4
     cs = CalibrationSet(out)
     calls = list(cs.calls("calib"))
-    assert len(calls) == 6
+    assert len(calls) == 12
     hs = calls[0]["hidden_states"]
-    assert hs.shape == (2, 16, 64) and calls[0]["encoder_hidden_states_mask"].dtype == torch.bool
-    assert calls[0]["timestep"].shape == (2,) and not torch.equal(calls[0]["timestep"], calls[1]["timestep"])
+    assert hs.shape == (1, 16, 64) and calls[0]["encoder_hidden_states_mask"].dtype == torch.bool
+    assert calls[0]["timestep"].shape == (1,) and torch.equal(calls[0]["timestep"], calls[1]["timestep"])
+    assert not torch.equal(calls[0]["timestep"], calls[2]["timestep"])
     # Replay inputs: text padded to the runtime bucket, RoPE rebuilt, ExportableTransformer order.
     args = next(cs.export_inputs(read_config(tiny_checkpoint, "transformer")["axes_dims_rope"]))
     assert len(args) == 8 and args[1].shape[1] % 32 == 0 and args[4].shape[0] == 16
@@ -77,31 +80,31 @@ def test_calibration_records_transformer_inputs(small_set, tiny_checkpoint):
 def test_calibration_is_deterministic_and_skips_when_unchanged(small_set, tiny_checkpoint, tmp_path):
     out, m = small_set
     again = calibrate(tiny_checkpoint, tmp_path / "b", seed=3, progress=False, **SMALL)
-    assert again["set_id"] == m["set_id"]
-    assert [s["sha256"] for s in again["samples"]] == [s["sha256"] for s in m["samples"]]
+    assert again.set_id == m.set_id
+    assert [s.sha256 for s in again.samples] == [s.sha256 for s in m.samples]
     other = calibrate(tiny_checkpoint, tmp_path / "c", seed=4, progress=False, **SMALL)
-    assert other["set_id"] != m["set_id"]
-    # Unchanged: nothing re-recorded.
+    assert other.set_id != m.set_id
+    # Unchanged: nothing re-recorded (a pipeline that would fail if called proves it).
     skipped = calibrate(tiny_checkpoint, tmp_path / "b", seed=3, progress=False, pipe=object(), **SMALL)
-    assert skipped.get("skipped") and skipped["set_id"] == m["set_id"]
+    assert not skipped.ran and skipped.set_id == m.set_id
 
 
 def test_calibration_resumes_after_a_lost_shard(small_set, tiny_checkpoint, tmp_path):
     out, m = small_set
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / m["samples"][1]["file"]).unlink()
+    (copy / m.samples[1].file).unlink()
     with pytest.raises(Exception, match="missing or changed"):
         CalibrationSet(copy)
     redone = calibrate(tiny_checkpoint, copy, seed=3, progress=False, **SMALL)
-    assert redone["set_id"] == m["set_id"] and not redone.get("skipped")
+    assert redone.set_id == m.set_id and redone.ran
 
 
 def test_calibration_checks_before_work(tiny_checkpoint, small_set, tmp_path):
     with pytest.raises(InputError, match="num_prompts"):
         make_settings(tiny_checkpoint, num_prompts=2, steps=4, sizes="64x64,96x64,64x96")
     with pytest.raises(InputError, match="forwards per size"):
-        make_settings(tiny_checkpoint, num_prompts=1, steps=2, sizes="64x64", holdout=0)
+        make_settings(tiny_checkpoint, num_prompts=1, steps=2, sizes="64x64", holdout=0, record_every=2)
     with pytest.raises(InputError, match="steps"):
         make_settings(tiny_checkpoint, steps=0)
     with pytest.raises(InputError, match=r"steps=1 .*\[2, "):  # Qwen-Image's shift_terminal: 1 step is NaN
@@ -127,7 +130,38 @@ def test_calibrate_cli(tiny_checkpoint, small_set, tmp_path, capsys):
             "--sizes", "64x64", "--holdout", "1", "--seed", "3"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert m["set_id"] in text and "skipped" in text
+    assert m.set_id in text and "skipped" in text
     assert main(["calibrate", str(tiny_checkpoint), "--out", str(tmp_path / "x"), "--num-prompts", "0"]) == 2
     assert "num_prompts" in capsys.readouterr().err
-    assert json.loads((out / "manifest.json").read_text())["format"].startswith("qwen-image-trt/calibration")
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["stage"] == "calibrate" and saved["schema_version"] >= 2
+
+
+def test_recorded_calls_replay_to_the_pipelines_own_noise_predictions(tiny_checkpoint, tmp_path):
+    """Each recorded call, fed back through the transformer as quantization replays it (text padded to the
+    runtime bucket, mask and RoPE rebuilt), gives the noise prediction the pipeline computed at that step."""
+    from qwen_image_trt.calibration.capture import replay_inputs
+    from qwen_image_trt.models.checkpoint import load_transformer, read_config
+    from qwen_image_trt.models.pipelines import load_stock_pipeline
+    from qwen_image_trt.models.transformer_export import ExportableTransformer
+
+    pipe = load_stock_pipeline(tiny_checkpoint)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(out[0].detach().clone()),
+                                                  with_kwargs=True)
+    calibrate(tiny_checkpoint, tmp_path / "set", num_prompts=2, steps=2, sizes="64x64", holdout=0, seed=5,
+              pipe=pipe, progress=False)
+    hook.remove()
+    calls = list(CalibrationSet(tmp_path / "set").calls("calib"))
+    assert len(calls) == len(seen) == 2 * 2 * 2
+    module = ExportableTransformer(load_transformer(tiny_checkpoint)).eval()
+    axes = read_config(tiny_checkpoint, "transformer")["axes_dims_rope"]
+    for call, want in zip(calls, seen):
+        args = replay_inputs(call, axes)
+        padding = args[2][:, call["encoder_hidden_states"].shape[1]:]
+        assert not padding.any(), "replay marks the padded text tokens as valid (mask not rebuilt)"
+        with torch.no_grad():
+            got = module(*args)
+        err = (got - want).abs().max().item()
+        assert err < 1e-4, f"step {call['step']} {call['branch']}: the replayed call gives a prediction {err:.2e} " \
+                           "away from the pipeline's (inputs, mask or RoPE recorded or rebuilt wrongly)"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from qwen_image_trt.compile.ort_engine import build_ort_engine
-from qwen_image_trt.core.errors import EngineMismatchError, InputError
+from qwen_image_trt.core.errors import InputError
 
 
 def _run(path, feeds):
@@ -33,53 +31,48 @@ def _feeds(tiny_checkpoint, component):
 @pytest.mark.parametrize("component,level", [("transformer", "basic"), ("transformer", "extended"),
                                              ("vae_decoder", "basic")])
 def test_optimized_graph_matches_source(tiny_engines, tiny_checkpoint, tmp_path, component, level):
-    from qwen_image_trt.core.manifest import read_manifest
-
     src = tiny_engines / f"{component}.onnx"
-    entry = build_ort_engine(src, tmp_path, component, precision="fp32", source_manifest=read_manifest(tiny_engines),
-                             level=level)
-    assert entry["ort_file"] == f"{component}.fp32.ort-{level}.onnx" and (tmp_path / entry["ort_file"]).is_file()
-    assert entry["source_sha256"] == read_manifest(tiny_engines)["components"][component]["sha256"]
-    assert entry["provider"] == "CPUExecutionProvider" and entry["precision"] == "fp32"
-    assert entry["inputs"] == read_manifest(tiny_engines)["components"][component]["inputs"]
+    engine = build_ort_engine(src, tmp_path, component, precision="fp32", level=level)
+    assert engine.file == f"{component}.fp32.ort-{level}.onnx" and (tmp_path / engine.file).is_file()
+    assert engine.providers == ["CPUExecutionProvider"] and engine.level == level
+    assert engine.external_data == f"{engine.file}.data"  # weights stay in a data file, whatever the size
     feeds = _feeds(tiny_checkpoint, component)
-    want, got = _run(src, feeds)[0], _run(tmp_path / entry["ort_file"], feeds)[0]
+    want, got = _run(src, feeds)[0], _run(tmp_path / engine.file, feeds)[0]
     assert got.shape == want.shape and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_runs_through_make_runner(tiny_engines, tiny_checkpoint, tmp_path):
+    import shutil
+
     import torch
 
-    from qwen_image_trt.core.manifest import read_manifest
+    from qwen_image_trt.core.manifest import read_manifest, write_manifest
     from qwen_image_trt.runtime.backends import make_runner
 
     manifest = read_manifest(tiny_engines)
-    entry = build_ort_engine(tiny_engines / "vae_decoder.onnx", tmp_path, "vae_decoder", precision="fp32",
-                             source_manifest=tiny_engines)
-    assert entry["file"].endswith("vae_decoder.onnx")  # the source, found from the engine folder
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "components": {"vae_decoder": entry}}))
+    entry = manifest.components["vae_decoder"]
+    for name in (entry.graph.file, entry.graph.external_data):
+        shutil.copy(tiny_engines / name, tmp_path / name)
+    entry.onnxruntime = build_ort_engine(tmp_path / entry.graph.file, tmp_path, "vae_decoder", precision="fp32")
+    manifest.components = {"vae_decoder": entry}
+    write_manifest(tmp_path, manifest)
     runner = make_runner("onnxruntime", "vae_decoder", engines_dir=tmp_path)
-    assert runner.model_path.name == entry["ort_file"]
+    assert runner.model_path.name == entry.onnxruntime.file
     feeds = _feeds(tiny_checkpoint, "vae_decoder")
     out = runner.infer({k: torch.from_numpy(v) for k, v in feeds.items()})["images"]
     np.testing.assert_allclose(out.numpy(), _run(tiny_engines / "vae_decoder.onnx", feeds)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_rejects_bad_arguments_and_changed_source(tiny_engines, tmp_path):
-    from qwen_image_trt.core.manifest import read_manifest
-
+def test_rejects_bad_arguments(tiny_engines, tmp_path):
     src = tiny_engines / "vae_encoder.onnx"
-    with pytest.raises(InputError):
-        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp64")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="level"):
         build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", level="all")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="providers"):
         build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", providers=("NoSuchExecutionProvider",))
-    manifest = read_manifest(tiny_engines)
-    manifest["components"]["vae_encoder"] = dict(manifest["components"]["vae_encoder"], sha256="0" * 64)
-    with pytest.raises(EngineMismatchError, match="changed since"):
-        build_ort_engine(src, tmp_path, "vae_encoder", precision="fp32", source_manifest=manifest)
+    with pytest.raises(InputError, match="onnx_path"):
+        build_ort_engine(tmp_path / "missing.onnx", tmp_path, "vae_encoder", precision="fp32")
+    assert not list(tmp_path.glob("*.ort-*"))
 
 
 def test_external_data_model(tmp_path):
@@ -95,8 +88,8 @@ def test_external_data_model(tmp_path):
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     onnx.save_model(model, str(src_dir / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
-    entry = build_ort_engine(src_dir / "m.onnx", tmp_path / "out", "vae_decoder", precision="fp32")
-    assert entry["ort_external_data"] == "vae_decoder.fp32.ort-basic.onnx.data"
+    engine = build_ort_engine(src_dir / "m.onnx", tmp_path / "out", "vae_decoder", precision="fp32")
+    assert engine.external_data == "vae_decoder.fp32.ort-basic.onnx.data"
     x = {"x": np.ones((3, 64), np.float32)}
-    np.testing.assert_allclose(_run(tmp_path / "out" / entry["ort_file"], x)[0], _run(src_dir / "m.onnx", x)[0],
+    np.testing.assert_allclose(_run(tmp_path / "out" / engine.file, x)[0], _run(src_dir / "m.onnx", x)[0],
                                rtol=1e-5, atol=1e-5)

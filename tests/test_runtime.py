@@ -134,8 +134,8 @@ def test_load_pipeline_bad_input(tiny_checkpoint, tiny_engines, kwargs, field):
 def test_request_limits_from_an_engine_manifest():
     from qwen_image_trt.runtime.limits import Limits, check_request
 
-    limits = Limits.from_manifest({"limits": {"height": [64, 1664], "width": [64, 1664], "batch": [1, 4],
-                                              "image_tokens": [256, 6032]}})
+    limits = Limits.from_json({"height": [64, 1664], "width": [64, 1664], "batch": [1, 4],
+                               "image_tokens": [256, 6032]})
     check_request("a cat", 928, 1664, 20, limits)
     with pytest.raises(InputError, match=r"size='1664x1664'.*\[256, 6032\]"):
         check_request("a cat", 1664, 1664, 20, limits)  # both sides in range, too many tokens for the profile
@@ -143,3 +143,27 @@ def test_request_limits_from_an_engine_manifest():
         check_request("a cat", 48, 64, 20, limits)
     with pytest.raises(InputError, match=r"batch=8"):
         check_request("a cat", 256, 256, 20, limits, batch=8)
+
+
+def test_trt_options_from_flags_reach_the_runner(tiny_engines, tmp_path):
+    """--trt-weight-streaming-budget / --trt-cuda-graphs become TensorRTRunner options (no TensorRT needed to
+    make a runner: it loads lazily); a malformed budget is refused naming the flag."""
+    from qwen_image_trt.core.manifest import TensorRTEngine, read_manifest, write_manifest
+    from qwen_image_trt.runtime.backends import make_runner, trt_options
+
+    assert trt_options("auto", True) == {"cuda_graphs": True, "weight_streaming_budget": "auto"}
+    assert trt_options("0.25")["weight_streaming_budget"] == 0.25
+    assert trt_options("2000000000")["weight_streaming_budget"] == 2_000_000_000
+    assert trt_options(None) == {"cuda_graphs": False}
+    with pytest.raises(InputError, match="trt_weight_streaming_budget='lots'"):
+        trt_options("lots")
+    with pytest.raises(InputError, match="weight_streaming_budget=1.5"):
+        trt_options("1.5")
+    m = read_manifest(tiny_engines)
+    m.components["transformer"].tensorrt = TensorRTEngine(
+        file="transformer.plan", bytes=1, tensorrt="10.13.0", gpu="H100", compute_capability="9.0", profiles={},
+        cache_key="0" * 64, builder={"weight_streaming": True})
+    write_manifest(tmp_path, m)
+    runner = make_runner("tensorrt", "transformer", engines_dir=tmp_path, device="cuda",
+                         trt_options=trt_options("0.5", True))
+    assert runner.weight_streaming_budget == 0.5 and runner.graphs.enabled

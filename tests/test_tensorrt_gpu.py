@@ -4,11 +4,12 @@ These need TensorRT >= 10 and an NVIDIA GPU; they skip (with the reason) everywh
 project's CI machines, where TensorRT cannot be installed. Run them on a GPU machine with:
     pip install tensorrt-cu12  # from NVIDIA's index
     pytest -m tensorrt tests/test_tensorrt_gpu.py
+What only they show: the builder accepts our flags and profiles, the plan deserializes from a memory map,
+USER_MANAGED contexts run in the shared arena, streams are ordered, CUDA graphs replay correctly and are
+recaptured after the arena moves, and weight streaming runs.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def _tensorrt_or_skip():
     return trt
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, like tiny_engines: listed first, it skips before the export runs
 def trt_module():
     return _tensorrt_or_skip()
 
@@ -40,95 +41,130 @@ def _config(tiny_checkpoint, part):
     return ckpt.read_config(tiny_checkpoint, part)
 
 
-def _compare(engines_dir, component, feeds, ort_dir, *, cuda_graphs=False, calls=1):
-    from qwen_image_trt.runtime.backends import make_runner
+def _build(tiny_engines, out, component, profiles, **kw):
+    from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
+    from qwen_image_trt.core.manifest import read_manifest
+
+    source = read_manifest(tiny_engines).components[component]
+    return build_tensorrt_engine(tiny_engines, source, out, component, profiles,
+                                 **{"precision": "fp32", "timing_cache": out / "timing.cache", "progress": False, **kw})
+
+
+def _runner(out, component, engine, **kw):
     from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
 
-    ref = make_runner("onnxruntime", component, engines_dir=ort_dir).infer(feeds)
-    manifest = json.loads((engines_dir / "manifest.json").read_text())
-    entry = manifest["components"][component]
-    with TensorRTRunner(component, engines_dir / entry["engine_file"], device="cuda", manifest=manifest,
-                        cuda_graphs=cuda_graphs) as runner:
-        cuda_feeds = {k: v.cuda() for k, v in feeds.items()}
-        for _ in range(calls):
-            got = runner.infer(cuda_feeds)
-        torch.cuda.synchronize()
-    for name, want in ref.items():
-        g = got[name].float().cpu().numpy()
-        w = want.float().numpy()
-        cos = float((g * w).sum() / (np.linalg.norm(g) * np.linalg.norm(w) + 1e-12))
-        assert g.shape == w.shape and np.isfinite(g).all()
-        assert cos > 0.9999, f"{component}.{name}: cosine {cos}"
-        np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2)
+    return TensorRTRunner(component, out / engine.file, device="cuda", entry=engine, **kw)
 
 
-def _build(trt_module, tiny_engines, out, component, profiles, **kw):
-    from qwen_image_trt.core.manifest import read_manifest, write_manifest
-    from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
+def _reference(tiny_engines, component):
+    from qwen_image_trt.runtime.backends import make_runner
 
-    manifest = read_manifest(tiny_engines)
-    entry = build_tensorrt_engine(tiny_engines / f"{component}.onnx", out, component, profiles, precision="fp32",
-                                  source_manifest=manifest, timing_cache=out / "timing.cache", progress=False, **kw)
-    existing = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else \
-        {**manifest, "components": {}}
-    existing["components"][component] = entry
-    write_manifest(out, existing)
-    return entry
+    return make_runner("onnxruntime", component, engines_dir=tiny_engines)
+
+
+def _close(got, want, what):
+    g, w = got.float().cpu().numpy(), want.float().numpy()
+    cos = float((g * w).sum() / (np.linalg.norm(g) * np.linalg.norm(w) + 1e-12))
+    assert g.shape == w.shape and np.isfinite(g).all()
+    assert cos > 0.9999, f"{what}: cosine {cos}"
+    np.testing.assert_allclose(g, w, rtol=1e-2, atol=1e-2)
+
+
+def _transformer_feeds(config, batch, grid, text, seed):
+    from qwen_image_trt.models.specs import TRANSFORMER
+    from qwen_image_trt.models.transformer_export import sample_inputs
+
+    return dict(zip(TRANSFORMER.input_names, sample_inputs(config, batch=batch, grid=grid, text_len=text, seed=seed)))
 
 
 def test_tiny_transformer_engine_matches_onnxruntime(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
     from qwen_image_trt.compile.profiles import transformer_profile
-    from qwen_image_trt.models.transformer_export import sample_inputs
-    from qwen_image_trt.models.specs import TRANSFORMER
+    from qwen_image_trt.runtime.backends.tensorrt_runner import shared_arena
 
     config = _config(tiny_checkpoint, "transformer")
     profiles = transformer_profile("64x64,128x96", 2, text_len_range=(1, 64), text_bucket=32, config=config)
-    entry = _build(trt_module, tiny_engines, tmp_path, "transformer", profiles)
-    assert (tmp_path / entry["engine_file"]).is_file() and (tmp_path / "timing.cache").is_file()
-    assert entry["tensorrt"] == trt_module.__version__ and f".trt{trt_module.__version__}." in entry["engine_file"]
-    for batch, grid, text in [(2, (4, 4), 32), (4, (6, 8), 64), (1, (4, 6), 32)]:
-        args = sample_inputs(config, batch=batch, grid=grid, text_len=text, seed=batch)
-        feeds = dict(zip(TRANSFORMER.input_names, args))
-        _compare(tmp_path, "transformer", feeds, tiny_engines)
-    # the same build again is a cache hit (same key, same file)
-    again = _build(trt_module, tiny_engines, tmp_path, "transformer", profiles)
-    assert again["engine_file"] == entry["engine_file"] and "build_seconds" not in again
+    engine = _build(tiny_engines, tmp_path, "transformer", profiles)
+    assert (tmp_path / engine.file).is_file() and (tmp_path / "timing.cache").stat().st_size > 0
+    assert engine.tensorrt == trt_module.__version__ and f".trt{trt_module.__version__}." in engine.file
+    assert engine.builder["tf32"] is False and engine.seconds is not None  # fp32 reference: TF32 cleared
+    ref = _reference(tiny_engines, "transformer")
+    with _runner(tmp_path, "transformer", engine) as runner:
+        assert runner.stream.cuda_stream != torch.cuda.default_stream().cuda_stream  # its own stream
+        assert runner._arena is shared_arena(torch.cuda.current_device()) and runner._arena.size > 0
+        for batch, grid, text in [(2, (4, 4), 32), (4, (6, 8), 64), (1, (4, 6), 32)]:
+            feeds = _transformer_feeds(config, batch, grid, text, seed=batch)
+            got = runner.infer({k: v.cuda() for k, v in feeds.items()})["noise_pred"]
+            _close(got, ref.infer(feeds)["noise_pred"], f"transformer b{batch} {grid} t{text}")
+    again = _build(tiny_engines, tmp_path, "transformer", profiles)  # same key: reused, not rebuilt
+    assert again.file == engine.file and again.seconds is None
 
 
-def test_tiny_vae_decoder_engine_with_cuda_graphs(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
+def test_tiny_vae_decoder_cuda_graphs_and_arena_moves(trt_module, tiny_engines, tmp_path):
     from qwen_image_trt.compile.profiles import vae_decoder_profile
 
-    from qwen_image_trt.runtime.backends import make_runner
-    from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
-
-    _build(trt_module, tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64,96x64", 2))
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    entry = manifest["components"]["vae_decoder"]
-    ref = make_runner("onnxruntime", "vae_decoder", engines_dir=tiny_engines)
+    engine = _build(tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64,96x64", 2))
+    ref = _reference(tiny_engines, "vae_decoder")
     g = torch.Generator().manual_seed(0)
-    with TensorRTRunner("vae_decoder", tmp_path / entry["engine_file"], device="cuda", manifest=manifest,
-                        cuda_graphs=True) as runner:
-        for _ in range(4):  # eager, capture, replay, replay: new inputs every call, so a stale replay would show
-            latents = torch.randn(2, 16, 1, 8, 12, generator=g)
-            got = runner.infer({"latents": latents.cuda()})["images"].float().cpu()
-            want = ref.infer({"latents": latents})["images"]
-            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-2, atol=1e-2)
+    with _runner(tmp_path, "vae_decoder", engine, cuda_graphs=True) as runner:
+        def check(n):
+            for _ in range(n):  # new inputs every call, so a stale replay would show
+                latents = torch.randn(2, 16, 1, 8, 12, generator=g)
+                _close(runner.infer({"latents": latents.cuda()})["images"], ref.infer({"latents": latents})["images"],
+                       "vae_decoder")
+        check(4)  # eager, capture, replay, replay
         assert runner._graphs, "no CUDA graph was captured"
+        generation = runner._arena.generation
+        runner._arena.reserve(runner._arena.size + 1)  # another engine needed more: the arena moved
+        check(4)
+        assert runner.graphs.generation == runner._arena.generation != generation and runner._graphs
+
+
+def test_two_engines_share_one_arena(trt_module, tiny_engines, tiny_checkpoint, tmp_path):
+    from qwen_image_trt.compile.profiles import transformer_profile, vae_decoder_profile
+
+    config = _config(tiny_checkpoint, "transformer")
+    t_engine = _build(tiny_engines, tmp_path, "transformer",
+                      transformer_profile("64x64", 1, text_len_range=(1, 32), config=config))
+    v_engine = _build(tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1))
+    t_ref, v_ref = _reference(tiny_engines, "transformer"), _reference(tiny_engines, "vae_decoder")
+    with _runner(tmp_path, "transformer", t_engine) as t, _runner(tmp_path, "vae_decoder", v_engine) as v:
+        assert t._arena is v._arena and t._arena.users >= 2
+        for seed in range(3):  # interleaved: each waits for the other's use of the arena
+            feeds = _transformer_feeds(config, 2, (4, 4), 32, seed)
+            latents = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+            noise = t.infer({k: x.cuda() for k, x in feeds.items()})["noise_pred"]
+            images = v.infer({"latents": latents.cuda()})["images"]
+            _close(noise, t_ref.infer(feeds)["noise_pred"], "transformer")
+            _close(images, v_ref.infer({"latents": latents})["images"], "vae_decoder")
+
+
+def test_weight_streaming_budget(trt_module, tiny_engines, tmp_path):
+    from qwen_image_trt.compile.profiles import vae_decoder_profile
+    from qwen_image_trt.core.errors import InputError
+
+    plain = _build(tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1))
+    with pytest.raises(InputError, match="built without weight streaming"):
+        _runner(tmp_path, "vae_decoder", plain, weight_streaming_budget=0.5)
+    streamed = _build(tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1), weight_streaming=True)
+    assert streamed.file != plain.file and streamed.builder["weight_streaming"] is True
+    latents = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with _runner(tmp_path, "vae_decoder", streamed, weight_streaming_budget=0.5) as runner:
+        assert runner.engine.weight_streaming_budget_v2 <= runner.engine.streamable_weights_size
+        _close(runner.infer({"latents": latents.cuda()})["images"],
+               _reference(tiny_engines, "vae_decoder").infer({"latents": latents})["images"], "streamed vae_decoder")
 
 
 def test_engine_refused_on_version_mismatch(trt_module, tiny_engines, tmp_path):
     from qwen_image_trt.compile.profiles import vae_decoder_profile
     from qwen_image_trt.core.errors import EngineMismatchError, InputError
-    from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
 
-    entry = _build(trt_module, tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1))
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    runner = TensorRTRunner("vae_decoder", tmp_path / entry["engine_file"], device="cuda", manifest=manifest)
+    engine = _build(tiny_engines, tmp_path, "vae_decoder", vae_decoder_profile("64x64", 1))
+    runner = _runner(tmp_path, "vae_decoder", engine)
     with pytest.raises(InputError, match="profile"):
         runner.infer({"latents": torch.zeros(2, 16, 1, 8, 8, device="cuda")})  # batch 2 > profile max 1
-    manifest["components"]["vae_decoder"]["tensorrt"] = "9.9.9"
+    runner.deactivate()
     with pytest.raises(EngineMismatchError, match="qitrt build"):
-        TensorRTRunner("vae_decoder", tmp_path / entry["engine_file"], device="cuda", manifest=manifest).activate()
+        _runner(tmp_path, "vae_decoder", engine.model_copy(update={"tensorrt": "9.9.9"})).activate()
 
 
 def test_skip_reason_is_clear_here():

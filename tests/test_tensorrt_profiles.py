@@ -70,7 +70,7 @@ def test_vae_profiles():
 def test_limits_from_sizes_feed_runtime_limits():
     limits = P.limits_from_sizes("1024x1024,1664x928", max_batch=2)
     assert limits == {"height": [928, 1024], "width": [1024, 1664], "batch": [1, 2], "image_tokens": [4096, 6032]}
-    lim = Limits.from_manifest({"limits": limits})
+    lim = Limits.from_json(limits)
     check_request("a cat", 1024, 1024, 20, lim, batch=2)
     with pytest.raises(InputError) as e:
         check_request("a cat", 1328, 1328, 20, lim)
@@ -89,3 +89,42 @@ def test_profile_json_round_trip_and_checks():
     with pytest.raises(InputError) as e:
         P.check_shape_in_profile("latents", (3, 16, 1, 8, 8), prof)
     assert "qitrt build" in e.value.allowed
+
+
+
+# Transformer inputs whose last dim is a static width (channels, text width, head_dim / 2) in the ONNX graph.
+STATIC_LAST = {"hidden_states", "encoder_hidden_states", "img_rope_cos", "img_rope_sin", "txt_rope_cos", "txt_rope_sin"}
+
+
+def test_transformer_profile_becomes_one_min_opt_max_per_dynamic_input():
+    """What the builder hands TensorRT for the transformer: one optimization profile, one set_shape per input
+    (recorded on stand-ins; no TensorRT here)."""
+    import types
+
+    from qwen_image_trt.compile.tensorrt_engine import configure_builder
+    from qwen_image_trt.core.tensorrt import builder_settings
+
+    tiny = {"in_channels": 64, "joint_attention_dim": 64, "attention_head_dim": 32}
+    prof = P.transformer_profile("64x64,128x96", 2, text_len_range=(1, 64), config=tiny)
+
+    def net_shape(name, mn):  # as the parsed network reports it: -1 for dynamic dims
+        return tuple(d if name in STATIC_LAST and i == len(mn) - 1 else -1 for i, d in enumerate(mn))
+    net_inputs = [types.SimpleNamespace(name=n, shape=net_shape(n, mn)) for n, (mn, _, _) in prof.items()]
+    calls = []
+
+    class Rec:
+        def __init__(self, name):
+            object.__setattr__(self, "name", name)
+
+        def __getattr__(self, attr):
+            return lambda *a, **k: calls.append((f"{self.name}.{attr}", a)) or Rec(attr)
+
+        def __setattr__(self, attr, value):
+            calls.append((f"{self.name}.{attr}=", value))
+
+    network = types.SimpleNamespace(num_inputs=len(net_inputs), get_input=lambda i: net_inputs[i])
+    trt = types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32="TF32"))
+    _, resolved = configure_builder(trt, Rec("builder"), network, prof, builder_settings("bf16"))
+    shapes = {a[0]: a[1:] for n, a in calls if n == "create_optimization_profile.set_shape"}
+    assert shapes == prof == resolved and len(shapes) == 8
+    assert [n for n, _ in calls].count("builder.create_optimization_profile") == 1

@@ -1,13 +1,25 @@
 """Static checks that an ONNX graph will parse and build in TensorRT, without TensorRT.
 
-`lint_onnx(path)` reports, per node, what TensorRT (10.x, strongly typed) would reject or mishandle:
-- ops outside TensorRT's ONNX parser (table below, from onnx-tensorrt's docs/operators.md for
-  TensorRT 10 and its op importers, plus the `trt` domain ops ModelOpt emits for FP8/INT4 Q/DQ);
-- dtypes TensorRT has no kernels for (complex, string, float64 compute, 16/32/64-bit unsigned, FP8 E5M2);
-- Resize on bf16 tensors (no bf16 Resize kernel: cast around it);
-- FP8 attention whose head_dim is not a multiple of 16 (FP8 Q/DQ feeding an activation x activation MatMul);
-- Q/DQ not paired (every QuantizeLinear must feed only DequantizeLinear nodes) or with non-zero zero points;
-- external data files missing or shorter than the graph says.
+`lint_onnx(path)` reports, per node, what TensorRT (10.x, strongly typed) would reject or mishandle.
+Errors are what TensorRT's own documentation or the files themselves make certain; a rule whose truth is
+not certain for every TensorRT 10.x/11.x release is a warning, so it never blocks a build (`qitrt build`
+stops on errors only):
+
+errors
+- ops the parser support matrix marks "N" (onnx-tensorrt docs/operators.md, release/10.1-GA: the last
+  matrix published there; later releases only add ops);
+- tensor types outside TensorRT's list (complex, string, int16, uint16/32/64, FP8 other than E4M3FN);
+- Q/DQ with a non-zero zero point (the matrix: "zero point must be 0");
+- opset below 9; external data files missing, or shorter than an initializer's offset + length.
+warnings
+- ops not in the matrix (newer ONNX ops, custom domains, ONNX Runtime contrib ops): TensorRT then looks for
+  a plugin of that name;
+- float64 tensors (TensorRT casts them to float32, clamping to +-FLT_MAX);
+- Resize on bf16 (the 10.1 matrix lists BF16 Resize, earlier notes say it has none: cast if it fails);
+- FP8 attention whose head_dim is not a multiple of 16 (the fused FP8 attention kernels need it);
+- a Q not followed only by DQs of its own kind (TensorRT fuses Q/DQ pairs);
+- opsets newer than the matrix documents; failed shape inference.
+The model is read without its external data (`load_external_data=False`): a 40 GB graph lints in seconds.
 `qitrt lint MODEL.onnx` prints the report and exits 1 when it has errors.
 """
 
@@ -20,8 +32,8 @@ from pathlib import Path
 
 ERROR, WARNING = "error", "warning"
 
-# Default-domain ONNX ops TensorRT 10's ONNX parser imports (onnx-tensorrt docs/operators.md, "Y" rows,
-# and its builtin op importers). Restrictions of individual ops are noted in the doc, not checked here.
+# Default-domain ONNX ops TensorRT 10's ONNX parser imports: the "Y" rows of onnx-tensorrt's
+# docs/operators.md at release/10.1-GA (opsets 9-20). Restrictions of single ops are in the doc, not checked.
 TENSORRT_ONNX_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil Celu
 Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv DepthToSpace DequantizeLinear Div
@@ -52,7 +64,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 TRT_DOMAINS = ("trt",)
 KNOWN_FOREIGN_DOMAINS = ("com.microsoft", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft.nchwc",
                          "com.ms.internal.nhwc", "org.pytorch.aten")
-DOCUMENTED_OPSETS = (9, 20)  # TensorRT 10.0's parser; later 10.x releases document newer opsets
+DOCUMENTED_OPSETS = (9, 20)  # the 10.1 matrix; TensorRT 11 documents opsets up to 25
 
 QUANTIZE_OPS = frozenset({"QuantizeLinear", "TRT_FP8QuantizeLinear", "TRT_INT4QuantizeLinear"})
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear", "TRT_FP8DequantizeLinear", "TRT_INT4DequantizeLinear"})
@@ -152,8 +164,8 @@ def _check_opsets(model, report):
             if opset.version < lo:
                 report.add(ERROR, "opset", "<model>", "", f"opset {opset.version} < {lo}: TensorRT's parser needs >= {lo}")
             elif opset.version > hi:
-                report.add(WARNING, "opset", "<model>", "", f"opset {opset.version} is newer than TensorRT 10.0 "
-                           f"documents ({lo}-{hi}); needs a TensorRT release that supports it")
+                report.add(WARNING, "opset", "<model>", "", f"opset {opset.version} is newer than TensorRT 10.1's "
+                           f"operator matrix ({lo}-{hi}); later TensorRT releases (11.x: up to 25) import more")
 
 
 def _check_external_data(model, folder: Path, report):
@@ -173,10 +185,25 @@ def _check_external_data(model, folder: Path, report):
             report.add(ERROR, "external-data", t.name, "", f"external data file {location!r} is missing next to the "
                        "model: copy it with the .onnx (TensorRT's parse_from_file reads it from the same folder)")
             continue
-        end = int(info.get("offset", 0)) + int(info.get("length", 0) or 0)
+        end = int(info.get("offset", 0) or 0) + _external_length(t, info)
         if end > size:
             report.add(ERROR, "external-data", t.name, "", f"external data {location!r} has {size} bytes, the tensor "
                        f"needs bytes up to {end}: the data file is truncated or belongs to another model")
+
+
+def _external_length(tensor, info: dict) -> int:
+    """Bytes an external initializer occupies: its recorded length, else dims x element size."""
+    if info.get("length"):
+        return int(info["length"])
+    import math
+
+    from onnx import helper
+
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return math.prod(tensor.dims) * itemsize
 
 
 def _all_initializers(graph):
@@ -259,8 +286,8 @@ def _lint_nodes(nodes, prefix, report, functions, types, initializers=None):
                 if a.name == "value" and a.t.data_type:
                     _check_dtype(report, name, op, a.t.data_type, unsupported, compute=False, tensor=node.output[0])
         if op == "Resize" and node.input and types.get(node.input[0], (0,))[0] == T.BFLOAT16:
-            report.add(ERROR, "resize-bf16", name, op, "Resize on a bfloat16 tensor: TensorRT has no bf16 Resize; "
-                       "cast to float16/float32 around it in the export")
+            report.add(WARNING, "resize-bf16", name, op, "Resize on a bfloat16 tensor: not every TensorRT release "
+                       "has a bf16 Resize; if the build fails here, cast to float16/float32 around it in the export")
         if op in QUANTIZE_OPS:
             _check_quantize(report, name, node, consumers, types)
         if op in QUANTIZE_OPS | DEQUANTIZE_OPS:
@@ -281,15 +308,16 @@ def _check_op(report, name, node, functions):
         if op in TENSORRT_UNSUPPORTED_OPS:
             report.add(ERROR, "op", name, op, f"{op} is not supported by TensorRT's ONNX parser")
         else:
-            report.add(WARNING, "op", name, op, f"{op} is not in TensorRT 10.0's ONNX operator table (a newer op?); "
-                       "TensorRT will look for a plugin of that name")
+            report.add(WARNING, "op", name, op, f"{op} is not in TensorRT 10.1's ONNX operator matrix (a newer op?); "
+                       "a later TensorRT may import it, else it looks for a plugin of that name")
     elif domain in TRT_DOMAINS:
         if op not in TRT_DOMAIN_OPS:
             report.add(WARNING, "op", name, op, f"trt::{op} is not a built-in TensorRT op: it needs a TensorRT "
                        "plugin of that name registered before parsing")
     elif domain in KNOWN_FOREIGN_DOMAINS:
-        report.add(ERROR, "op", name, op, f"{domain}::{op} is specific to another runtime (ONNX Runtime contrib op?); "
-                   "build TensorRT engines from the plain export, not from an ONNX Runtime-optimized model")
+        report.add(WARNING, "op", name, op, f"{domain}::{op} belongs to another runtime (ONNX Runtime contrib op?): "
+                   "TensorRT parses it only through a plugin of that name; build TensorRT engines from the plain "
+                   "export, not from an ONNX Runtime-optimized model")
     else:
         report.add(WARNING, "op", name, op, f"custom op {domain}::{op}: TensorRT imports it only as a plugin "
                    "registered before parsing")
@@ -313,30 +341,27 @@ def _check_dtype(report, name, op, elem_type, unsupported, *, compute: bool, ten
     if elem_type in unsupported:
         report.add(ERROR, "dtype", name, op, f"{what} is {unsupported[elem_type]}: TensorRT has no such type")
     elif elem_type == T.DOUBLE:
-        if compute:
-            report.add(ERROR, "dtype", name, op, f"{what} is float64: TensorRT computes in at most float32; cast "
-                       "the export to float32")
-        else:
-            report.add(WARNING, "dtype", name, op, f"{what} is a float64 constant: TensorRT casts it down to "
-                       "float32, clamping to +-FLT_MAX")
+        kind = "" if compute else " constant"
+        report.add(WARNING, "dtype", name, op, f"{what} is a float64{kind}: TensorRT casts float64 down to float32 "
+                   "(clamping to +-FLT_MAX), so results can differ from ONNX Runtime's; cast the export to float32")
 
 
 def _check_quantize(report, name, node, consumers, types):
     out = node.output[0] if node.output else ""
     users = consumers.get(out, [])
     if not users:
-        report.add(ERROR, "qdq", name, node.op_type, "quantized output is not consumed by a DequantizeLinear "
-                   "(TensorRT needs Q/DQ pairs; an unpaired Q is a graph output or dead)")
+        report.add(WARNING, "qdq", name, node.op_type, "quantized output is not consumed by a DequantizeLinear "
+                   "(TensorRT fuses Q/DQ pairs; an unpaired Q is a graph output or dead)")
         return
     bad = [u for u in users if u.op_type not in DEQUANTIZE_OPS]
     if bad:
         ops = sorted({u.op_type for u in bad})
-        report.add(ERROR, "qdq", name, node.op_type, f"quantized output feeds {', '.join(ops)} instead of a "
-                   "DequantizeLinear: TensorRT needs every Q followed by DQ")
+        report.add(WARNING, "qdq", name, node.op_type, f"quantized output feeds {', '.join(ops)} instead of a "
+                   "DequantizeLinear: TensorRT expects every Q followed by a DQ")
     mixed = [u for u in users if u.op_type in DEQUANTIZE_OPS and _family(u.op_type) != _family(node.op_type)]
     if mixed:
-        report.add(ERROR, "qdq", name, node.op_type, f"{node.op_type} is paired with {mixed[0].op_type}: "
-                   "Q and DQ must be of one kind")
+        report.add(WARNING, "qdq", name, node.op_type, f"{node.op_type} is paired with {mixed[0].op_type}: "
+                   "Q and DQ should be of one kind")
 
 
 def _family(op_type: str) -> str:
@@ -450,9 +475,9 @@ def _check_fp8_attention(report, name, node, producers, initializers, types):
     head_dim = dims[-1] if dims else None
     if isinstance(head_dim, int) and head_dim > 0:
         if head_dim % FP8_HEAD_DIM_MULTIPLE:
-            report.add(ERROR, "fp8-head-dim", name, node.op_type, f"FP8 attention with head_dim {head_dim} ({which} "
-                       f"last dim): TensorRT's FP8 attention needs head_dim % {FP8_HEAD_DIM_MULTIPLE} == 0; keep this "
-                       "attention in bf16/fp16")
+            report.add(WARNING, "fp8-head-dim", name, node.op_type, f"FP8 attention with head_dim {head_dim} "
+                       f"({which} last dim): TensorRT's fused FP8 attention needs head_dim % {FP8_HEAD_DIM_MULTIPLE} "
+                       "== 0; keep this attention in bf16/fp16")
     else:
         report.add(WARNING, "fp8-head-dim", name, node.op_type, "FP8 attention whose head_dim is not known statically: "
                    f"TensorRT needs head_dim % {FP8_HEAD_DIM_MULTIPLE} == 0")

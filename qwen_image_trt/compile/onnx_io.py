@@ -146,8 +146,8 @@ def save(model, path: str | os.PathLike, *, external_min_bytes: int = EXTERNAL_M
 
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    for stale in (path, data_path):
-        stale.unlink(missing_ok=True)
+    # Both files are written under temporary names and renamed at the end, so a graph may be saved over the
+    # very files its tensors are read from.
     sources: dict[str, object] = {}
     external = 0
     t0 = time.perf_counter()

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_trt.compile import onnx_io, quant_evidence
+from qwen_image_trt.compile import onnx_io
+from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.compile.recipe import QUANT_PRECISIONS, is_excluded, make_recipe, modelopt_config, recipe_hash
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.identity import tool_versions
@@ -173,7 +174,7 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
 
         t2 = time.perf_counter()
         evidence_path = quant_evidence.save(out, held_out, *refs, TRANSFORMER.input_names)
-        check = _check_in_onnxruntime(graph.path(out), evidence_path, source.precision)
+        check = _check_in_onnxruntime(graph.path(out), evidence_path, source.precision, recipe["precision"])
         timings["check_s"] = time.perf_counter() - t2
     inputs, outputs = onnx_io.io_info(graph.path(out))
     entry = Component(graph=graph, precision=recipe["precision"], source=stage_source, inputs=inputs, outputs=outputs,
@@ -225,7 +226,7 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
     return layers, kept, (high, fake, bypassed)
 
 
-def _check_in_onnxruntime(path: Path, evidence_path: Path, high_precision: str) -> dict:
+def _check_in_onnxruntime(path: Path, evidence_path: Path, high_precision: str, precision: str) -> dict:
     """The written graph in ONNX Runtime on the held-out calls, judged against the saved references."""
     import onnxruntime as ort
 
@@ -241,7 +242,7 @@ def _check_in_onnxruntime(path: Path, evidence_path: Path, high_precision: str) 
     outputs = [sess.run(None, {n: t.numpy() for n, t in c["inputs"].items()})[0] for c in calls]
     del sess
     figures = quant_evidence.compare([torch.from_numpy(o) for o in outputs], calls)
-    problem = quant_evidence.verdict(figures)
+    problem = quant_evidence.verdict(figures, precision)
     if problem:
         raise QitrtError(f"{path}: {problem}. Figures: {figures}")
     return {"provider": provider, **figures}

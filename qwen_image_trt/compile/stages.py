@@ -104,6 +104,7 @@ def build(checkpoint, out_dir, options: BuildOptions) -> BuildResult:
     plan = plan_build(ctx.root, ctx.out, options)
     if options.check_resources:
         plan.check()
+    ctx.out.mkdir(parents=True, exist_ok=True)
     bar = _progress(options, 3 + 2 * ctx.quantized)
     graphs_dir = _export_stage(ctx, bar)
     if ctx.quantized:
@@ -169,9 +170,7 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     from qwen_image_trt.compile.profiles import limits_from_sizes
 
     limits_from_sizes(sizes, o.max_batch)  # checks max_batch
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return _Context(root, out, o, identity, sizes, recipe, recipe_overrides)
+    return _Context(root, Path(out_dir), o, identity, sizes, recipe, recipe_overrides)
 
 
 def _cuda_index(device: str) -> int:
@@ -333,9 +332,13 @@ def _build_manifest(ctx: _Context, graphs_dir: Path, graphs: Manifest, component
     from qwen_image_trt.compile.profiles import limits_from_sizes
 
     o = ctx.o
+    quantization = graphs.quantization
+    if quantization is not None and quantization.evidence and quantization.evidence.get("file"):
+        quantization = quantization.model_copy(deep=True)  # paths in a manifest are relative to its folder
+        quantization.evidence["file"] = f"{graphs_dir.name}/{quantization.evidence['file']}"
     return Manifest(stage="build", checkpoint=graphs.checkpoint, precision=o.precision, opset=graphs.opset,
                     exporter=graphs.exporter, versions=graphs.versions, components=components,
-                    quantization=graphs.quantization, target=o.target,
+                    quantization=quantization, target=o.target,
                     limits=limits_from_sizes(ctx.sizes, o.max_batch) if o.target == "tensorrt" else None,
                     sizes=[list(s) for s in ctx.sizes], max_batch=o.max_batch,
                     calibration=str(Path(o.calibration or ctx.out / "calibration").resolve()) if ctx.quantized

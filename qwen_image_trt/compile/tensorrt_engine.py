@@ -1,41 +1,41 @@
-"""ONNX -> TensorRT engine (TensorRT 10/11, strongly typed), with its manifest entry.
+"""ONNX -> TensorRT engine (TensorRT 10/11, strongly typed), returned as its manifest entry.
 
 Networks are strongly typed: precision lives in the graph (Q/DQ nodes from quantization, casts for
-bf16/fp16), so no precision builder flags are set; `precision` and `recipe` are recorded, and they are
-part of the engine's cache key. An engine only runs on the TensorRT version and GPU compute capability
-it was built with: both are in the file name and checked at load (`check_engine_compatible`).
+bf16/fp16), so no precision builder flags are set. The builder flags that remain (optimization level, TF32,
+weight streaming, workspace) come from `core.tensorrt.builder_settings` and, with the graph and weight
+hashes, precision, recipe, profiles, TensorRT version and compute capability, make the engine's cache key:
+an engine with the same key in the output folder is reused, anything else is rebuilt.
 
-Everything that needs no GPU is a pure function here (cache key, file name, profile reconciliation,
-compatibility check, manifest entry) or takes the `tensorrt` module as an argument
-(`configure_builder`), so it is unit tested without TensorRT. `build_tensorrt_engine` itself needs
-TensorRT and a CUDA GPU; `require_tensorrt()` says so before any work starts.
+The timing cache file is shared by builds: loaded before the build, and after it re-read under an
+exclusive lock, combined with this build's cache and written atomically, so concurrent builds keep each
+other's entries.
+
+TensorRT calls take the `tensorrt` module as an argument (`create_network`, `configure_builder`,
+`merge_timing_cache`, `build_plan`), so a recording stand-in checks which calls we make, in which order,
+without TensorRT. Building an engine needs TensorRT and a CUDA GPU; `require_tensorrt()` says so first.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
-from qwen_image_trt.core.files import file_sha256, write_atomic
-from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtError
+from qwen_image_trt.core.files import file_lock, write_atomic
+from qwen_image_trt.core.manifest import Component, TensorRTEngine
 from qwen_image_trt.core.shapes import Profile, normalize_profile, profile_from_json, profile_to_json
-from qwen_image_trt.core.tensorrt import (check_engine_compatible, engine_cache_key, gpu_info, normalize_cc,
-                                          require_tensorrt)
+from qwen_image_trt.core.tensorrt import (builder_settings, check_engine_compatible, engine_cache_key, gpu_info,
+                                          normalize_cc, require_tensorrt, trt_major)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 ENGINE_SUFFIX = ".plan"
-ENGINE_FORMAT = "qwen-image-trt/tensorrt@1"
 
 
-# -- environment ----------------------------------------------------------------------------------------
-# -- pure helpers (unit tested) -------------------------------------------------------------------------
+# -- pure helpers -------------------------------------------------------------------------------------
 def engine_file_name(component: str, precision: str, trt_version: str, compute_capability, key: str) -> str:
     """e.g. transformer.fp8.trt10.13.0.35.sm90.1a2b3c4d5e6f.plan"""
     cc = normalize_cc(compute_capability).replace(".", "")
@@ -64,13 +64,11 @@ def resolve_profile(network_inputs: dict[str, tuple], profiles) -> Profile:
         if len(mn) != len(shape):
             raise InputError(f"profiles[{name}]", [list(mn), list(op), list(mx)],
                              f"shapes of rank {len(shape)} (network input {list(shape)})")
-        fixed = []
-        for s in (mn, op, mx):
-            fixed.append(tuple(p if d < 0 else d for p, d in zip(s, shape)))
-        if tuple(fixed) != (mn, op, mx):
+        fixed = tuple(tuple(p if d < 0 else d for p, d in zip(s, shape)) for s in (mn, op, mx))
+        if fixed != (mn, op, mx):
             log.warning("profile for %s: static dims taken from the network %s (profile said %s..%s)",
                         name, list(shape), list(mn), list(mx))
-        out[name] = tuple(fixed)
+        out[name] = fixed
     return normalize_profile(out)
 
 
@@ -89,96 +87,160 @@ def limits_from_profiles(component: str, profiles, *, cfg: bool = True) -> dict:
     return {}
 
 
-def engine_entry(*, component: str, engine_file: str, onnx_file: str, onnx_sha: str, precision: str, recipe,
-                 profiles, trt_version: str, gpu_name: str, compute_capability, cache_key: str, limits: dict | None,
-                 opt_level: int, refittable: bool, weight_streaming: bool, source_entry: dict | None = None,
-                 engine_bytes: int | None = None, build_seconds: float | None = None,
-                 timing_cache: str | None = None) -> dict:
-    """The manifest entry of one engine (what the TensorRT runner and `check_engine_compatible` read)."""
-    source_entry = source_entry or {}
-    entry = {
-        "format": ENGINE_FORMAT,
-        "engine_file": engine_file,
-        "file": onnx_file,  # the ONNX graph it was built from (the onnxruntime backend can still run it)
-        "source_sha256": onnx_sha,
-        "tensorrt": str(trt_version),
-        "gpu": gpu_name,
-        "compute_capability": normalize_cc(compute_capability),
-        "precision": precision,
-        "recipe": recipe,
-        "profiles": profile_to_json(normalize_profile(profiles)),
-        "limits": limits if limits is not None else limits_from_profiles(component, profiles),
-        "cache_key": cache_key,
-        "builder": {"optimization_level": opt_level, "refittable": refittable, "weight_streaming": weight_streaming,
-                    "strongly_typed": True, "timing_cache": timing_cache},
-    }
-    for key in ("inputs", "outputs", "dynamic_axes", "external_data"):
-        if key in source_entry:
-            entry[key] = source_entry[key]
-    if engine_bytes is not None:
-        entry["bytes"] = engine_bytes
-    if build_seconds is not None:
-        entry["build_seconds"] = round(build_seconds, 3)
-    return entry
+def graph_identity(graphs_dir, source: Component) -> tuple[Path, str, str | None]:
+    """(.onnx path, graph sha256, weights sha256) of a source graph, from its manifest entry.
+
+    The graph file is re-hashed (small) and the data file's size checked; the weights' sha256 is the one
+    recorded when they were written (re-reading 40 GB per build would cost more than it guards).
+    """
+    graph = source.graph
+    path = graph.path(graphs_dir)
+    if not path.is_file():
+        raise InputError("source", str(path), "an existing .onnx graph (run `qitrt export` first)")
+    if not graph.intact(graphs_dir):
+        raise EngineMismatchError(f"{path} (or its external data) changed since its manifest was written: re-run "
+                                  "`qitrt export`/`qitrt quantize` (or `qitrt build --force`)")
+    if graph.external_data and not graph.external_data_sha256:
+        raise EngineMismatchError(f"{path}: the manifest records no sha256 for its external data "
+                                  f"{graph.external_data!r}, so an engine built from it could go stale unnoticed: "
+                                  "re-export with this version of qwen-image-trt")
+    return path, graph.sha256, graph.external_data_sha256
 
 
-def source_entry_for(source_manifest, component: str, onnx_path: Path, onnx_sha: str) -> dict | None:
-    """The component's entry in the export/quantize manifest; EngineMismatchError if the ONNX changed since."""
-    if source_manifest is None:
-        return None
-    manifest = source_manifest if isinstance(source_manifest, dict) else read_manifest(source_manifest)
-    entry = manifest.get("components", {}).get(component)
-    if entry is None:
-        return None
-    if entry.get("file") == onnx_path.name and entry.get("sha256") and entry["sha256"] != onnx_sha:
-        raise EngineMismatchError(f"{onnx_path} changed since its manifest was written (sha256 {onnx_sha[:12]} != "
-                                  f"{entry['sha256'][:12]}): re-run `qitrt export`/`qitrt quantize`")
-    return entry
+# -- TensorRT calls (take the module, so a recording stand-in can check them) -------------------------
+def network_flags(trt) -> int:
+    """create_network flags: STRONGLY_TYPED. TensorRT 11 keeps the flag (ignored, always strongly typed)."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if flag is None:
+        if trt_major(trt) >= 11:
+            return 0
+        raise QitrtError(f"TensorRT {trt.__version__} has no STRONGLY_TYPED network flag: TensorRT >= 10 is needed")
+    return 1 << int(flag)
 
 
-def _relative_or_absolute(path: Path, folder: Path) -> str:
-    try:
-        return os.path.relpath(path.resolve(), folder.resolve()) if path.resolve().is_relative_to(folder.resolve()) \
-            else str(path.resolve())
-    except ValueError:
-        return str(path.resolve())
+def create_network(trt, builder):
+    """A strongly typed INetworkDefinition; refused if TensorRT 10 did not make it strongly typed."""
+    network = builder.create_network(network_flags(trt))
+    if trt_major(trt) < 11 and hasattr(network, "get_flag") and \
+            not network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED):
+        raise QitrtError("TensorRT created a network that is not strongly typed: the graph's Q/DQ nodes and casts "
+                         "would not fix its precision")
+    return network
 
 
-# -- TensorRT calls (take the module, so a test double can check which calls we make) ---------------------
 def network_inputs(network) -> dict[str, tuple]:
     """{name: shape} of a parsed INetworkDefinition's inputs, -1 for dynamic dims."""
     return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
 
 
-def configure_builder(trt, builder, network, profiles, *, opt_level: int = 3, refittable: bool = False,
-                      weight_streaming: bool = False, timing_cache_bytes: bytes | None = None,
-                      progress_monitor=None, workspace_bytes: int | None = None):
-    """Create the IBuilderConfig: one optimization profile, optimization level, timing cache, flags."""
-    if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= 5:
-        raise InputError("opt_level", opt_level, "an integer in [0, 5] (TensorRT builder optimization level)")
+def configure_builder(trt, builder, network, profiles, settings: dict, *, timing_cache_bytes: bytes | None = None,
+                      progress_monitor=None):
+    """The IBuilderConfig: optimization level, TF32, weight streaming, workspace, one optimization profile
+    (min/opt/max per dynamic input), the timing cache. Returns (config, the resolved profile)."""
     config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
+    config.builder_optimization_level = settings["optimization_level"]
+    # TF32 is on by default in TensorRT: set it either way, so the engine does not depend on that default.
+    if settings["tf32"]:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if settings["weight_streaming"]:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if settings.get("workspace_bytes"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
     resolved = resolve_profile(network_inputs(network), profiles)
     if resolved:
         profile = builder.create_optimization_profile()
         for name, (mn, op, mx) in resolved.items():
             profile.set_shape(name, mn, op, mx)
         config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache_bytes or b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    if refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    if weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    _set_timing_cache(config, timing_cache_bytes)
     if progress_monitor is not None:
         config.progress_monitor = progress_monitor
     return config, resolved
 
 
+def _set_timing_cache(config, data: bytes | None) -> None:
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+        except Exception:  # not a timing cache at all
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        log.warning("tensorrt: the timing cache file is unreadable or was made by another TensorRT version or GPU; "
+                    "starting from an empty cache (use one timing cache file per GPU model)")
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def merge_timing_cache(config, path: Path) -> bool:
+    """Merge this build's timing cache into `path`: re-read the file under an exclusive lock (another build
+    may have written it since ours started), combine, write atomically. False when the file's cache is from
+    another TensorRT version or GPU: it is then left as it is."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return False
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):
+        if path.is_file() and path.stat().st_size:
+            try:
+                on_disk = config.create_timing_cache(path.read_bytes())
+            except Exception:
+                on_disk = None
+            if on_disk is None or not cache.combine(on_disk, False):
+                log.warning("tensorrt: %s holds a timing cache of another TensorRT version or GPU; left unchanged, "
+                            "this build's timings are not saved", path)
+                return False
+        write_atomic(path, cache.serialize())
+    return True
+
+
+def _parse_onnx(trt, network, logger, onnx_path: Path):
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)): the parser then finds the external data next to the model.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise QitrtError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} error(s)):\n  "
+                         + "\n  ".join(errors[:20]) + f"\nrun `qitrt lint {onnx_path}` for a static check")
+    return parser
+
+
+def build_plan(trt, onnx_path: Path, profiles, settings: dict, *, timing_cache: Path | None = None,
+               progress_monitor=None):
+    """Parse, configure and build; returns (serialized plan, resolved profile). The timing cache is merged
+    back even when the build fails: the tactics timed so far stay valid and save time on the next try."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = create_network(trt, builder)
+    parser = _parse_onnx(trt, network, logger, onnx_path)  # kept alive until the build is done
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else None
+    config, resolved = configure_builder(trt, builder, network, profiles, settings, timing_cache_bytes=cache_bytes,
+                                         progress_monitor=progress_monitor)
+    try:
+        plan = builder.build_serialized_network(network, config)
+    except BaseException:
+        if timing_cache is not None:
+            _merge_quietly(config, timing_cache)  # the build's own error is the one to report
+        raise
+    if timing_cache is not None:
+        merge_timing_cache(config, timing_cache) if plan is not None else _merge_quietly(config, timing_cache)
+    del parser
+    if plan is None:
+        raise QitrtError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above); "
+                         f"run `qitrt lint {onnx_path}` for a static check")
+    return plan, resolved
+
+
+def _merge_quietly(config, path: Path) -> None:
+    try:
+        merge_timing_cache(config, path)
+    except Exception as e:
+        log.warning("tensorrt: could not save the timing cache to %s: %s", path, e)
+
+
 def _progress_monitor(trt, label: str):
-    """A tqdm bar per builder phase, where this TensorRT has IProgressMonitor (10.0+)."""
+    """A tqdm bar per builder phase (IProgressMonitor, TensorRT >= 10)."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
     from tqdm.auto import tqdm
@@ -189,9 +251,9 @@ def _progress_monitor(trt, label: str):
             self.bars = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            depth = 0
-            while parent_phase in self.bars:
-                depth, parent_phase = depth + 1, self.bars[parent_phase][1]
+            depth, parent = 0, parent_phase
+            while parent in self.bars:
+                depth, parent = depth + 1, self.bars[parent][1]
             self.bars[phase_name] = (tqdm(total=num_steps, desc=f"{label}: {phase_name}", leave=depth == 0,
                                           position=depth), parent_phase)
 
@@ -209,85 +271,65 @@ def _progress_monitor(trt, label: str):
     return _Monitor()
 
 
-def _parse_onnx(trt, network, logger, onnx_path: Path):
-    parser = trt.OnnxParser(network, logger)
-    # parse_from_file (not parse(bytes)): the parser then finds external data next to the model.
-    ok = parser.parse_from_file(str(onnx_path))
-    if not ok:
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise QitrtError(f"TensorRT's ONNX parser rejected {onnx_path} ({len(errors)} error(s)):\n  "
-                         + "\n  ".join(errors[:20]) + "\nrun `qitrt lint " + str(onnx_path) + "` for a static check")
-    return parser
+def _cuda_device(index: int):
+    """TensorRT builds and deserializes on the current CUDA device: make it the one asked for."""
+    import torch
+
+    return torch.cuda.device(index)
 
 
+# -- the build ----------------------------------------------------------------------------------------
+def build_tensorrt_engine(graphs_dir, source: Component, out_dir, name: str, profiles, *, precision: str,
+                          recipe=None, timing_cache=None, opt_level: int = 3, tf32: bool | None = None,
+                          weight_streaming: bool = False, device: int = 0, progress: bool = True,
+                          limits: dict | None = None, force: bool = False,
+                          workspace_bytes: int | None = None) -> TensorRTEngine:
+    """Build `source`'s graph (in `graphs_dir`) into `out_dir` as component `name`; return its manifest entry.
 
-
-# -- the build ------------------------------------------------------------------------------------------
-def build_tensorrt_engine(onnx_path, out_dir, component: str, profiles, *, precision: str, recipe=None,
-                          timing_cache=None, opt_level: int = 3, refittable: bool = False,
-                          weight_streaming: bool = False, source_manifest=None, progress: bool = True,
-                          limits: dict | None = None, force: bool = False, device: int = 0,
-                          workspace_bytes: int | None = None) -> dict:
-    """Build one engine into `out_dir` and return its manifest entry (the caller writes the manifest).
-
-    `profiles`: {input: (min, opt, max)} from `build.profiles`. `timing_cache`: a file path, read when it
-    exists and written back after the build. An engine with the same cache key already in `out_dir` is
-    reused unless `force`. `limits`: the request limits to record (`profiles.limits_from_sizes`).
+    `profiles`: {input: (min, opt, max)} from `compile.profiles`. `timing_cache`: a file shared by builds.
+    An engine with the same cache key already in `out_dir` is reused (entry `seconds` None) unless `force`.
+    `limits`: the request limits to record (`profiles.limits_from_sizes`); default: what the profiles say.
     """
     if precision not in PRECISIONS:
         raise InputError("precision", precision, f"one of {', '.join(PRECISIONS)}")
-    onnx_path, out = Path(onnx_path), Path(out_dir)
-    if not onnx_path.is_file():
-        raise InputError("onnx_path", str(onnx_path), "an existing .onnx file")
+    settings = builder_settings(precision, opt_level=opt_level, tf32=tf32, weight_streaming=weight_streaming,
+                                workspace_bytes=workspace_bytes)
     profiles = normalize_profile(profiles)
+    onnx_path, graph_sha, weights_sha = graph_identity(graphs_dir, source)
     trt = require_tensorrt(device)
     gpu_name, cc = gpu_info(device)
+    key = engine_cache_key(graph_sha, weights_sha, precision, recipe, profiles, trt.__version__, cc, settings)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    engine_path = out / engine_file_name(name, precision, trt.__version__, cc, key)
+    # The profile TensorRT was built with (static dims from the parsed network) sits beside the plan, written
+    # after it: a reused engine's entry then says exactly what a fresh build's would.
+    profile_file = engine_path.with_suffix(".profile.json")
 
-    onnx_sha = file_sha256(onnx_path)
-    source_entry = source_entry_for(source_manifest, component, onnx_path, onnx_sha)
-    key = engine_cache_key(onnx_sha, precision, recipe, profiles, trt.__version__, cc, opt_level=opt_level,
-                           refittable=refittable, weight_streaming=weight_streaming)
-    engine_path = out / engine_file_name(component, precision, trt.__version__, cc, key)
-    common = dict(component=component, engine_file=engine_path.name, onnx_file=_relative_or_absolute(onnx_path, out),
-                  onnx_sha=onnx_sha, precision=precision, recipe=recipe, trt_version=trt.__version__,
-                  gpu_name=gpu_name, compute_capability=cc, cache_key=key, limits=limits, opt_level=opt_level,
-                  refittable=refittable, weight_streaming=weight_streaming, source_entry=source_entry,
-                  timing_cache=str(timing_cache) if timing_cache else None)
-    # The profile TensorRT was built with (fixed dims resolved from the parsed network) sits beside the engine,
-    # so a reused engine's manifest entry says exactly what a fresh build's would.
-    resolved_file = engine_path.with_suffix(".profile.json")
-    if engine_path.is_file() and resolved_file.is_file() and not force:
+    def entry(resolved, seconds):
+        return TensorRTEngine(file=engine_path.name, bytes=engine_path.stat().st_size, tensorrt=trt.__version__,
+                              gpu=gpu_name, compute_capability=normalize_cc(cc), profiles=profile_to_json(resolved),
+                              cache_key=key, builder=settings,
+                              limits=limits if limits is not None else limits_from_profiles(name, resolved),
+                              seconds=None if seconds is None else round(seconds, 3))
+
+    if engine_path.is_file() and profile_file.is_file() and not force:
         log.info("tensorrt: %s is up to date (cache key %s), not rebuilt", engine_path.name, key[:12])
-        resolved = profile_from_json(json.loads(resolved_file.read_text()))
-        return engine_entry(profiles=resolved, engine_bytes=engine_path.stat().st_size, **common)
+        return entry(profile_from_json(json.loads(profile_file.read_text())), None)
 
     t0 = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    _parser = _parse_onnx(trt, network, logger, onnx_path)  # keep alive until the build is done
-    cache_file = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else None
-    config, resolved = configure_builder(
-        trt, builder, network, profiles, opt_level=opt_level, refittable=refittable,
-        weight_streaming=weight_streaming, timing_cache_bytes=cache_bytes,
-        progress_monitor=_progress_monitor(trt, component) if progress else None, workspace_bytes=workspace_bytes)
-    log.info("tensorrt: building %s from %s (%s, opt level %d)", engine_path.name, onnx_path.name, precision, opt_level)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise QitrtError(f"TensorRT could not build {component} from {onnx_path} (see the TensorRT log above); "
-                         f"run `qitrt lint {onnx_path}` for a static check")
+    log.info("tensorrt: building %s from %s (%s, opt level %d, TF32 %s)", engine_path.name, onnx_path.name,
+             precision, opt_level, "on" if settings["tf32"] else "off")
+    with _cuda_device(device):
+        plan, resolved = build_plan(trt, onnx_path, profiles, settings,
+                                    timing_cache=Path(timing_cache) if timing_cache else None,
+                                    progress_monitor=_progress_monitor(trt, name) if progress else None)
     write_atomic(engine_path, plan)
-    write_atomic(resolved_file, json.dumps(profile_to_json(resolved)).encode())
-    if cache_file:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache_file, config.get_timing_cache().serialize())
-    seconds = time.perf_counter() - t0
-    del _parser, network, config, builder
-    return engine_entry(profiles=resolved, engine_bytes=engine_path.stat().st_size, build_seconds=seconds, **common)
+    write_atomic(profile_file, json.dumps(profile_to_json(resolved)))
+    return entry(resolved, time.perf_counter() - t0)
 
 
-__all__ = ["build_tensorrt_engine", "require_tensorrt", "gpu_info", "engine_cache_key", "engine_file_name",
-           "check_engine_compatible", "resolve_profile", "configure_builder", "engine_entry", "limits_from_profiles",
+__all__ = ["build_tensorrt_engine", "build_plan", "configure_builder", "create_network", "network_flags",
+           "merge_timing_cache", "resolve_profile", "limits_from_profiles", "engine_file_name", "graph_identity",
+           "require_tensorrt", "gpu_info", "engine_cache_key", "builder_settings", "check_engine_compatible",
            "normalize_cc", "PRECISIONS"]

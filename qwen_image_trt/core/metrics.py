@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def tensor_metrics(ref, got) -> dict:
     """max_abs, rel_l2 (||got - ref|| / ||ref||), cosine and finiteness, in float64."""
+    import torch
+
     ref = torch.as_tensor(ref).detach().cpu().double().flatten()
     got = torch.as_tensor(got).detach().cpu().double().flatten()
     diff = got - ref
@@ -17,6 +17,8 @@ def tensor_metrics(ref, got) -> dict:
 
 
 def l2(a, b=None) -> float:
+    import torch
+
     a = torch.as_tensor(a).detach().cpu().double()
     return float((a - torch.as_tensor(b).detach().cpu().double()).norm() if b is not None else a.norm())
 

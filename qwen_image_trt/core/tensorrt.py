@@ -2,6 +2,8 @@
 GPU is this, which engine may run here, and the cache key that says when an engine must be rebuilt.
 
 Everything but `require_tensorrt` and `gpu_info` is a pure function, unit tested without TensorRT.
+An engine's identity cannot go stale: its cache key hashes the graph, the external weight data (sha256 from
+the manifest), precision, recipe, profiles, builder flags, TensorRT version and compute capability.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ def require_tensorrt(device: int = 0):
         import tensorrt as trt
     except Exception as e:  # ImportError, or a wheel whose shared libraries fail to load
         raise QitrtError(f"TensorRT is not available here ({type(e).__name__}: {e}): {INSTALL_HINT}") from None
-    major = _major(getattr(trt, "__version__", "0"))
-    if major < MIN_TENSORRT_MAJOR:
+    if trt_major(trt) < MIN_TENSORRT_MAJOR:
         raise QitrtError(f"TensorRT {trt.__version__} is too old: strongly typed engines need TensorRT >= "
                          f"{MIN_TENSORRT_MAJOR}; {INSTALL_HINT}")
     import torch
@@ -67,33 +68,54 @@ def normalize_cc(compute_capability) -> str:
     raise InputError("compute_capability", compute_capability, 'e.g. "9.0", (9, 0) or "sm90"')
 
 
-def engine_cache_key(onnx_sha: str, weights_sha: str | None, precision: str, recipe, profiles, trt_version: str,
-                     compute_capability, **extra) -> str:
+def builder_settings(precision: str, *, opt_level: int = 3, tf32: bool | None = None, weight_streaming: bool = False,
+                     workspace_bytes: int | None = None) -> dict:
+    """The builder flags an engine depends on, checked and resolved: what the cache key hashes and the manifest
+    records under `builder`. `tf32=None` clears TF32 for fp32 reference builds (they are meant to be exact)
+    and allows it otherwise."""
+    if isinstance(opt_level, bool) or not isinstance(opt_level, int) or not 0 <= opt_level <= 5:
+        raise InputError("opt_level", opt_level, "an integer in [0, 5] (TensorRT builder optimization level)")
+    if tf32 is not None and not isinstance(tf32, bool):
+        raise InputError("tf32", tf32, "True, False or None (None: off for fp32 builds, on otherwise)")
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
+                                        or workspace_bytes <= 0):
+        raise InputError("workspace_bytes", workspace_bytes, "a positive number of bytes, or None (TensorRT's default)")
+    return {"strongly_typed": True, "optimization_level": opt_level,
+            "tf32": precision != "fp32" if tf32 is None else tf32,
+            "weight_streaming": bool(weight_streaming), "workspace_bytes": workspace_bytes}
+
+
+def engine_cache_key(graph_sha: str, weights_sha: str | None, precision: str, recipe, profiles, trt_version: str,
+                     compute_capability, builder: dict) -> str:
     """Hex key of everything an engine depends on; equal keys mean the same engine can be reused.
 
-    `onnx_sha` hashes the graph file, `weights_sha` its external data (hashed while it was written, so a
-    changed weight changes the key without re-reading 40 GB). `extra` (builder flags: opt_level, tf32,
-    weight_streaming, ...) is folded in when given.
+    `graph_sha` hashes the .onnx file, `weights_sha` its external data (hashed while it was written and read
+    from the manifest, so a changed weight changes the key without re-reading 40 GB); `builder` is
+    `builder_settings(...)`. The TensorRT version and compute capability are in because a plan runs only
+    where both match.
     """
     payload = {
-        "onnx_sha256": onnx_sha, "weights_sha256": weights_sha, "precision": precision, "recipe": recipe,
+        "graph_sha256": graph_sha, "weights_sha256": weights_sha, "precision": precision, "recipe": recipe,
         "profiles": profile_to_json(normalize_profile(profiles)) if profiles else {},
         "tensorrt": str(trt_version), "compute_capability": normalize_cc(compute_capability),
-        **{k: v for k, v in sorted(extra.items())},
+        "builder": dict(sorted(builder.items())),
     }
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_engine_compatible(entry: dict, trt_version: str, gpu_name: str, compute_capability, *,
+def check_engine_compatible(entry, trt_version: str, gpu_name: str, compute_capability, *,
                             strict_gpu: bool = False) -> None:
-    """Raise EngineMismatchError when an engine built as `entry` cannot run here.
+    """Raise EngineMismatchError when an engine built as `entry` (a manifest `TensorRTEngine`, or its dict)
+    cannot run here.
 
     TensorRT plans are tied to the exact TensorRT version and to the GPU's compute capability. Another
     GPU model of the same compute capability runs the engine (its tactics were timed elsewhere): a
     warning, or an error with `strict_gpu`.
     """
-    name = entry.get("engine_file", "engine")
+    if hasattr(entry, "model_dump"):
+        entry = entry.model_dump()
+    name = entry.get("file") or entry.get("engine_file") or "engine"
     fix = "rebuild with `qitrt build ... --target tensorrt` on this machine"
     built_trt, built_cc = entry.get("tensorrt"), entry.get("compute_capability")
     if built_trt is None or built_cc is None:
@@ -113,5 +135,10 @@ def check_engine_compatible(entry: dict, trt_version: str, gpu_name: str, comput
         log.warning(msg)
 
 
-__all__ = ["require_tensorrt", "gpu_info", "normalize_cc", "engine_cache_key", "check_engine_compatible",
-           "MIN_TENSORRT_MAJOR", "INSTALL_HINT"]
+def trt_major(trt) -> int:
+    """Major version of a `tensorrt` module (0 when it does not say)."""
+    return _major(getattr(trt, "__version__", "0"))
+
+
+__all__ = ["require_tensorrt", "gpu_info", "normalize_cc", "builder_settings", "engine_cache_key",
+           "check_engine_compatible", "trt_major", "MIN_TENSORRT_MAJOR", "INSTALL_HINT"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.quant_evidence import MISMATCH_MAX
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class Gates:
     step_cosine_min: float
     image_psnr_min: float
     image_ssim_min: float
+    # Quantized engines only (core/quant_evidence.py): departure from ModelOpt's fake-quantized model in units of
+    # the quantization error, and error against high precision in units of the quantized blocks' contribution.
+    quant_mismatch_max: float | None = None
+    quant_block_rel_err_max: float | None = None
 
     def override(self, items: list[str]) -> "Gates":
         names = {f.name for f in fields(self)}
@@ -45,9 +50,11 @@ DEFAULT_GATES = {
     "bf16": Gates(forward_cosine_min=0.995, forward_rel_l2_max=1e-1, step_cosine_min=0.98,
                   image_psnr_min=28.0, image_ssim_min=0.93),
     "int8": Gates(forward_cosine_min=0.99, forward_rel_l2_max=0.15, step_cosine_min=0.98,
-                  image_psnr_min=35.0, image_ssim_min=0.95),
+                  image_psnr_min=35.0, image_ssim_min=0.95, quant_mismatch_max=MISMATCH_MAX["int8"],
+                  quant_block_rel_err_max=0.25),
     "fp8": Gates(forward_cosine_min=0.99, forward_rel_l2_max=0.15, step_cosine_min=0.98,
-                 image_psnr_min=35.0, image_ssim_min=0.95),
+                 image_psnr_min=35.0, image_ssim_min=0.95, quant_mismatch_max=MISMATCH_MAX["fp8"],
+                 quant_block_rel_err_max=0.25),
 }
 
 

@@ -42,6 +42,7 @@ class ParityConfig:
     device: str = "cpu"  # TensorRT needs cuda
     reference_dtype: str = "fp32"  # bf16 for real checkpoints on one GPU: fp32 Qwen-Image is ~80 GB
     progress: bool = True
+    trt_options: dict = field(default_factory=dict)  # TensorRTRunner options (weight streaming budget, graphs)
 
     @classmethod
     def from_cli(cls, a) -> "ParityConfig":
@@ -50,6 +51,9 @@ class ParityConfig:
         cfg = cls(checkpoint=Path(a.checkpoint), engines=Path(a.engines), out=Path(a.out), backend=a.backend,
                   steps=a.steps, seed=a.seed, gate_overrides=list(a.gate), device=a.device,
                   reference_dtype=a.reference_dtype)
+        from qwen_image_trt.runtime.backends import trt_options
+
+        cfg.trt_options = trt_options(a.trt_weight_streaming_budget, a.trt_cuda_graphs)
         if a.sizes:
             cfg.sizes = [_size(s) for s in a.sizes.split(",")]
         if a.batches:
@@ -104,19 +108,28 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
     return manifest, gates_for(manifest.precision).override(cfg.gate_overrides)
 
 
+OUTPUTS_FILE = "outputs.safetensors"  # every eager and engine tensor the figures were computed from
+
+
 def run_parity(cfg: ParityConfig) -> ParityReport:
-    """Run all three comparisons, write report.json + report.html + images to cfg.out, return the report."""
+    """Run all comparisons, write report.json + report.html + images + the compared outputs to cfg.out."""
+    from safetensors.torch import save_file
+
     manifest, gates = _validate(cfg)  # everything cheap first: no model is loaded before this passes
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    forward = _per_forward(cfg)
-    steps, images = _per_step_and_images(cfg)
+    saved: dict[str, torch.Tensor] = {}
+    forward = _per_forward(cfg, saved)
+    steps, images = _per_step_and_images(cfg, saved)
+    quantization = _quantization(cfg, manifest)
+    save_file({k: v.detach().cpu().float().contiguous() for k, v in saved.items()}, str(cfg.out / OUTPUTS_FILE))
     data = {
         "backend": cfg.backend, "precision": manifest.precision,
         "checkpoint": str(cfg.checkpoint), "engines": str(cfg.engines),
         "checkpoint_identity": manifest.checkpoint.identity, "seed": cfg.seed, "steps": cfg.steps,
         "device": cfg.device, "reference_dtype": cfg.reference_dtype,
-        "forward": forward, "per_step": steps, "images": images, "gate_limits": gates.as_dict(),
+        "forward": forward, "per_step": steps, "images": images, "quantization": quantization,
+        "outputs_file": OUTPUTS_FILE, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     data["gates"] = _apply_gates(data, gates)
@@ -127,7 +140,7 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     return ParityReport(data, write_html(data, cfg.out))
 
 
-def _per_forward(cfg: ParityConfig) -> list[dict]:
+def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
     from qwen_image_trt.models.checkpoint import read_config
     from qwen_image_trt.models.specs import SPECS
     from qwen_image_trt.runtime.backends import make_runner
@@ -138,7 +151,8 @@ def _per_forward(cfg: ParityConfig) -> list[dict]:
         config = read_config(cfg.checkpoint, spec.part)
         ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
                           precision=cfg.reference_dtype)
-        got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device)
+        got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device,
+                          trt_options=cfg.trt_options)
         if component == "transformer":
             cases = [dict(batch=b, grid=(h // 16, w // 16), text_len=t)
                      for b in cfg.batches for (w, h) in cfg.sizes for t in cfg.text_lens]
@@ -149,13 +163,16 @@ def _per_forward(cfg: ParityConfig) -> list[dict]:
                 args = spec.sample_inputs(config, **case, seed=cfg.seed + i)
                 feeds = {n: a.to(cfg.device) for n, a in zip(spec.input_names, args)}
                 out_name = spec.output_names[0]
-                m = metrics.tensor_metrics(ref.infer(feeds)[out_name], got.infer(feeds)[out_name])
-                rows.append({"component": component, **{k: list(v) if isinstance(v, tuple) else v
-                                                        for k, v in case.items()}, **m})
+                want, have = ref.infer(feeds)[out_name], got.infer(feeds)[out_name]
+                key = f"forward.{len(rows)}"
+                saved[f"{key}.eager"], saved[f"{key}.engine"] = want, have
+                rows.append({"component": component, "key": key,
+                             **{k: list(v) if isinstance(v, tuple) else v for k, v in case.items()},
+                             **metrics.tensor_metrics(want, have)})
     return rows
 
 
-def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
+def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], list[dict]]:
     from PIL import Image
 
     from qwen_image_trt.runtime.pipeline import load_pipeline
@@ -164,7 +181,8 @@ def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
 
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
                           dtype=torch_dtype(cfg.reference_dtype))  # the stock two-call loop
-    engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device)
+    engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device,
+                           trt_options=cfg.trt_options)
     width, height = cfg.image_size
     steps, images = [], []
     for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):
@@ -182,7 +200,9 @@ def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
             runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents)
         (ref_img, ref_lat), (got_img, got_lat) = runs["eager"], runs["engine"]
         for i, (a, b) in enumerate(zip(ref_lat, got_lat)):
-            steps.append({"prompt": k, "step": i, **metrics.tensor_metrics(a, b)})
+            key = f"step.{k}.{i}"
+            saved[f"{key}.eager"], saved[f"{key}.engine"] = a, b
+            steps.append({"prompt": k, "step": i, "key": key, **metrics.tensor_metrics(a, b)})
         files = {}
         for name, arr in (("eager", ref_img), ("engine", got_img), ("diff", metrics.diff_image(ref_img, got_img))):
             files[name] = f"prompt{k}_{name}.png"
@@ -194,6 +214,29 @@ def _per_step_and_images(cfg: ParityConfig) -> tuple[list[dict], list[dict]]:
     return steps, images
 
 
+def _quantization(cfg: ParityConfig, manifest) -> dict | None:
+    """A quantized engine folder's evidence (held-out calls with high-precision, fake-quant and bypassed
+    outputs, saved by the quantize stage), recomputed on this backend."""
+    from qwen_image_trt.core import quant_evidence
+    from qwen_image_trt.models.specs import TRANSFORMER
+    from qwen_image_trt.runtime.backends import make_runner
+
+    q = manifest.quantization
+    if q is None or not q.evidence or not q.evidence.get("file"):
+        return None
+    path = Path(cfg.engines) / q.evidence["file"]
+    if not path.is_file():
+        return {"skipped": f"{path} is missing: rebuild the quantized engine folder"}
+    calls = quant_evidence.load(path, TRANSFORMER.input_names)
+    runner = make_runner(cfg.backend, "transformer", engines_dir=cfg.engines, device=cfg.device,
+                         trt_options=cfg.trt_options)
+    with runner:
+        outputs = [runner.infer({k: v.to(cfg.device) for k, v in c["inputs"].items()})["noise_pred"].cpu()
+                   for c in calls]
+    return {**quant_evidence.compare(outputs, calls), "evidence_file": q.evidence["file"],
+            "bypassed_blocks": q.evidence.get("bypassed_blocks")}
+
+
 def _apply_gates(data: dict, gates: Gates) -> list[dict]:
     fwd = data["forward"]
     checks = [
@@ -203,6 +246,10 @@ def _apply_gates(data: dict, gates: Gates) -> list[dict]:
         ("image_psnr_min", "min", min(r["psnr_db"] for r in data["images"])),
         ("image_ssim_min", "min", min(r["ssim"] for r in data["images"])),
     ]
+    quant = data.get("quantization")
+    if quant and "mismatch" in quant and gates.quant_mismatch_max is not None:
+        checks += [("quant_mismatch_max", "max", quant["mismatch"]),
+                   ("quant_block_rel_err_max", "max", quant["block_rel_err"])]
     out = []
     for name, kind, value in checks:
         limit = getattr(gates, name)

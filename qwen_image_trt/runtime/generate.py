@@ -12,7 +12,7 @@ from qwen_image_trt.runtime.limits import check_request, request_limits
 
 def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int = 20,
                    height: int = 1024, width: int = 1024, engines=None, backend: str = "torch", device="cpu",
-                   true_cfg_scale: float = 4.0, pipe=None) -> Path:
+                   true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None) -> Path:
     from qwen_image_trt.models.checkpoint import validate_checkpoint
     from qwen_image_trt.runtime.backends import check_backend
 
@@ -26,7 +26,8 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     if pipe is None:
         from qwen_image_trt.runtime.pipeline import load_pipeline
 
-        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True)
+        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
+                             trt_options=trt_options)
     image = pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height,
                  width=width, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,14 @@ class Limits:
     image_tokens: tuple[int, int] = (1, (DEFAULT_SIZE_RANGE[1] // SIZE_MULTIPLE) ** 2)
 
     @classmethod
+    def from_json(cls, raw: dict | None) -> "Limits":
+        """{"height": [min, max], ...} as an engine manifest records it (unknown keys ignored)."""
+        return cls(**{k: tuple(v) for k, v in (raw or {}).items()
+                      if k in ("height", "width", "batch", "steps", "image_tokens")})
+
+    @classmethod
     def from_manifest(cls, manifest) -> "Limits":
-        raw = (manifest.limits if manifest is not None else None) or {}
-        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")})
+        return cls.from_json(manifest.limits if manifest is not None else None)
 
 
 def check_size(field: str, value, bounds: tuple[int, int]) -> int:

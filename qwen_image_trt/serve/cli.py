@@ -22,6 +22,10 @@ def register(sub) -> None:
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         default = None if f.default is MISSING else f.default
+        if base is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default,
+                           help=f"{meta['help']} (default: {'on' if default else 'off'})")
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), type=base, default=default,
                        help=f"{meta['help']} (default: {default})")
     p.set_defaults(func=_cmd_serve)

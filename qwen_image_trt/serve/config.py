@@ -48,6 +48,9 @@ class ServerConfig:
     dtype: str = doc("auto", "weights dtype of the torch modules in each worker: auto (bf16 on CUDA, the model's "
                      "reference precision; fp32 on CPU) | bf16 | fp16 | fp32")
     job_ttl_s: float = doc(600.0, "how long a finished async job's result is kept")
+    trt_weight_streaming_budget: str | None = doc(None, "TensorRT engines built with --weight-streaming: weights "
+                                                  "kept on each GPU, in bytes, a fraction (0.5) or auto")
+    trt_cuda_graphs: bool = doc(False, "TensorRT: one CUDA graph per input shape, replayed")
 
     def __post_init__(self):
         if self.api_key is None:
@@ -63,6 +66,12 @@ class ServerConfig:
             raise InputError("dtype", self.dtype, "one of auto, bf16, fp16, fp32")
         self.device_list()
         parse_size(self.default_size, "default_size")
+        self.trt_options()  # checks the budget's form before any worker starts
+
+    def trt_options(self) -> dict:
+        from qwen_image_trt.runtime.backends import trt_options
+
+        return trt_options(self.trt_weight_streaming_budget, self.trt_cuda_graphs)
 
     @property
     def resolved_backend(self) -> str:

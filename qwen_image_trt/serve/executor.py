@@ -68,7 +68,7 @@ class Executor:
         w.proc = self.ctx.Process(target=worker_main, name=f"qitrt-worker-{w.index}", daemon=True,
                                   args=(child, w.device, str(self.cfg.checkpoint), self.cfg.engines,
                                         self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel,
-                                        self.cfg.dtype))
+                                        self.cfg.dtype, self.cfg.trt_options()))
         w.proc.start()
         child.close()
         w.conn, w.pid, w.ready, w.generation = parent, w.proc.pid, False, w.generation + 1

@@ -22,7 +22,7 @@ class BatchCancelled(Exception):
 
 
 def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_threads, cancel,
-                dtype: str = "auto") -> None:
+                dtype: str = "auto", trt_options: dict | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -37,7 +37,7 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, dtype=torch_dtype,
-                             threads=threads)
+                             threads=threads, trt_options=trt_options)
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return

@@ -17,6 +17,26 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def trt_options(weight_streaming_budget=None, cuda_graphs: bool = False) -> dict:
+    """TensorRT runner options from command-line text: the weight-streaming budget as bytes ("2000000000"),
+    a fraction of the streamable weights ("0.5") or "auto"; CUDA graphs per input shape on or off."""
+    budget = weight_streaming_budget
+    if isinstance(budget, str):
+        text = budget.strip().lower()
+        try:
+            budget = text if text == "auto" else float(text) if "." in text or "e" in text else int(text)
+        except ValueError:
+            raise InputError("trt_weight_streaming_budget", weight_streaming_budget,
+                             "bytes (e.g. 20000000000), a fraction in (0, 1] (e.g. 0.5) or auto") from None
+    from qwen_image_trt.runtime.backends.tensorrt_memory import check_budget_value
+
+    check_budget_value(budget)
+    options = {"cuda_graphs": bool(cuda_graphs)}
+    if budget is not None:
+        options["weight_streaming_budget"] = budget
+    return options
+
+
 def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=None, device="cpu",
                 providers=None, precision: str = "fp32", threads: int | None = None,
                 trt_options: dict | None = None) -> Runner:

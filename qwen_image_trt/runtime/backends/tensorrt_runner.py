@@ -1,12 +1,18 @@
 """TensorRT runner: a deserialized engine behind the Runner interface (torch CUDA tensors in and out).
 
-Inputs are bound by name to the callers' torch tensors (no copies), outputs go to buffers this runner
-allocates once per shape and reuses; `execute_async_v3` runs on torch's current CUDA stream, so the
-engine orders with the surrounding torch work without synchronizing. Optionally one CUDA graph is
-captured per static input-shape signature and replayed afterwards (`CudaGraphPolicy` decides when).
+- The plan file is deserialized from a memory map (no second copy of a multi-GB plan in Python bytes).
+- Each runner enqueues on its own CUDA stream, never the legacy default stream; that stream waits for the
+  caller's current torch stream before running, and the caller's stream waits for it afterwards, so the
+  engine orders with the surrounding torch work without a host synchronization.
+- Activation memory is not one static block per context: contexts are created USER_MANAGED and run in a
+  per-device `DeviceArena` shared by every runner of that device, sized to the largest need. A CUDA event
+  orders its users, so two engines never use it at once. When the arena grows its address changes: its
+  `generation` then changes too, and CUDA graphs captured at an older generation are dropped.
+- Optionally one CUDA graph per static input-shape signature (`CudaGraphPolicy`), outputs in a bounded LRU
+  of buffers (`OutputBuffers`), and a weight-streaming budget for engines built with weight streaming.
 
-The binding plan (input/output names, output shapes, dtypes) is made by pure functions over the
-engine/context objects, unit tested with a stand-in engine; running needs TensorRT and a GPU.
+Binding plan, arena sizing and generations, output LRU, graph policy, weight-streaming budget and the call
+order of one inference are unit tested with stand-ins; running an engine needs TensorRT and a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from pathlib import Path
 import torch
 
 from qwen_image_trt.core.errors import EngineMismatchError, InputError
+from qwen_image_trt.core.manifest import TensorRTEngine
+from qwen_image_trt.core.shapes import check_shape_in_profile, profile_from_json
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.backends.tensorrt_memory import (DeviceArena, OutputBuffers, _torch_arena,
+                                                             check_budget_value, deserialize_plan, open_context,
+                                                             refuse_budget, shared_arena)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +49,7 @@ def torch_dtype(trt_dtype) -> torch.dtype:
     return dtype
 
 
+# -- binding plan (pure) ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -93,22 +105,35 @@ def check_feed(spec: TensorSpec, tensor: torch.Tensor) -> None:
                          "within the engine's profile)")
 
 
+# -- CUDA graphs, output buffers, shared activation memory (pure logic, injected allocators) -------------
 class CudaGraphPolicy:
     """Decides, per shape signature, whether a call runs eagerly, captures a CUDA graph, or replays one.
 
     TensorRT must run once at a new shape before capture (it finishes shape-dependent setup lazily), so:
     the first `warmup` calls of a signature run eagerly, the next one captures, later ones replay. At
-    most `max_graphs` graphs are kept; the least recently used is dropped ("evict").
+    most `max_graphs` graphs are kept; the least recently used is dropped. A graph holds the activation
+    arena's address: when the arena's generation changes, every graph is forgotten (`sync_generation`).
     """
 
     EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
 
     def __init__(self, enabled: bool = True, warmup: int = 1, max_graphs: int = 4):
-        if warmup < 1:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise InputError("cuda_graph_warmup", warmup, "an integer >= 1 (TensorRT runs once before capture)")
         self.enabled, self.warmup, self.max_graphs = enabled, warmup, max(1, max_graphs)
         self.seen: dict[tuple, int] = {}
         self.captured: OrderedDict[tuple, None] = OrderedDict()
+        self.generation = None
+
+    def sync_generation(self, generation: int) -> bool:
+        """Forget all graphs when the arena moved since they were captured; True if any were dropped."""
+        if generation == self.generation:
+            return False
+        self.generation = generation
+        dropped = bool(self.captured)
+        self.captured.clear()
+        self.seen.clear()
+        return dropped
 
     def decide(self, signature: tuple) -> str:
         if not self.enabled:
@@ -136,6 +161,22 @@ class CudaGraphPolicy:
         self.enabled = False
 
 
+class _TorchCuda:
+    """The torch.cuda calls the runner makes, in one place, so a test can record their order without a GPU."""
+
+    device = staticmethod(torch.cuda.device)
+    current_stream = staticmethod(torch.cuda.current_stream)
+    stream = staticmethod(torch.cuda.stream)
+    Stream = staticmethod(torch.cuda.Stream)
+    CUDAGraph = staticmethod(torch.cuda.CUDAGraph)
+    graph = staticmethod(torch.cuda.graph)
+
+    @staticmethod
+    def record_stream(tensor, stream):
+        if tensor.is_cuda:  # the caching allocator must not reuse a caller's tensor before our stream is done
+            tensor.record_stream(stream)
+
+
 @dataclass
 class _Graph:
     graph: object
@@ -143,25 +184,35 @@ class _Graph:
     outputs: dict[str, torch.Tensor]
 
 
+# -- the runner -------------------------------------------------------------------------------------------
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
-    def __init__(self, name: str, engine_path, device="cuda", manifest: dict | None = None, *,
-                 cuda_graphs: bool = False, max_graphs: int = 4, copy_outputs: bool = True,
-                 strict_gpu: bool = False, weight_streaming_budget: int | None = None):
-        """`copy_outputs`: return fresh tensors (default). With False, outputs are this runner's reused
-        buffers, valid until the next `infer` of the same shapes (e.g. the stock diffusers pipeline calls the
-        transformer twice per step for CFG, so it needs copies)."""
+    def __init__(self, name: str, engine_path, device="cuda", entry: TensorRTEngine | None = None, *,
+                 cuda_graphs: bool = False, max_graphs: int = 4, cuda_graph_warmup: int = 1,
+                 max_output_buffers: int = 8, copy_outputs: bool = True, strict_gpu: bool = False,
+                 weight_streaming_budget=None, share_memory: bool = True):
+        """`entry`: the engine's manifest entry (compatibility and profile checks). `copy_outputs`: return
+        fresh tensors (default); with False, outputs are reused buffers, valid until the next `infer` of the
+        same shapes. `share_memory`: run in the device's shared activation arena (else a private one)."""
         super().__init__(name, device)
+        check_budget_value(weight_streaming_budget)
+        built_with = None if entry is None else bool(entry.builder.get("weight_streaming"))
+        if weight_streaming_budget is not None and built_with is False:
+            refuse_budget(weight_streaming_budget, name)  # before any work
         self.engine_path = Path(engine_path)
-        self.manifest = manifest
-        self.copy_outputs = copy_outputs
-        self.strict_gpu = strict_gpu
+        self.entry = entry
+        self.copy_outputs, self.strict_gpu, self.share_memory = copy_outputs, strict_gpu, share_memory
         self.weight_streaming_budget = weight_streaming_budget
-        self.graphs = CudaGraphPolicy(enabled=cuda_graphs, max_graphs=max_graphs)
-        self.engine = self.context = self.plan = None
-        self._entry = ((manifest or {}).get("components") or {}).get(name) or {}
-        self._profile = _profile_from_entry(self._entry)
+        self.graphs = CudaGraphPolicy(enabled=cuda_graphs, warmup=cuda_graph_warmup, max_graphs=max_graphs)
+        self.max_output_buffers = max_output_buffers
+        self._outputs = OutputBuffers(max_output_buffers, self._new_output)
+        self._profile = profile_from_json(entry.profiles) if entry is not None else {}
+        self._cuda = _TorchCuda
+        self.engine = self.context = self.plan = self.stream = self._arena = None
+
+    def _new_output(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _activate_impl(self):
@@ -171,49 +222,44 @@ class TensorRTRunner(Runner):
             raise InputError("device", str(self.device), "a CUDA device: TensorRT engines run on NVIDIA GPUs")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         trt = require_tensorrt(index)
-        if self._entry:
+        self.device = torch.device("cuda", index)  # pinned: outputs, stream and arena all live on this GPU
+        if self.entry is not None:
             gpu_name, cc = gpu_info(index)
-            check_engine_compatible(self._entry, trt.__version__, gpu_name, cc, strict_gpu=self.strict_gpu)
+            check_engine_compatible(self.entry, trt.__version__, gpu_name, cc, strict_gpu=self.strict_gpu)
         if not self.engine_path.is_file():
             raise EngineMismatchError(f"{self.engine_path} does not exist: build it with `qitrt build --target tensorrt`")
-        self._trt = trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(index):
-            self.engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-            if self.engine is None:
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with self._cuda.device(index):
+            engine = deserialize_plan(runtime, self.engine_path)
+            if engine is None:
                 raise EngineMismatchError(f"TensorRT {trt.__version__} could not deserialize {self.engine_path} "
                                           "(built by another TensorRT version or for another GPU?): rebuild with "
                                           "`qitrt build --target tensorrt`")
-            if self.weight_streaming_budget is not None and hasattr(self.engine, "weight_streaming_budget_v2"):
-                self.engine.weight_streaming_budget_v2 = int(self.weight_streaming_budget)
-            self.context = self.engine.create_execution_context()
-        self.plan = binding_plan(self.engine, trt.TensorIOMode.INPUT)
-        self._specs = {t.name: t for t in self.plan.inputs}
-        self._last_signature = None
-        self._out_buffers: dict[tuple, torch.Tensor] = {}
-        self._bound_outputs: dict[str, torch.Tensor] = {}
+            built_with = None if self.entry is None else bool(self.entry.builder.get("weight_streaming"))
+            arena = shared_arena(index) if self.share_memory else _torch_arena(index)
+            context = open_context(trt, engine, arena, budget=self.weight_streaming_budget, built_with=built_with,
+                                   name=self.name)
+            self.stream = self._cuda.Stream(index)
+        self._runtime, self.engine, self.context, self._arena = runtime, engine, context, arena
+        self.plan = binding_plan(engine, trt.TensorIOMode.INPUT)
+        self._last_signature = self._memory_generation = None
         self._graphs: dict[tuple, _Graph] = {}
 
     def _deactivate_impl(self):
+        if self.stream is not None:
+            self.stream.synchronize()  # in-flight work still reads the buffers dropped below
         self._graphs = {}
-        self._out_buffers = {}
-        self._bound_outputs = {}
-        self.context = self.engine = self._runtime = None
+        self._outputs.clear()
+        if self._arena is not None:
+            self._arena.detach()
+        self.context = self.engine = self._runtime = self._arena = self.stream = None
 
     def _input_metadata_impl(self):
-        symbolic = {i["name"]: i.get("shape") for i in self._entry.get("inputs", [])}
-        meta = {}
-        for spec in self.plan.inputs:
-            names = symbolic.get(spec.name) or []
-            shape = [d if d >= 0 else (str(names[k]) if k < len(names) else f"dim{k}") for k, d in enumerate(spec.shape)]
-            meta[spec.name] = (str(spec.dtype).removeprefix("torch."), shape)
-        return meta
+        return {s.name: (str(s.dtype).removeprefix("torch."), [d if d >= 0 else f"dim{k}" for k, d in enumerate(s.shape)])
+                for s in self.plan.inputs}
 
     # -- inference ------------------------------------------------------------------------------------
     def _prepare(self, feeds) -> dict[str, torch.Tensor]:
-        from qwen_image_trt.core.shapes import check_shape_in_profile
-
         ready = {}
         for spec in self.plan.inputs:
             t = feeds[spec.name]
@@ -224,88 +270,91 @@ class TensorRTRunner(Runner):
             ready[spec.name] = t
         return ready
 
-    def _set_shapes(self, feeds, signature):
-        if signature == self._last_signature:
-            return
-        for name, shape in signature:
-            if not self.context.set_input_shape(name, shape):
-                raise InputError(name, list(shape), "a shape inside the engine's optimization profile")
-        shapes = output_shapes(self.context, self.plan)
-        self._bound_outputs = {}
-        for spec in self.plan.outputs:
-            key = (spec.name, shapes[spec.name])
-            if key not in self._out_buffers:
-                self._out_buffers[key] = torch.empty(shapes[spec.name], dtype=spec.dtype, device=self.device)
-            self._bound_outputs[spec.name] = self._out_buffers[key]
-        self._last_signature = signature
-
-    def _bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        for name, t in inputs.items():
-            self.context.set_tensor_address(name, t.data_ptr())
-        for name, t in outputs.items():
-            self.context.set_tensor_address(name, t.data_ptr())
-
-    def _execute(self, stream) -> None:
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT engine {self.engine_path.name} failed to enqueue (see the TensorRT log)")
-
     def _infer_impl(self, feeds):
-        with torch.cuda.device(self.device):
-            inputs = self._prepare(feeds)
+        with self._cuda.device(self.device):
+            inputs = self._prepare(feeds)  # on the caller's stream
             signature = shape_signature(inputs, self.plan.input_names)
-            stream = torch.cuda.current_stream(self.device)
-            action = self.graphs.decide(signature)
-            if action == CudaGraphPolicy.REPLAY:
-                g = self._graphs[signature]
+            caller = self._cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # the inputs the caller wrote are ready
+            for t in inputs.values():
+                self._cuda.record_stream(t, self.stream)
+            try:
+                with self._arena.use(self.stream) as arena:
+                    outs = self._run(inputs, signature, arena)
+            finally:
+                caller.wait_stream(self.stream)  # the caller's next kernels see the outputs
+            return {n: (t.clone() if self.copy_outputs else t) for n, t in outs.items()}
+
+    def _run(self, inputs, signature, arena) -> dict[str, torch.Tensor]:
+        if self.graphs.sync_generation(arena.generation):
+            self._graphs.clear()  # they hold the arena's old address
+        action = self.graphs.decide(signature)
+        if action == CudaGraphPolicy.REPLAY:
+            g = self._graphs[signature]
+            with self._cuda.stream(self.stream):
                 for name, t in inputs.items():
                     g.inputs[name].copy_(t)
                 g.graph.replay()
-                outs = g.outputs
-            else:
-                self._set_shapes(inputs, signature)
-                if action == CudaGraphPolicy.CAPTURE:
-                    outs = self._capture(signature, inputs, stream)
-                else:
-                    self._bind(inputs, self._bound_outputs)
-                    self._execute(stream)
-                    outs = self._bound_outputs
-            return {n: (t.clone() if self.copy_outputs else t) for n, t in outs.items()}
+            return g.outputs
+        outputs = self._set_shapes(signature)
+        self._bind_memory(arena)
+        if action == CudaGraphPolicy.CAPTURE:
+            return self._capture(signature, inputs, outputs)
+        self._bind(inputs, outputs)
+        self._execute()
+        return outputs
 
-    def _capture(self, signature, inputs, stream) -> dict[str, torch.Tensor]:
+    def _set_shapes(self, signature) -> dict[str, torch.Tensor]:
+        if signature != self._last_signature:
+            for name, shape in signature:
+                if not self.context.set_input_shape(name, shape):
+                    raise InputError(name, list(shape), "a shape inside the engine's optimization profile")
+            self._last_signature = signature
+        shapes = output_shapes(self.context, self.plan)
+        return {s.name: self._outputs.get(s.name, shapes[s.name], s.dtype) for s in self.plan.outputs}
+
+    def _bind_memory(self, arena) -> None:
+        """Give the context the arena, grown first if these shapes need more than it holds."""
+        update = getattr(self.context, "update_device_memory_size_for_shapes", None)
+        need = int(update()) if update is not None else engine_memory_size(self.engine)
+        if arena.reserve(need) and self.graphs.sync_generation(arena.generation):
+            self._graphs.clear()
+        if self._memory_generation != arena.generation:
+            if hasattr(self.context, "set_device_memory"):
+                self.context.set_device_memory(arena.ptr, arena.size)
+            else:  # TensorRT 10.0
+                self.context.device_memory = arena.ptr
+            self._memory_generation = arena.generation
+
+    def _bind(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        for name, t in (*inputs.items(), *outputs.items()):
+            self.context.set_tensor_address(name, t.data_ptr())
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT engine {self.engine_path.name} failed to enqueue (see the TensorRT log)")
+
+    def _capture(self, signature, inputs, outputs) -> dict[str, torch.Tensor]:
         # The graph reads fixed addresses: give it its own input copies and output buffers.
-        static_in = {n: t.clone() for n, t in inputs.items()}
-        static_out = {n: torch.empty_like(t) for n, t in self._bound_outputs.items()}
+        with self._cuda.stream(self.stream):
+            static_in = {n: t.clone() for n, t in inputs.items()}
+            static_out = {n: torch.empty_like(t) for n, t in outputs.items()}
         self._bind(static_in, static_out)
         # One eager run at these shapes and addresses right before capture: TensorRT finishes shape-dependent
         # setup lazily on the first enqueue, which must not land inside the graph. It also gives this call's result.
-        self._execute(stream)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        self._execute()
+        graph = self._cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=side):
-                self._execute(side)
+            with self._cuda.graph(graph, stream=self.stream):
+                self._execute()
         except Exception as e:  # some engines cannot be captured; keep running eagerly
             log.warning("tensorrt: CUDA graph capture failed for %s (%s); running without graphs", self.name, e)
             self.graphs.capture_failed(signature)
-            stream.wait_stream(side)
-            self._last_signature = None
             return static_out  # the eager run above already computed this call
-        stream.wait_stream(side)  # capture records only; static_out holds the eager run's result
         self._graphs[signature] = _Graph(graph, static_in, static_out)
         for old in self.graphs.captured_ok(signature):
             self._graphs.pop(old, None)
-        self._last_signature = None  # addresses now point at the graph's buffers: rebind on the next eager call
         return static_out
-
-
-def _profile_from_entry(entry: dict):
-    from qwen_image_trt.core.shapes import profile_from_json
-
-    try:
-        return profile_from_json(entry.get("profiles") or {})
-    except (KeyError, TypeError, AttributeError):
-        return {}
 
 
 __all__ = ["TensorRTRunner", "CudaGraphPolicy", "binding_plan", "output_shapes", "torch_dtype", "shape_signature",
