@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from qwen_image_trt.compile.export import export_onnx
+from qwen_image_trt.models.tiny import make_tiny_checkpoint
+from qwen_image_trt.parity.run import ParityConfig, run_parity
+from qwen_image_trt.runtime.generate import generate_image
+
 
 def quickstart(workdir: str | Path = "runs/quickstart") -> int:
-    from qwen_image_trt.compile.export import export_onnx
-    from qwen_image_trt.models.tiny import make_tiny_checkpoint
-    from qwen_image_trt.parity.run import ParityConfig, run_parity
-    from qwen_image_trt.runtime.generate import generate_image
-
     work = Path(workdir)
     checkpoint, engines = work / "qwen-image-tiny", work / "engines-fp32"
     timings = {}

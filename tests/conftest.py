@@ -6,6 +6,17 @@ import os
 
 import pytest
 
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (real-width graphs of several GB, long sweeps) run only with QITRT_SLOW=1."""
+    if os.environ.get("QITRT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: opt-in with QITRT_SLOW=1 (needs several GB of RAM and disk)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

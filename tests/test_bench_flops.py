@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_image_trt.bench import devices, flops
+from qwen_image_trt.bench import devices
+from qwen_image_trt.models import flops
 
 # dim 4 (1 head x 4), 1 layer, 8 latent channels in, text width 6, 8 features out (2x2 patches x 2 channels)
 HAND = dict(num_attention_heads=1, attention_head_dim=4, num_layers=1, in_channels=8, out_channels=2,

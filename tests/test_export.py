@@ -1,7 +1,6 @@
 """Export: the wrapper equals the stock module; graphs are valid, dynamic, resumable and described by a manifest."""
 
 import copy
-import json
 
 import numpy as np
 import onnx

@@ -12,8 +12,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as T
-from onnx import helper, numpy_helper
+from onnx import TensorProto as T, helper, numpy_helper
 
 from qwen_image_trt.compile.lint import add_lint_parser, lint_main, lint_onnx
 

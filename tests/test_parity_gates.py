@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_image_trt.parity.run import OUTPUTS_FILE, ParityConfig, run_parity
+from qwen_image_trt.parity.run import ParityConfig, run_parity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = dict(steps=2, sizes=[(32, 32)], batches=[1], image_size=(64, 64), progress=False)
@@ -121,3 +121,10 @@ def test_broken_quantization_fails_its_parity_gates(tiny_checkpoint, int8_folder
     assert gates <= _failed(report), report.data["quantization"]
     # The old gate alone: closeness to fp32 per forward stays high with these broken numbers.
     assert min(r["cosine"] for r in report.data["forward"]) > 0.99
+
+
+def test_non_finite_outputs_fail_the_finiteness_gate(tiny_checkpoint, tiny_engines, tmp_path):
+    bad = _broken_copy(tiny_engines, tmp_path / "nan", "vae_decoder",
+                       lambda n: n.startswith("vae.decoder.conv_out") and n.endswith("bias"), float("nan"))
+    report = run_parity(ParityConfig(checkpoint=tiny_checkpoint, engines=bad, out=tmp_path / "r", **SMALL))
+    assert "all_outputs_finite" in _failed(report)

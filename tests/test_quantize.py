@@ -148,7 +148,6 @@ def test_qdq_exactly_on_the_recipes_layers(quantized, precision, tiny_checkpoint
 def test_int8_graph_carries_smoothquants_smoothing(quantized):
     """The recipe says SmoothQuant: each int8 activation is multiplied by its per-channel smoothing factors before
     quantization, and those factors are not all one (plain max calibration would leave no Mul)."""
-    from onnx import numpy_helper
 
     from qwen_image_trt.compile.onnx_io import load_structure
 
@@ -215,28 +214,37 @@ def _break_graph(folder, out, which: str, factor: float):
             v.const_value = ir.tensor(v.const_value.numpy() * factor, name=name)
         if which == "smoothing" and name.endswith(".pre_quant_scale"):
             v.const_value = ir.tensor(np.ones_like(v.const_value.numpy()), name=name)
+        shape = tuple(v.const_value.shape) if v.const_value is not None else ()
+        if which == "weight_layout" and name.endswith(".weight.quantized") and len(shape) == 2 \
+                and shape[0] == shape[1]:  # square: transposed, it has the right shape and every number is right
+            w = np.ascontiguousarray(v.const_value.numpy().T)
+            v.const_value = ir.tensor(w, dtype=v.const_value.dtype, name=name)
     onnx_io.save(model, path)
     return path
 
 
-@pytest.mark.parametrize("precision,which,factor", [
-    ("int8", "activation_scale", 4.0), ("int8", "weight_scale", 0.25), ("int8", "smoothing", 1.0),
-    # fp8 is floating point: a power-of-two scale error only moves values into the subnormal range (x4 changes
-    # nothing measurable, x16 does); a saturating or non-power-of-two error changes every value.
-    ("fp8", "activation_scale", 0.25), ("fp8", "activation_scale", 3.0), ("fp8", "activation_scale", 16.0),
-    ("fp8", "weight_scale", 0.25)])
-def test_broken_scales_fail_the_evidence_gate(quantized, tmp_path, precision, which, factor):
+@pytest.mark.parametrize("precision,which,factor,says", [
+    ("int8", "activation_scale", 4.0, "activation scale in the graph is 4x"),
+    ("int8", "weight_scale", 0.25, "weight scale in the graph is 0.25x"),
+    ("int8", "smoothing", 1.0, "smoothing factor"),
+    # fp8 is floating point: an activation scale off by x4 changes the output by nothing measurable (a power-of-two
+    # rescaling only moves values into the subnormal range); the per-layer numbers still show it.
+    ("fp8", "activation_scale", 4.0, "activation scale in the graph is 4x"),
+    ("fp8", "activation_scale", 0.25, "activation scale in the graph is 0.25x"),
+    ("fp8", "weight_scale", 0.25, "weight scale in the graph is 0.25x"),
+    # every number right, the square weights stored transposed: only the end-to-end comparison can see it
+    ("int8", "weight_layout", 1.0, "disagrees with ModelOpt's fake-quantized model"),
+    ("fp8", "weight_layout", 1.0, "disagrees with ModelOpt's fake-quantized model")])
+def test_broken_graphs_are_refused(quantized, tmp_path, precision, which, factor, says):
     """Controls: activation scales off, weights dequantized with another scale than they were quantized with,
-    smoothing dropped. Each must fail the gate, with a message that names scales/smoothing, while closeness to
-    fp32 alone would not see them (the blocks contribute ~5% of the tiny model's output)."""
+    smoothing dropped, weights in the wrong layout. Each is refused with a message saying what is wrong, while
+    closeness to fp32 alone would not see them (the blocks contribute ~5% of the tiny model's output)."""
+    from qwen_image_trt.compile.quantize import verify_graph
     from qwen_image_trt.core import quant_evidence
-    from qwen_image_trt.compile.quantize import _check_in_onnxruntime
 
-    folder = quantized[precision]
-    m, _ = _graph(folder)
-    path = _break_graph(folder, tmp_path / "broken", which, factor)
-    with pytest.raises(QitrtError, match="disagrees with ModelOpt's fake-quantized model.*scale"):
-        _check_in_onnxruntime(path, tmp_path / "broken" / quant_evidence.EVIDENCE_FILE, "fp32", precision)
+    path = _break_graph(quantized[precision], tmp_path / "broken", which, factor)
+    with pytest.raises(QitrtError, match=says):
+        verify_graph(path, tmp_path / "broken" / quant_evidence.EVIDENCE_FILE, "fp32", precision)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

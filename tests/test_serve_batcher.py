@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.runtime.limits import Limits
 from qwen_image_trt.serve.batcher import Batcher, Item, QueueFull
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.protocol import ImageRequest, check_params
-from qwen_image_trt.runtime.limits import Limits
-from qwen_image_trt.core.errors import InputError
 
 A, B = (64, 64, 2, False), (64, 64, 2, True)
 

@@ -465,3 +465,428 @@ def test_build_checks_arguments_before_tensorrt(tmp_path, monkeypatch):
     with pytest.raises(QitrtError, match="TensorRT is not available"):
         build()
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+# -- every number and name the builder writes, pinned (mutation testing: docs/testing.md) --------------------------
+def _refused(excinfo, field, value, allowed):
+    """An InputError names the field, the value given and what is allowed (core/errors.py)."""
+    e = excinfo.value
+    assert (e.field, e.value, e.allowed) == (field, value, allowed)
+
+
+def test_cache_key_is_stable_across_releases():
+    """The key formula is part of the engine folder's contract: the same inputs give this exact key, so a release
+    that renames a field or serializes differently (and would rebuild every engine) fails here first."""
+    key = te.engine_cache_key(**KEY_ARGS)
+    assert key == "a2ccc53dfc9e1a7b8bcb93b1e96ce8c1b6c43d4ca6d95e77d6d1ae4ea0f0dcad", key
+    no_profile = te.engine_cache_key(**{**KEY_ARGS, "profiles": None, "recipe": {"when": Path("/x")}})
+    assert no_profile == "0", no_profile
+
+
+def test_builder_settings_bounds_and_messages():
+    assert builder_settings("fp16", opt_level=0)["optimization_level"] == 0
+    assert builder_settings("fp16", opt_level=5)["optimization_level"] == 5
+    assert builder_settings("fp16", workspace_bytes=1)["workspace_bytes"] == 1
+    assert builder_settings("fp16", weight_streaming=1)["weight_streaming"] is True
+    for bad in (6, -1, 2.0):
+        with pytest.raises(InputError) as e:
+            builder_settings("fp16", opt_level=bad)
+        _refused(e, "opt_level", bad, "an integer in [0, 5] (TensorRT builder optimization level)")
+    with pytest.raises(InputError) as e:
+        builder_settings("fp16", tf32=1)
+    _refused(e, "tf32", 1, "True, False or None (None: off for fp32 builds, on otherwise)")
+    for bad in (0, -5, True, 1.5):
+        with pytest.raises(InputError) as e:
+            builder_settings("fp16", workspace_bytes=bad)
+        _refused(e, "workspace_bytes", bad, "a positive number of bytes, or None (TensorRT's default)")
+
+
+@pytest.mark.parametrize("text", ["9", "ab", "", "sm", (9,)])
+def test_normalize_cc_refuses_what_is_not_a_capability(text):
+    with pytest.raises((InputError, IndexError)) as e:
+        te.normalize_cc(text)
+    if not isinstance(text, tuple):
+        _refused(e, "compute_capability", text, 'e.g. "9.0", (9, 0) or "sm90"')
+
+
+def test_normalize_cc_more_spellings():
+    assert te.normalize_cc("SM_89") == "8.9" and te.normalize_cc(9.0) == "9.0" and te.normalize_cc([12, 1]) == "12.1"
+    assert te.normalize_cc("sm100") == "10.0" and te.normalize_cc("10.3") == "10.3"
+
+
+def test_check_engine_compatible_names_the_engine_and_both_sides(caplog):
+    fix = "rebuild with `qitrt build ... --target tensorrt` on this machine"
+    entry = {"engine_file": "old.plan", "tensorrt": "10.1", "compute_capability": "9.0", "gpu": "NVIDIA H100"}
+    with pytest.raises(EngineMismatchError) as e:
+        te.check_engine_compatible(entry, "10.2", "NVIDIA H100", "9.0")
+    assert str(e.value) == f"old.plan was built with TensorRT 10.1, this machine has TensorRT 10.2: {fix}"
+    with pytest.raises(EngineMismatchError) as e:
+        te.check_engine_compatible({**entry, "file": "new.plan"}, "10.1", "NVIDIA L40S", (8, 9))
+    assert str(e.value) == f"new.plan was built for compute capability 9.0 (NVIDIA H100), this GPU (NVIDIA L40S) is " \
+                           f"8.9: {fix}"
+    for partial in ({"tensorrt": "10.1"}, {"compute_capability": "9.0"}, {}):
+        with pytest.raises(EngineMismatchError) as e:
+            te.check_engine_compatible(partial, "10.1", "NVIDIA H100", "9.0")
+        assert str(e.value) == f"engine: the manifest entry does not say which TensorRT/GPU built it; {fix}"
+    with pytest.raises(EngineMismatchError) as e:
+        te.check_engine_compatible(entry, "10.1", "NVIDIA H100 PCIe", "9.0", strict_gpu=True)
+    assert str(e.value) == ("old.plan was built on NVIDIA H100, running on NVIDIA H100 PCIe (same compute capability "
+                            f"9.0): it runs, but tactics were timed on the other GPU; {fix}")
+    with caplog.at_level(logging.WARNING):
+        te.check_engine_compatible({**entry, "gpu": None}, "10.1", "NVIDIA H100 PCIe", "9.0", strict_gpu=True)
+        te.check_engine_compatible(entry, "10.1", "", "9.0", strict_gpu=True)  # the GPU's name is unknown here
+        te.check_engine_compatible(entry, "10.1", "NVIDIA H100", "9.0", strict_gpu=True)
+    assert not caplog.records
+
+
+def test_require_tensorrt_checks_the_gpu_it_is_asked_for(monkeypatch):
+    import torch
+
+    trt = types.SimpleNamespace(__version__="10.13.0.35")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert te.require_tensorrt() is trt and te.require_tensorrt(0) is trt
+    with pytest.raises(QitrtError, match="no CUDA GPU 1 is visible"):
+        te.require_tensorrt(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QitrtError, match=r"no CUDA GPU 0 is visible .*TensorRT engines are built and run on an "
+                                         r"NVIDIA GPU$"):
+        te.require_tensorrt(0)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(QitrtError, match=r"^TensorRT is not available here \(ImportError: "):
+        te.require_tensorrt()
+
+
+def test_trt_major_of_odd_versions():
+    from qwen_image_trt.core.tensorrt import _major
+
+    assert te.trt_major(types.SimpleNamespace()) == 0 and te.trt_major(types.SimpleNamespace(__version__="11.2")) == 11
+    assert _major("rc1") == 0 and _major(10) == 10 and _major("10.13.0.35") == 10
+
+
+def test_gpu_info_reads_the_device_asked_for(monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: seen.append(d) or (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: seen.append(d) or "NVIDIA L40S")
+    from qwen_image_trt.core.tensorrt import gpu_info
+
+    assert gpu_info(3) == ("NVIDIA L40S", "8.9") and seen == [3, 3]
+    assert te._cuda_device(2).idx == 2  # torch.cuda.device(2): entered only around the build
+
+
+def test_resolve_profile_edge_cases(caplog):
+    with pytest.raises(InputError) as e:
+        te.resolve_profile({"latents": (-1, 16)}, {"other": ((1,), (1,), (1,))})
+    _refused(e, "profiles", ["other"], "profiles for the network's inputs ['latents']")
+    with pytest.raises(InputError) as e:
+        te.resolve_profile({"latents": (1, 16), "extra": (2, -1)}, {"latents": ((1, 16), (1, 16), (1, 16))})
+    _refused(e, "profiles", ["latents"], "a profile for dynamic input 'extra' [2, -1]")
+    with pytest.raises(InputError) as e:
+        te.resolve_profile({"latents": (-1, 16, 1)}, {"latents": ((1, 16), (1, 16), (2, 16))})
+    _refused(e, "profiles[latents]", [[1, 16], [1, 16], [2, 16]], "shapes of rank 3 (network input [-1, 16, 1])")
+    # static inputs (0-sized dims included) need no profile, and do not stop the inputs after them
+    net = {"static": (1, 3), "empty": (0, 4), "latents": (-1, 0, -1)}
+    prof = {"latents": ((1, 0, 4), (2, 0, 8), (4, 0, 16))}
+    with caplog.at_level(logging.WARNING):
+        assert te.resolve_profile(net, prof) == prof
+    assert not caplog.records  # the profile agrees with the network: nothing to say
+    with caplog.at_level(logging.WARNING):
+        assert te.resolve_profile(net, {"latents": ((1, 5, 4), (2, 5, 8), (4, 6, 16))}) == prof
+    assert [r.getMessage() for r in caplog.records] == \
+        ["profile for latents: static dims taken from the network [-1, 0, -1] (profile said [1, 5, 4]..[4, 6, 16])"]
+
+
+def test_limits_from_profiles_per_component():
+    dec = {"latents": ((1, 16, 1, 4, 6), (1, 16, 1, 8, 8), (3, 16, 1, 10, 12))}
+    enc = {"images": ((1, 3, 1, 32, 48), (2, 3, 1, 64, 64), (4, 3, 1, 80, 96))}
+    tx = {"hidden_states": ((1, 16, 64), (2, 64, 64), (3, 256, 64))}
+    assert te.limits_from_profiles("vae_decoder", dec) == {"height": [32, 80], "width": [48, 96], "batch": [1, 3]}
+    assert te.limits_from_profiles("vae_encoder", enc) == {"height": [32, 80], "width": [48, 96], "batch": [1, 4]}
+    assert te.limits_from_profiles("transformer", tx) == {"batch": [1, 1], "image_tokens": [16, 256]}
+    assert te.limits_from_profiles("transformer", tx, cfg=False) == {"batch": [1, 3], "image_tokens": [16, 256]}
+    one = {"hidden_states": ((1, 16, 64), (1, 16, 64), (1, 16, 64))}
+    assert te.limits_from_profiles("transformer", one) == {"batch": [1, 1], "image_tokens": [16, 16]}
+    # a profile says something only about its own component's input
+    for component, p in (("transformer", dec), ("vae_decoder", enc), ("transformer", enc), ("vae_encoder", tx),
+                         ("vae_decoder", tx), ("text_encoder", dec), ("vae_encoder", dec)):
+        assert te.limits_from_profiles(component, p) == {}, component
+
+
+def test_graph_identity_messages(tmp_path):
+    src = _source(tmp_path / "g")
+    with pytest.raises(InputError) as e:
+        te.graph_identity(tmp_path / "missing", src)
+    path = str(tmp_path / "missing" / "vae_decoder.onnx")
+    _refused(e, "source", path, "an existing .onnx graph (run `qitrt export` first)")
+    unhashed = src.model_copy(update={"graph": src.graph.model_copy(update={"external_data_sha256": None})})
+    with pytest.raises(EngineMismatchError) as e:
+        te.graph_identity(tmp_path / "g", unhashed)
+    assert str(e.value).endswith("'vae_decoder.onnx.data', so an engine built from it could go stale unnoticed: "
+                                 "re-export with this version of qwen-image-trt")
+    (tmp_path / "g" / "vae_decoder.onnx.data").write_bytes(b"\0" * 64)  # other weights under the manifest's name
+    with pytest.raises(EngineMismatchError) as e:
+        te.graph_identity(tmp_path / "g", src)
+    assert str(e.value).endswith("changed since its manifest was written: re-run `qitrt export`/`qitrt quantize` "
+                                 "(or `qitrt build --force`)")
+
+
+def test_network_flags_and_strong_typing_by_version():
+    flag = _Flag("STRONGLY_TYPED", 1)
+    assert te.network_flags(types.SimpleNamespace(__version__="11.0.0")) == 0  # no flag enum at all
+    with pytest.raises(QitrtError, match=r"^TensorRT 10.3 has no STRONGLY_TYPED network flag: TensorRT >= 10 is "):
+        te.network_flags(types.SimpleNamespace(__version__="10.3"))
+    for version in ("10.13", "11.0"):
+        trt = types.SimpleNamespace(__version__=version,
+                                    NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=flag))
+
+        class Network:  # says whether it is strongly typed only when asked for that flag
+            def get_flag(self, f):
+                return f is not flag
+
+        net = Network()
+        builder = types.SimpleNamespace(create_network=lambda flags: net)
+        if version == "11.0":  # TensorRT 11 networks are always strongly typed: not asked
+            assert te.create_network(trt, builder) is net
+        else:
+            with pytest.raises(QitrtError) as e:
+                te.create_network(trt, builder)
+            assert str(e.value) == ("TensorRT created a network that is not strongly typed: the graph's Q/DQ nodes "
+                                    "and casts would not fix its precision")
+        old = types.SimpleNamespace()  # a network that cannot say (no get_flag): taken as created
+        assert te.create_network(trt, types.SimpleNamespace(create_network=lambda flags: old)) is old
+
+
+def test_configure_builder_passes_the_objects_it_made():
+    log = []
+    trt = _fake_trt(log)
+    builder = trt.Builder(None)
+    network = builder.create_network(2)
+    monitor = object()
+    config, resolved = te.configure_builder(trt, builder, network, PROF, SETTINGS, progress_monitor=monitor)
+    assert resolved == PROF
+    calls = {c[0]: c for c in log}
+    profile = [c for c in log if c[0] == "builder.create_optimization_profile"]
+    assert len(profile) == 1 and calls["config.add_optimization_profile"][1][0]._name == "profile"
+    assert calls["config.progress_monitor="][1] == (monitor,)
+    assert calls["config.set_timing_cache"][2] == {"ignore_mismatch": False}
+    log.clear()
+    te.configure_builder(trt, builder, _Rec(log, "static", get_input=None), {}, SETTINGS)  # nothing dynamic
+    assert "builder.create_optimization_profile" not in _names(log) and "config.progress_monitor=" not in _names(log)
+
+
+class _StrictConfig:
+    """An IBuilderConfig's timing-cache calls: garbage is not a cache, set_timing_cache takes only caches."""
+
+    def __init__(self, log, on_disk_ok=True):
+        self.log, self.on_disk_ok = log, on_disk_ok
+
+    def create_timing_cache(self, data):
+        self.log.append(("create", bytes(data)))
+        if data and not bytes(data).startswith(b"["):
+            raise RuntimeError("not a timing cache")
+        return _Cache(self.log, json.loads(bytes(data)) if data else ())
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.log.append(("set", sorted(cache.entries), ignore_mismatch))
+        return isinstance(cache, _Cache) and self.on_disk_ok
+
+    def get_timing_cache(self):
+        return None
+
+
+def test_timing_cache_that_is_not_one_starts_empty(caplog):
+    log = []
+    with caplog.at_level(logging.WARNING):
+        te._set_timing_cache(_StrictConfig(log), b"garbage")
+    assert log == [("create", b"garbage"), ("create", b""), ("set", [], False)]
+    assert caplog.records[0].getMessage() == (
+        "tensorrt: the timing cache file is unreadable or was made by another TensorRT version or GPU; starting from "
+        "an empty cache (use one timing cache file per GPU model)")
+    log.clear()
+    te._set_timing_cache(_StrictConfig(log), b'["a"]')
+    assert log == [("create", b'["a"]'), ("set", ["a"], False)]  # a good cache is used as it is, mismatches refused
+    log.clear()
+    te._set_timing_cache(_StrictConfig(log, on_disk_ok=False), b'["a"]')  # TensorRT refused it (other GPU)
+    assert log[-2:] == [("create", b""), ("set", [], False)]
+
+
+def test_merge_timing_cache_edge_cases(tmp_path, caplog):
+    log = []
+    assert te.merge_timing_cache(_StrictConfig(log), tmp_path / "x.cache") is False  # the build made no cache
+    assert not (tmp_path / "x.cache").exists()
+    config = _config(log, ["mine"], new_entries=["new"])
+    path = tmp_path / "new" / "dir" / "timing.cache"  # first build: no file, no folder yet
+    assert te.merge_timing_cache(config, path) is True
+    assert json.loads(path.read_text()) == ["mine", "new"]
+    path.write_bytes(b"")  # an empty file (a crashed writer) is replaced, not read
+    assert te.merge_timing_cache(_config(log, ["mine"], new_entries=[]), path) is True
+    assert json.loads(path.read_text()) == ["mine"]
+    path.write_bytes(b"not a cache")
+    strict = _StrictConfig(log)
+    strict.get_timing_cache = lambda: _Cache(log, ["mine"])
+    with caplog.at_level(logging.WARNING):
+        assert te.merge_timing_cache(strict, path) is False
+    assert path.read_bytes() == b"not a cache"
+    assert caplog.records[-1].getMessage() == (
+        f"tensorrt: {path} holds a timing cache of another TensorRT version or GPU; left unchanged, this build's "
+        "timings are not saved")
+
+
+def test_parser_errors_show_the_first_twenty(tmp_path):
+    log = []
+    trt = _fake_trt(log)
+    made = []
+
+    def parser(net, logger):
+        made.append((net, logger))
+        p = _Rec(log, "parser", parse_from_file=lambda path: False, get_error=lambda i: f"e{i}")
+        object.__setattr__(p, "num_errors", 25)
+        return p
+    trt.OnnxParser = parser
+    network, logger = object(), object()
+    with pytest.raises(QitrtError) as e:
+        te._parse_onnx(trt, network, logger, tmp_path / "g.onnx")
+    assert made == [(network, logger)]
+    assert str(e.value) == (f"TensorRT's ONNX parser rejected {tmp_path / 'g.onnx'} (25 error(s)):\n  "
+                            + "\n  ".join(f"e{i}" for i in range(20)) + f"\nrun `qitrt lint {tmp_path / 'g.onnx'}` "
+                            "for a static check")
+
+
+def test_build_plan_wires_one_logger_network_and_config(tmp_path, caplog):
+    log = []
+    trt = _fake_trt(log)
+    builder = trt.Builder(None)
+    seen = {}
+    builder._answers["build_serialized_network"] = lambda net, cfg: seen.update(net=net, cfg=cfg) or b"PLAN"
+    trt.Builder = lambda logger: (seen.update(builder_logger=logger), builder)[1]
+    parsers = []
+    trt.OnnxParser = lambda net, logger: (parsers.append((net, logger)),
+                                          _Rec(log, "parser", parse_from_file=lambda p: True))[1]
+    loggers = []
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: loggers.append((self, level))})
+    plan, resolved = te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS)
+    assert plan == b"PLAN" and resolved == PROF
+    (logger, level), = loggers
+    assert level == 2 and seen["builder_logger"] is logger
+    assert parsers[0][1] is logger and parsers[0][0] is seen["net"] and seen["net"]._name == "network"
+    assert seen["cfg"]._name == "config"
+    # a failed build still merges its timing cache; an unsavable cache is a warning, not a second error
+    builder._answers["build_serialized_network"] = lambda net, cfg: None
+    (tmp_path / "file").write_text("")
+    with caplog.at_level(logging.WARNING), pytest.raises(QitrtError, match="could not build"):
+        te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS, timing_cache=tmp_path / "file" / "timing.cache")
+    msg = caplog.records[-1].getMessage()
+    assert msg.startswith(f"tensorrt: could not save the timing cache to {tmp_path / 'file' / 'timing.cache'}: ") \
+        and "Errno" in msg
+
+
+def test_progress_bars_nest_by_phase():
+    inits = []
+
+    class IProgressMonitor:
+        def __init__(self):
+            inits.append(self)
+
+    trt = types.SimpleNamespace(IProgressMonitor=IProgressMonitor)
+    assert te._progress_monitor(types.SimpleNamespace(), "x") is None  # TensorRT without progress monitors
+    mon = te._progress_monitor(trt, "vae_decoder")
+    assert inits == [mon] and mon.bars == {}
+    mon.phase_start("build", None, 10)
+    mon.phase_start("tactics", "build", 4)
+    mon.phase_start("layer", "tactics", 2)
+    bars = {k: v[0] for k, v in mon.bars.items()}
+    assert {k: v[1] for k, v in mon.bars.items()} == {"build": None, "tactics": "build", "layer": "tactics"}
+    assert [(b.total, b.desc, b.leave, b.pos) for b in bars.values()] == [
+        (10, "vae_decoder: build", True, 0), (4, "vae_decoder: tactics", False, -1),
+        (2, "vae_decoder: layer", False, -2)]
+    assert mon.step_complete("build", 2) is True and bars["build"].n == 3
+    assert mon.step_complete("build", 6) is True and bars["build"].n == 7  # steps are 0-based, the bar counts done
+    assert mon.step_complete("unknown", 1) is True  # a phase we never saw start: no bar, build goes on
+    mon.phase_finish("layer")
+    assert "layer" not in mon.bars and bars["layer"].disable and not bars["build"].disable
+    mon.phase_finish("never-started")
+    mon.phase_finish("tactics"), mon.phase_finish("build")
+    assert mon.bars == {} and bars["build"].disable
+
+
+def _plan_builds(fake_gpu, plan=b"PLAN-BYTES", **kw):
+    """The stand-in, with a builder that returns `plan` (bytes TensorRT would serialize; never loaded here)."""
+    log = fake_gpu(**kw)
+    builder = sys.modules["tensorrt"].Builder(None)
+    builder._answers["build_serialized_network"] = lambda net, cfg: plan
+    log.clear()
+    return log
+
+
+def test_successful_build_writes_plan_profile_and_entry(tmp_path, fake_gpu, monkeypatch, caplog):
+    log = _plan_builds(fake_gpu)
+    devices = []
+    monkeypatch.setattr(te, "gpu_info", lambda device: devices.append(device) or ("NVIDIA H100 80GB HBM3", "9.0"))
+    src = _source(tmp_path / "onnx")
+    out = tmp_path / "deep" / "er" / "out"
+    settings = builder_settings("fp32")
+    key = te.engine_cache_key(src.graph.sha256, src.graph.external_data_sha256, "fp32", {"r": 1}, PROF, TRT_VERSION,
+                              "9.0", settings)
+    name = f"vae_decoder.fp32.trt{TRT_VERSION}.sm90.{key[:12]}.plan"
+    kw = dict(precision="fp32", recipe={"r": 1}, device=1, progress=False)
+    with caplog.at_level(logging.INFO, logger=te.log.name):
+        entry = te.build_tensorrt_engine(tmp_path / "onnx", src, out, "vae_decoder", PROF, **kw)
+    assert devices == [1] and "builder.build_serialized_network" in _names(log)
+    assert (out / name).read_bytes() == b"PLAN-BYTES"
+    assert json.loads((out / name.replace(".plan", ".profile.json")).read_text()) == profile_to_json(PROF)
+    dumped = entry.model_dump()
+    seconds = dumped.pop("seconds")
+    assert isinstance(seconds, float) and 0 <= seconds < 60 and seconds == round(seconds, 3)
+    want = {"file": name, "bytes": 10, "tensorrt": TRT_VERSION, "gpu": "NVIDIA H100 80GB HBM3",
+            "compute_capability": "9.0", "profiles": profile_to_json(PROF), "cache_key": key, "builder": settings,
+            "limits": {"height": [64, 64], "width": [64, 96], "batch": [1, 2]}}
+    assert {k: dumped[k] for k in want} == want
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tensorrt: building {name} from vae_decoder.onnx (fp32, opt level 3, TF32 off)"]
+    # the same key again: reused as it is, not rebuilt; the entry is the fresh build's but for its seconds
+    log.clear(), caplog.clear()
+    with caplog.at_level(logging.INFO, logger=te.log.name):
+        again = te.build_tensorrt_engine(tmp_path / "onnx", src, out, "vae_decoder", PROF, **kw)
+    assert "builder.build_serialized_network" not in _names(log)
+    assert again.model_dump() == {**dumped, "seconds": None}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tensorrt: {name} is up to date (cache key {key[:12]}), not rebuilt"]
+    # force rebuilds; explicit limits are recorded as given
+    entry = te.build_tensorrt_engine(tmp_path / "onnx", src, out, "vae_decoder", PROF, **kw, force=True,
+                                     limits={"batch": [1, 1]})
+    assert "builder.build_serialized_network" in _names(log) and entry.limits == {"batch": [1, 1]}
+    assert entry.seconds is not None
+    # a plan without its profile file is not trusted: rebuilt
+    (out / name.replace(".plan", ".profile.json")).unlink()
+    log.clear()
+    te.build_tensorrt_engine(tmp_path / "onnx", src, out, "vae_decoder", PROF, **kw)
+    assert "builder.build_serialized_network" in _names(log)
+
+
+def test_build_key_covers_its_arguments(tmp_path, fake_gpu):
+    """Each argument that changes the engine changes its file name (the cache key), so nothing stale is reused."""
+    _plan_builds(fake_gpu)
+    src = _source(tmp_path / "onnx")
+    base = dict(precision="fp16", recipe=None, progress=False)
+    build = lambda out, profiles=PROF, **kw: te.build_tensorrt_engine(  # noqa: E731
+        tmp_path / "onnx", src, tmp_path / out, "vae_decoder", profiles, **{**base, **kw}).file
+    names = {build("a"), build("b", recipe={"x": 1}), build("c", precision="bf16"),
+             build("d", profiles=vae_decoder_profile("64x64", 1)), build("e", opt_level=2)}
+    assert len(names) == 5
+    assert build("a").startswith("vae_decoder.fp16.trt10.13.0.35.sm90.")
+    with pytest.raises(InputError) as e:
+        build("f", precision="int4")
+    _refused(e, "precision", "int4", "one of fp32, fp16, bf16, int8, fp8")
+
+
+def test_build_logs_tf32_on_for_reduced_precision(tmp_path, fake_gpu, caplog):
+    _plan_builds(fake_gpu)
+    src = _source(tmp_path / "onnx")
+    with caplog.at_level(logging.INFO, logger=te.log.name):
+        e = te.build_tensorrt_engine(tmp_path / "onnx", src, tmp_path / "o", "vae_decoder", PROF, precision="bf16",
+                                     opt_level=5, progress=False)
+    assert caplog.records[0].getMessage() == f"tensorrt: building {e.file} from vae_decoder.onnx (bf16, opt level 5, " \
+                                             "TF32 on)"

@@ -20,8 +20,7 @@ import torch
 from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtError
 from qwen_image_trt.core.manifest import TensorRTEngine
 from qwen_image_trt.core.tensorrt import builder_settings
-from qwen_image_trt.runtime.backends import tensorrt_memory as tm
-from qwen_image_trt.runtime.backends import tensorrt_runner as tr
+from qwen_image_trt.runtime.backends import tensorrt_memory as tm, tensorrt_runner as tr
 
 INPUT, OUTPUT = "INPUT", "OUTPUT"
 

@@ -16,9 +16,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qwen_image_trt.bench import devices, flops
+from qwen_image_trt.bench import devices
 from qwen_image_trt.bench.timing import ComponentTimer, PeakMemory, median, stopwatch
-from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.errors import InputError, QitrtError
+from qwen_image_trt.core.manifest import read_manifest
+from qwen_image_trt.models import flops
+from qwen_image_trt.runtime.backends import check_backend
+from qwen_image_trt.runtime.pipeline import load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,6 @@ def _usable(manifest, backend: str) -> bool:
 
 def plan_variants(cfg: OfflineConfig) -> tuple[list[Variant], list[str]]:
     """Check backends and engine folders before any heavy work; (variants, notes). Eager torch comes first."""
-    from qwen_image_trt.core.manifest import read_manifest
-    from qwen_image_trt.core.errors import QitrtError
-    from qwen_image_trt.runtime.backends import check_backend
-
     notes = []
     backends = [b.strip() for b in cfg.backends if b.strip()]
     if not backends:
@@ -115,8 +115,6 @@ def plan_variants(cfg: OfflineConfig) -> tuple[list[Variant], list[str]]:
 
 def _load(cfg: OfflineConfig, v: Variant):
     import torch
-
-    from qwen_image_trt.runtime.pipeline import load_pipeline
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.torch_dtype] \
         if v.backend == EAGER else None

@@ -65,7 +65,7 @@ def offline_markdown(result: dict) -> str:
     lines += [f"{c.get('steps')} steps, CFG {'on (one batched forward per step)' if c.get('cfg') else 'off'}, "
               f"warm-up {c.get('warmup')} call(s) excluded, medians of {c.get('repeat')} repeats. "
               "Latency is one pipeline call of `batch` images; step = one transformer forward; "
-              "GFLOP and % of peak are for that forward (FLOP model in qwen_image_trt/bench/flops.py); "
+              "GFLOP and % of peak are for that forward (FLOP model in qwen_image_trt/models/flops.py); "
               "floor = roofline lower bound max(FLOP/peak, bytes/bandwidth).", "",
               "| variant | size | batch | latency ms | img/s | text enc ms | step ms | floor ms | VAE ms | "
               "peak mem MB | GFLOP/step | GFLOP/s | % of peak | speedup | step speedup |",

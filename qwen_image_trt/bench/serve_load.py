@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwen_image_trt.bench.devices import machine_info
 from qwen_image_trt.core.errors import InputError, QitrtError
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,6 @@ async def check_server(client, url: str, wait_s: float = 0.0) -> dict:
 
 async def _run(cfg: LoadConfig, transport, on_update, result: dict) -> None:
     import httpx
-
     from tqdm.auto import tqdm
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -356,8 +356,6 @@ def _progress_line(s: dict) -> str:
 
 def run_serve_load(cfg: LoadConfig, on_update=None, transport=None, server: dict | None = None) -> dict:
     """Run every phase of `cfg` against `cfg.url`; returns the result (also handed to `on_update` per phase)."""
-    from qwen_image_trt.bench.devices import machine_info
-
     cfg.check()
     update = on_update or (lambda r: None)
     result = dict(kind="serve", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

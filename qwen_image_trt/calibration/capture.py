@@ -27,10 +27,19 @@ from qwen_image_trt.calibration.prompts import prompt_seed, prompt_set_sha256, s
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.files import file_sha256
 from qwen_image_trt.core.identity import tool_versions
-from qwen_image_trt.core.manifest import (CalibrationCall, CalibrationManifest, CalibrationSample, CheckpointId,
-                                          read_calibration_manifest, try_read_manifest, write_manifest)
+from qwen_image_trt.core.manifest import (
+    CalibrationCall,
+    CalibrationManifest,
+    CalibrationSample,
+    CheckpointId,
+    read_calibration_manifest,
+    try_read_manifest,
+    write_manifest,
+)
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, MAX_STEPS, padded_text_len, parse_sizes
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.pipelines import load_stock_pipeline
+from qwen_image_trt.models.transformer_export import RopeTables
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +171,9 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
                 bar.update()
                 continue
             if pipe is None:
-                from qwen_image_trt.models.pipelines import load_stock_pipeline
-
-                pipe = load_stock_pipeline(root, device=device)
+                # On a GPU in bf16, the model's reference precision (fp32 Qwen-Image is ~115 GB with its encoder).
+                pipe = load_stock_pipeline(root, device=device,
+                                           dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
             if hook is None:
                 hook = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
             manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out))
@@ -342,8 +351,6 @@ _ROPES: dict = {}
 
 
 def _rope(axes: tuple):
-    from qwen_image_trt.models.transformer_export import RopeTables
-
     if axes not in _ROPES:
         _ROPES[axes] = RopeTables(axes)
     return _ROPES[axes]

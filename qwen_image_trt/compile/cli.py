@@ -42,6 +42,8 @@ def register(sub) -> None:
                    "weights from host memory (set the budget at run time: --trt-weight-streaming-budget)")
     p.add_argument("--no-resource-check", action="store_true",
                    help="build even when the up-front estimate says this machine cannot hold it")
+    p.add_argument("--plan", action="store_true", help="print what the build would need (disk, host RAM, GPU memory, "
+                   "time) against this machine, and exit without building")
     p.add_argument("--ort-level", default="basic", help="ONNX Runtime offline optimization level: basic | extended")
     p.add_argument("--device", default=None, help="device for calibration, quantization and TensorRT builds "
                    "(cuda[:N] or cpu; default: cuda when visible, else cpu)")
@@ -98,8 +100,13 @@ def _cmd_build(a) -> int:
                         calibration=a.calibration, num_prompts=a.num_prompts, steps=a.steps, seed=a.seed,
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
                         device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
-                        weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check)
+                        weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check,
+                        report=lambda text: print(text, flush=True), plan_only=a.plan)
     result = build(a.checkpoint, a.out, opts)
+    if a.plan:
+        problems = result.plan.problems()
+        print("fits this machine" if not problems else "does not fit this machine:\n  - " + "\n  - ".join(problems))
+        return 0 if not problems else 1
     print(result.summary())
     print(f"engines: {a.out} (qitrt generate CHECKPOINT --engines {a.out} --backend {a.target})")
     return 0

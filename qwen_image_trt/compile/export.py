@@ -25,7 +25,14 @@ import torch
 from qwen_image_trt.compile import onnx_io
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.identity import tool_versions
-from qwen_image_trt.core.manifest import CheckpointRef, Component, Manifest, try_read_manifest, write_manifest
+from qwen_image_trt.core.manifest import (
+    CheckpointRef,
+    Component,
+    Manifest,
+    read_manifest,
+    try_read_manifest,
+    write_manifest,
+)
 from qwen_image_trt.core.resources import PeakRSS, free_disk_bytes
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.specs import SPECS, ExportSpec
@@ -161,6 +168,7 @@ def export_component(spec: ExportSpec, root: Path, out: Path, precision: str, op
         args = spec.sample_inputs(config, **shape, seed=1)
         with torch.no_grad():
             want = module(*args).float().numpy()
+        release_weights(module)
         del module
         gc.collect()
         check = run_in_onnxruntime(spec, path, args, want, precision)
@@ -169,6 +177,14 @@ def export_component(spec: ExportSpec, root: Path, out: Path, precision: str, op
     return Component(graph=graph, precision=precision, source=source, inputs=inputs, outputs=outputs,
                      dynamic_axes={k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()},
                      seconds=round(export_s, 3), peak_rss_bytes=mem.peak, check=check)
+
+
+def release_weights(module) -> None:
+    """Free a module's parameter and buffer storage now, whoever still holds the module: the exporter's
+    rewrite rules keep their last matched graph (and through it the traced parameters) alive, and ONNX Runtime
+    is about to load a second copy of the weights."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
 
 def run_in_onnxruntime(spec: ExportSpec, path: Path, args, want: np.ndarray, precision: str) -> dict:
@@ -201,8 +217,6 @@ def run_in_onnxruntime(spec: ExportSpec, path: Path, args, want: np.ndarray, pre
 
 def exported_file(engines_dir, component: str) -> Path:
     """Path of an exported component, read from the manifest (later stages never guess file names)."""
-    from qwen_image_trt.core.manifest import read_manifest
-
     return read_manifest(engines_dir).component(component, engines_dir).graph.path(engines_dir)
 
 

@@ -30,6 +30,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import read_manifest
+
 ERROR, WARNING = "error", "warning"
 
 # Default-domain ONNX ops TensorRT 10's ONNX parser imports: the "Y" rows of onnx-tensorrt's
@@ -498,8 +501,6 @@ def _expand(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            from qwen_image_trt.core.manifest import read_manifest
-
             manifest = read_manifest(p)
             out.extend(c.graph.path(p) for c in manifest.components.values())
         else:
@@ -508,8 +509,6 @@ def _expand(paths) -> list[Path]:
 
 
 def lint_main(args) -> int:
-    from qwen_image_trt.core.errors import InputError
-
     files = _expand(args.model)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_image_trt.core.errors import QitrtError
-from qwen_image_trt.core.files import HashingWriter, copy_range, disk_error, temporary_name
+from qwen_image_trt.core.files import HashingWriter, copy_range, disk_error, file_sha256, temporary_name
 from qwen_image_trt.core.manifest import GraphFile, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,11 @@ def linear_module(node) -> str | None:
         path = ast.literal_eval(scopes)
     except (ValueError, SyntaxError):
         return None
-    # [..., 'transformer.transformer_blocks.0.attn.to_q', 'linear_12']: the last entry is the op itself.
-    return path[-2] if len(path) >= 2 and path[-2] else None
+    # [..., 'transformer.transformer_blocks.0.attn.to_q', 'linear_12']: the last entry is the op itself; only
+    # aten.linear ops carry a weight (attention's own MatMuls sit in the `attn` scope too).
+    if len(path) < 2 or not path[-2] or not str(path[-1]).startswith("linear"):
+        return None
+    return path[-2]
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,15 @@ class LinearWeight:
     transposed: bool  # True: stored [in, out] (MatMul); False: [out, in] (Gemm transB=1)
 
 
-def linear_weights(model) -> dict[str, LinearWeight]:
-    """{module path: LinearWeight} for every MatMul/Gemm whose second input is an initializer."""
+def linear_weights(model, initializers_only: bool = True) -> dict[str, LinearWeight]:
+    """{module path: LinearWeight} for every MatMul/Gemm made from an nn.Linear; with `initializers_only`,
+    only those whose weight is an initializer (a high-precision graph; in a Q/DQ graph it is a DequantizeLinear)."""
     found: dict[str, LinearWeight] = {}
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
-        if weight is None or not weight.is_initializer():
+        if weight is None or (initializers_only and not weight.is_initializer()):
             continue
         module = linear_module(node)
         if module is None:
@@ -142,8 +146,6 @@ def save(model, path: str | os.PathLike, *, external_min_bytes: int = EXTERNAL_M
     was written, hashes included. Safe to interrupt: nothing is in place until both files are complete."""
     import onnx_ir as ir
 
-    from qwen_image_trt.core.files import file_sha256
-
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
     # Both files are written under temporary names and renamed at the end, so a graph may be saved over the
@@ -161,7 +163,10 @@ def save(model, path: str | os.PathLike, *, external_min_bytes: int = EXTERNAL_M
                 src = os.path.join(tensor.base_dir, tensor.location)
                 fh = sources.get(src) or sources.setdefault(src, open(src, "rb"))
                 copy_range(fh, tensor.offset or 0, tensor.length or tensor.nbytes, out)
-                tensor.release()
+                try:
+                    tensor.release()  # unmap, if something read it through a map before
+                except BufferError:  # a caller still holds an array over the map: it closes when that goes
+                    pass
             else:
                 out.write(_tensor_bytes(tensor))
             value.const_value = ir.ExternalTensor(data_path.name, offset, out.size - offset, tensor.dtype,

@@ -14,11 +14,19 @@ Conventions (see docs/tensorrt.md):
 
 from __future__ import annotations
 
-
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.core.shapes import (DEFAULT_TEXT_BUCKET, Profile, check_shape_in_profile, image_tokens,
-                                        normalize_profile, padded_text_len, parse_sizes, profile_from_json,
-                                        profile_to_json)
+from qwen_image_trt.core.shapes import (
+    DEFAULT_TEXT_BUCKET,
+    Profile,
+    check_shape_in_profile,
+    image_tokens,
+    normalize_profile,
+    padded_text_len,
+    parse_sizes,
+    profile_from_json,
+    profile_to_json,
+)
+
 DEFAULT_TEXT_LEN_RANGE = (1, 512)  # diffusers' max_sequence_length default is 512
 DEFAULT_OPT_TEXT_LEN = 128
 # Qwen-Image's transformer (the real checkpoint); pass `config=` for any other (the tiny model).

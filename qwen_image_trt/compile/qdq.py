@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen_image_trt.compile.onnx_io import linear_weights
 from qwen_image_trt.core.errors import QitrtError
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,133 @@ def from_modelopt(module, precision: str, prefix: str = "transformer.") -> tuple
         w_amax = wq.amax if wq.amax.numel() > 1 else wq.amax.reshape(())
         weight_q, weight_scale = quantize_weight(m.weight, w_amax, precision)
         pqs = getattr(iq, "pre_quant_scale", None)
-        quantized[name] = QuantizedLinear(
+        layer = QuantizedLinear(
             name=name, precision=precision, weight_q=weight_q, weight_scale=weight_scale.astype(np.float32),
             input_scale=float(iq.amax.detach().float().max().clamp_min(MIN_AMAX)) / BOUNDS[precision],
             pre_quant_scale=pqs.detach().float().cpu().reshape(-1).numpy() if pqs is not None else None)
+        agree_with_modelopt(m, layer)
+        quantized[name] = layer
     return quantized, kept
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, precision: str, axis: int = 0) -> torch.Tensor:
+    """The float values an int8 / fp8 tensor with its scale stands for."""
+    t = torch.from_numpy(q)
+    t = t.view(torch.float8_e4m3fn).float() if precision == "fp8" else t.float()
+    s = torch.from_numpy(np.asarray(scale, dtype=np.float32))
+    if s.dim() == 1:
+        shape = [1] * t.dim()
+        shape[axis] = -1
+        s = s.reshape(shape)
+    return t * s
+
+
+@torch.no_grad()
+def agree_with_modelopt(linear, layer: QuantizedLinear, probe_rows: int = 64, seed: int = 0) -> None:
+    """Our numbers must quantize exactly as ModelOpt's own quantizers do, layer by layer (depth plays no part):
+    the stored weight, dequantized, equals `weight_quantizer(weight)`; and on a probe input spanning the
+    calibrated range (past it, to see clamping), our smoothing + scale + rounding equals `input_quantizer(x)`.
+    A change in ModelOpt's rounding, range or smoothing convention fails here, naming the layer."""
+    w = linear.weight.detach()
+    want_w = linear.weight_quantizer(w).float().cpu()
+    got_w = dequantize(layer.weight_q, layer.weight_scale, layer.precision, axis=0)
+    # ModelOpt multiplies by bound/amax where we divide by amax/bound: a value at a rounding tie may land one
+    # level apart. A few such elements are expected; a scale or rounding convention of its own shows everywhere.
+    step = torch.from_numpy(np.asarray(layer.weight_scale, dtype=np.float32)).reshape(-1, 1)
+    if layer.precision == "fp8":  # one e4m3 mantissa step near each value (3 mantissa bits; subnormals below)
+        step = torch.maximum(want_w.abs() / 8, step * 2.0**-9)
+    levels = (got_w - want_w).abs() / step
+    if (levels > 1.01).any() or (levels > 1e-3).float().mean().item() > 1e-3:
+        raise QitrtError(f"{layer.name}: the stored quantized weight does not dequantize to ModelOpt's fake-quantized "
+                         f"weight ({(levels > 1e-3).float().mean().item():.2%} of values differ, up to "
+                         f"{levels.max().item():.2f} levels): weight scale or rounding differs from ModelOpt's")
+    g = torch.Generator().manual_seed(seed)
+    pqs = torch.from_numpy(layer.pre_quant_scale) if layer.pre_quant_scale is not None else torch.ones(w.shape[1])
+    reach = layer.input_scale * BOUNDS[layer.precision] * 1.5  # past amax: clamping/saturation is checked too
+    x = (torch.rand(probe_rows, w.shape[1], generator=g) * 2 - 1) * reach / pqs
+    x = x.to(device=w.device, dtype=w.dtype)
+    want_x = linear.input_quantizer(x).float().cpu()
+    scaled = x.float().cpu() * pqs
+    bound = BOUNDS[layer.precision]
+    if layer.precision == "int8":
+        ours = torch.clamp(torch.round(scaled / layer.input_scale), -128, 127) * layer.input_scale
+    else:
+        ours = (scaled / layer.input_scale).clamp(-bound, bound).to(torch.float8_e4m3fn).float() * layer.input_scale
+    # Ties can round either way after a float multiply: allow a few elements one step apart, nothing more.
+    step = layer.input_scale * (1.0 if layer.precision == "int8" else bound / 8)
+    off = (ours - want_x).abs() > 1e-4 * step + 1e-6 * float(want_x.abs().max())
+    if off.float().mean().item() > 0.001 or ((ours - want_x).abs() > 1.01 * step).any():
+        raise QitrtError(f"{layer.name}: our input quantization (smoothing, scale {layer.input_scale:.4g}, rounding) "
+                         f"does not reproduce ModelOpt's input quantizer on a probe ({off.float().mean().item():.2%} "
+                         "of values differ)")
+
+
+def graph_numbers_problems(model, expected: dict[str, dict], prefix: str = "transformer.") -> list[str]:
+    """Compare the Q/DQ numbers in a written graph (ONNX IR) with the calibrated ones, layer by layer:
+    activation scale, smoothing factors, weight scales, zero points 0, the weight DQ's axis. Exact up to the
+    graph's float type. Returns one line per problem (empty: the graph holds exactly what was calibrated)."""
+    from qwen_image_trt.compile.onnx_io import linear_weights
+
+    found = linear_weights(model, initializers_only=False)
+    problems = []
+
+    def value(v):
+        return np.asarray(v.const_value.numpy(), dtype=np.float32) if v is not None and v.const_value is not None \
+            else None
+
+    def off(name, what, got, want):
+        want = np.asarray(want, dtype=np.float32).reshape(-1)  # per-tensor: 0-d in the graph, 1 value saved
+        if got is None or got.size != want.size:
+            problems.append(f"{name}: {what} missing or of size {None if got is None else got.size}, "
+                            f"calibrated {want.size}")
+            return
+        got = got.reshape(-1)
+        rel = np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30)
+        if rel > 1e-2:  # bf16 graphs store scales with 8 mantissa bits; a wrong number is off by far more
+            ratio = float(np.median(got / np.where(want == 0, 1, want)))
+            problems.append(f"{name}: {what} in the graph is {ratio:.3g}x the calibrated one")
+
+    for name, exp in sorted(expected.items()):
+        lw = found.get(prefix + name)
+        if lw is None or lw.node.inputs[0] is None or lw.node.inputs[0].producer() is None:
+            problems.append(f"{name}: no quantized matrix multiplication in the graph")
+            continue
+        dq = lw.node.inputs[0].producer()
+        w_dq = lw.node.inputs[1].producer() if lw.node.inputs[1] is not None else None
+        if dq.op_type != "DequantizeLinear" or w_dq is None or w_dq.op_type != "DequantizeLinear":
+            problems.append(f"{name}: activation or weight of its MatMul is not dequantized")
+            continue
+        q = dq.inputs[0].producer()
+        if q is None or q.op_type != "QuantizeLinear":
+            problems.append(f"{name}: its activation DequantizeLinear is not fed by a QuantizeLinear")
+            continue
+        off(name, "activation scale", value(q.inputs[1]), exp["input_scale"])
+        off(name, "activation scale (dequantize)", value(dq.inputs[1]), exp["input_scale"])
+        off(name, "weight scale", value(w_dq.inputs[1]), exp["weight_scale"])
+        for node, what in ((q, "activation"), (w_dq, "weight")):
+            zp = value(node.inputs[2]) if len(node.inputs) > 2 else None
+            if zp is not None and np.any(zp != 0):
+                problems.append(f"{name}: {what} zero point is not 0")
+        smooth = q.inputs[0].producer()
+        has_mul = smooth is not None and smooth.op_type == "Mul" and value(smooth.inputs[1]) is not None
+        if exp.get("pre_quant_scale") is not None:
+            if not has_mul:
+                problems.append(f"{name}: SmoothQuant's smoothing (Mul by pre_quant_scale) is missing before its "
+                                "quantizer")
+            else:
+                off(name, "smoothing factor (pre_quant_scale)", value(smooth.inputs[1]), exp["pre_quant_scale"])
+        axis = w_dq.attributes.get("axis")
+        want_axis = 1 if lw.transposed else 0
+        if np.asarray(exp["weight_scale"]).size > 1 and (axis.value if axis is not None else 1) != want_axis:
+            problems.append(f"{name}: weight scale axis {axis.value if axis is not None else 1}, the stored layout "
+                            f"needs {want_axis}")
+    return problems
+
+
+def expected_numbers(layers: dict[str, QuantizedLinear]) -> dict[str, dict]:
+    """The calibrated numbers of each layer, in the form `graph_numbers_problems` compares with."""
+    return {n: {"input_scale": np.float32(q.input_scale), "weight_scale": q.weight_scale,
+                "pre_quant_scale": q.pre_quant_scale} for n, q in layers.items()}
 
 
 def _const(ir, name: str, array: np.ndarray, dtype=None):
@@ -109,19 +232,25 @@ def _float_array(array: np.ndarray, dtype) -> tuple[np.ndarray, object]:
 
 
 def insert_qdq(model, layers: dict[str, QuantizedLinear], float_dtype, prefix: str = "transformer.") -> dict:
-    """Rewrite `model` (ONNX IR, from the high-precision export) in place; return counts for the manifest."""
+    """Rewrite `model` (ONNX IR, from the high-precision export) in place; return counts for the manifest.
+    Layers the exporter dropped as dead code are removed from `layers` and listed under "dead_layers"."""
     import onnx_ir as ir
-
-    from qwen_image_trt.compile.onnx_io import linear_weights
 
     graph = model.graph
     found = linear_weights(model)
     missing = sorted(name for name in layers if prefix + name not in found)
-    if missing:
-        raise QitrtError(f"{len(missing)} layer(s) the recipe quantizes have no matrix multiplication with a "
-                         f"weight in the exported graph (first: {missing[0]}): was the graph exported by this "
+    # The last block's text-stream output layers feed nothing, and the exporter drops them with their weights:
+    # not a mismatch, nothing to quantize. A layer whose weight is in the graph but unmatched is an error.
+    weights = set(graph.initializers)
+    dead = [n for n in missing if not {f"{prefix}{n}.weight", f"{prefix}{n}.weight.T"} & weights]
+    unmatched = [n for n in missing if n not in dead]
+    if unmatched:
+        raise QitrtError(f"{len(unmatched)} layer(s) the recipe quantizes have no matrix multiplication with a "
+                         f"weight in the exported graph (first: {unmatched[0]}): was the graph exported by this "
                          "version of `qitrt export`?")
-    counts = {"quantized_matmuls": 0, "smoothed_inputs": 0, "weights_stored_quantized": 0}
+    for name in dead:
+        del layers[name]
+    counts = {"quantized_matmuls": 0, "smoothed_inputs": 0, "weights_stored_quantized": 0, "dead_layers": dead}
     for name, q in sorted(layers.items()):
         lw = found[prefix + name]
         node = lw.node
@@ -178,4 +307,5 @@ def graph_float_dtype(model):
     return best.const_value.dtype if best is not None else ir.DataType.FLOAT
 
 
-__all__ = ["QuantizedLinear", "quantize_weight", "from_modelopt", "insert_qdq", "graph_float_dtype", "BOUNDS"]
+__all__ = ["QuantizedLinear", "quantize_weight", "from_modelopt", "insert_qdq", "graph_float_dtype", "BOUNDS",
+           "agree_with_modelopt", "graph_numbers_problems", "expected_numbers", "dequantize"]

@@ -14,29 +14,38 @@
    against the references (`quant_evidence.py`); a graph that disagrees with ModelOpt's simulation is
    refused.
 
-The VAE graphs are taken from the export folder (hard-linked), in the precision they were exported in.
+The VAE graphs are copied from the export folder, in the precision they were exported in.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from qwen_image_trt.compile import onnx_io
-from qwen_image_trt.core import quant_evidence
+from qwen_image_trt.calibration.capture import CalibrationSet
+from qwen_image_trt.compile import onnx_io, qdq
 from qwen_image_trt.compile.recipe import QUANT_PRECISIONS, is_excluded, make_recipe, modelopt_config, recipe_hash
+from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.identity import tool_versions
-from qwen_image_trt.core.manifest import Component, Manifest, Quantization, read_manifest, try_read_manifest, \
-    write_manifest
+from qwen_image_trt.core.manifest import (
+    Component,
+    Manifest,
+    Quantization,
+    read_manifest,
+    try_read_manifest,
+    write_manifest,
+)
 from qwen_image_trt.core.resources import PeakRSS
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, torch_dtype
+from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.specs import TRANSFORMER
+from qwen_image_trt.models.transformer_export import INPUT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +64,6 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     high precision (e.g. ["img_mlp"]); `sizes`: [(w, h)] the engine must serve: the calibration set must
     cover each.
     """
-    from qwen_image_trt.calibration.capture import CalibrationSet
-    from qwen_image_trt.models import checkpoint as ckpt
-
     # --- every check before any heavy work
     if precision not in QUANT_PRECISIONS:
         raise InputError("precision", precision, f"one of {', '.join(QUANT_PRECISIONS)} (bf16/fp16 need no "
@@ -94,7 +100,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     else:
         manifest.components["transformer"], manifest.quantization = _quantize_transformer(
             root, calib, recipe, graphs, source_graph, out, source, bucket, device, progress)
-    manifest.components.update(_link_components(Path(graphs), source_manifest, out, VAE_COMPONENTS))
+    manifest.components.update(_copy_components(Path(graphs), source_manifest, out, VAE_COMPONENTS))
     write_manifest(out, manifest)
     return manifest
 
@@ -123,8 +129,9 @@ def _require_modelopt() -> None:
         raise QitrtError(f"quantization needs NVIDIA ModelOpt: pip install nvidia-modelopt ({e})") from None
 
 
-def _link_components(src: Path, src_manifest: Manifest, out: Path, names) -> dict[str, Component]:
-    """Hard-link (or copy) exported graphs into `out`, keeping their manifest entries."""
+def _copy_components(src: Path, src_manifest: Manifest, out: Path, names) -> dict[str, Component]:
+    """Copy exported graphs (the VAE: small) into `out`, keeping their manifest entries. Copies, not hard links:
+    the ONNX checker refuses a data file with several links (it reads that as a hard-link attack)."""
     entries = {}
     for name in names:
         e = src_manifest.components[name]
@@ -132,22 +139,16 @@ def _link_components(src: Path, src_manifest: Manifest, out: Path, names) -> dic
             if not rel:
                 continue
             a, b = src / rel, out / rel
-            if b.exists() and b.stat().st_size == a.stat().st_size and b.samefile(a):
+            if b.is_file() and b.stat().st_size == a.stat().st_size and b.stat().st_mtime >= a.stat().st_mtime:
                 continue
             b.unlink(missing_ok=True)
-            try:
-                os.link(a, b)
-            except OSError:
-                shutil.copy2(a, b)
+            shutil.copy2(a, b)
         entries[name] = e
     return entries
 
 
 def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: Path, stage_source: dict,
                           bucket: int, device: str, progress: bool) -> tuple[Component, Quantization]:
-    from qwen_image_trt.compile import qdq
-    from qwen_image_trt.models.specs import TRANSFORMER
-
     timings = {}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -164,7 +165,9 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
         t1 = time.perf_counter()
         model = onnx_io.load_structure(source.graph.path(graphs))
         counts = qdq.insert_qdq(model, layers, qdq.graph_float_dtype(model))
-        quantized_names = sorted(layers)
+        quantized_names = sorted(layers)  # without the layers the exporter dropped as dead code
+        kept = sorted(kept + counts["dead_layers"])
+        numbers = qdq.expected_numbers(layers)
         del layers  # the quantized weights now live in `model` until it is written
         graph = onnx_io.save(model, out / "transformer.onnx")
         del model
@@ -173,8 +176,8 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
         timings["write_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        evidence_path = quant_evidence.save(out, held_out, *refs, TRANSFORMER.input_names)
-        check = _check_in_onnxruntime(graph.path(out), evidence_path, source.precision, recipe["precision"])
+        evidence_path = quant_evidence.save(out, held_out, *refs, TRANSFORMER.input_names, numbers=numbers)
+        check = verify_graph(graph.path(out), evidence_path, source.precision, recipe["precision"])
         timings["check_s"] = time.perf_counter() - t2
     inputs, outputs = onnx_io.io_info(graph.path(out))
     entry = Component(graph=graph, precision=recipe["precision"], source=stage_source, inputs=inputs, outputs=outputs,
@@ -196,8 +199,6 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
     """ModelOpt calibration; returns (quantized layers, kept layer names, (high_precision, fake_quant, bypassed))."""
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
-
-    from qwen_image_trt.compile import qdq
 
     # References before quantizing: SmoothQuant rewrites the weights in place.
     high = quant_evidence.reference_outputs(module, held_out)
@@ -226,12 +227,16 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
     return layers, kept, (high, fake, bypassed)
 
 
-def _check_in_onnxruntime(path: Path, evidence_path: Path, high_precision: str, precision: str) -> dict:
-    """The written graph in ONNX Runtime on the held-out calls, judged against the saved references."""
+def verify_graph(path: Path, evidence_path: Path, high_precision: str, precision: str) -> dict:
+    """Refuse a written graph that is not the calibrated quantization: layer by layer, its Q/DQ numbers against
+    the calibrated ones (exact, any depth); end to end, its ONNX Runtime output on the held-out calls against
+    the saved references (a coarse guard for what numbers alone cannot show)."""
     import onnxruntime as ort
 
-    from qwen_image_trt.models.transformer_export import INPUT_NAMES
-
+    problems = qdq.graph_numbers_problems(onnx_io.load_structure(path), quant_evidence.load_numbers(evidence_path))
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise QitrtError(f"{path}: the graph's quantization numbers are not the calibrated ones: {shown}")
     on_gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     provider = "CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider"
     if high_precision == "bf16" and not on_gpu:  # ONNX Runtime's CPU provider has no bf16 kernels

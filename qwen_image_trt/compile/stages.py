@@ -17,15 +17,25 @@ All inputs, and whether this machine can hold the build (`plan.py`), are checked
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
+from qwen_image_trt.calibration.capture import CalibrationSet, calibrate, make_settings
+from qwen_image_trt.compile.export import export_onnx
+from qwen_image_trt.compile.lint import lint_onnx
+from qwen_image_trt.compile.ort_engine import LEVELS, build_ort_engine, ort_engine_intact
+from qwen_image_trt.compile.plan import plan_build
+from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
+from qwen_image_trt.compile.quantize import _require_modelopt, quantize_onnx
+from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
+from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
 from qwen_image_trt.core.errors import InputError, QitrtError
-from qwen_image_trt.core.manifest import Component, Manifest, StageRun, read_manifest, try_read_manifest, \
-    write_manifest
+from qwen_image_trt.core.manifest import Component, Manifest, StageRun, read_manifest, try_read_manifest, write_manifest
 from qwen_image_trt.core.resources import PeakRSS, default_device
 from qwen_image_trt.core.shapes import parse_sizes
+from qwen_image_trt.core.tensorrt import require_tensorrt
+from qwen_image_trt.models import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ class BuildOptions:
     force: bool = False
     progress: bool = True
     check_resources: bool = True  # refuse up front when this machine cannot hold the build (plan.py)
+    report: Callable[[str], None] | None = None  # where the plan goes before any work (the CLI: print)
+    plan_only: bool = False  # say what the build would need and stop
     components: tuple = COMPONENTS
     extra: dict = field(default_factory=dict)
 
@@ -98,10 +110,12 @@ class _Context:
 
 def build(checkpoint, out_dir, options: BuildOptions) -> BuildResult:
     """Run the build; see the module doc. Raises InputError/QitrtError before any stage on bad input."""
-    from qwen_image_trt.compile.plan import plan_build
-
     ctx = _check(checkpoint, out_dir, options)
     plan = plan_build(ctx.root, ctx.out, options)
+    if options.report is not None:
+        options.report("\n".join(plan.summary()))
+    if options.plan_only:
+        return BuildResult(ctx.out, None, [], plan)
     if options.check_resources:
         plan.check()
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -123,8 +137,6 @@ def build(checkpoint, out_dir, options: BuildOptions) -> BuildResult:
 
 def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     """Every check that needs no model: precision, target, sizes, recipe, calibration, TensorRT, ORT level."""
-    from qwen_image_trt.models import checkpoint as ckpt
-
     if o.precision not in BUILD_PRECISIONS:
         raise InputError("precision", o.precision, f"one of {', '.join(BUILD_PRECISIONS)}")
     if o.target not in TARGETS:
@@ -135,40 +147,27 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     sizes = parse_sizes(o.sizes if o.sizes else (TINY_SIZES if ckpt.is_tiny(root) else DEFAULT_SIZES))
     recipe_overrides = recipe = None
     if o.precision in QUANTIZED:
-        from qwen_image_trt.compile.quantize import _require_modelopt
-        from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
-
         recipe_overrides = load_recipe_file(o.recipe) if isinstance(o.recipe, (str, Path)) else o.recipe
         recipe = make_recipe(o.precision, ckpt.read_config(root, "transformer")["num_layers"],
                              overrides=recipe_overrides, keep=o.keep)
         if o.calibration:
-            from qwen_image_trt.calibration.capture import CalibrationSet
-
             cs = CalibrationSet(o.calibration)
             cs.check_checkpoint(identity)
             cs.check_sizes(sizes)
         else:
-            from qwen_image_trt.calibration.capture import make_settings
-
             make_settings(root, o.num_prompts, o.steps, sizes, o.seed)
         _require_modelopt()
     elif o.keep or o.recipe or o.calibration:
         raise InputError("keep/recipe/calibration", o.keep or o.recipe or o.calibration,
                          "only with --precision int8 or fp8")
     if o.target == "tensorrt":
-        from qwen_image_trt.core.tensorrt import require_tensorrt
-
         require_tensorrt(_cuda_index(o.device))
     else:
-        from qwen_image_trt.compile.ort_engine import LEVELS
-
         if o.ort_level not in LEVELS:
             raise InputError("ort_level", o.ort_level, f"one of {', '.join(LEVELS)}")
         if o.precision == "bf16":
             log.warning("build: ONNX Runtime's CPU provider runs few bf16 kernels; bf16 graphs are meant for "
                         "TensorRT or the CUDA provider")
-    from qwen_image_trt.compile.profiles import limits_from_sizes
-
     limits_from_sizes(sizes, o.max_batch)  # checks max_batch
     return _Context(root, Path(out_dir), o, identity, sizes, recipe, recipe_overrides)
 
@@ -191,8 +190,6 @@ def _run(ctx: _Context, stage: str, bar, fn):
 
 
 def _export_stage(ctx: _Context, bar) -> Path:
-    from qwen_image_trt.compile.export import export_onnx
-
     # Quantized builds export the transformer in the checkpoint's own precision (bf16 for the real model):
     # the quantize stage calibrates in that precision and writes its Q/DQ graph from this one.
     precision = "auto" if ctx.quantized else ctx.o.precision
@@ -212,8 +209,6 @@ def _calibrate_stage(ctx: _Context, bar) -> Path:
         ctx.stages.append(StageRun(stage="calibrate", status="reused", seconds=0.0, detail=str(ctx.o.calibration)))
         bar.update()
         return Path(ctx.o.calibration)
-    from qwen_image_trt.calibration.capture import calibrate
-
     calib_dir = ctx.out / "calibration"
 
     def run():
@@ -227,8 +222,6 @@ def _calibrate_stage(ctx: _Context, bar) -> Path:
 
 
 def _quantize_stage(ctx: _Context, onnx_dir: Path, calib_dir: Path, bar) -> Path:
-    from qwen_image_trt.compile.quantize import quantize_onnx
-
     quant_dir = ctx.out / "quantized"
 
     def run():
@@ -246,8 +239,6 @@ def _quantize_stage(ctx: _Context, onnx_dir: Path, calib_dir: Path, bar) -> Path
 
 def _lint_stage(ctx: _Context, graphs_dir: Path, graphs: Manifest, bar) -> dict[str, dict]:
     """{component: lint summary}; a graph already linted clean (same sha256) in the last build is not re-linted."""
-    from qwen_image_trt.compile.lint import lint_onnx
-
     previous = _previous(ctx.out)
     results: dict[str, dict] = {}
 
@@ -301,8 +292,6 @@ def _engine_stage(ctx: _Context, graphs_dir: Path, graphs: Manifest, bar) -> dic
 
 
 def _ort_engine(ctx: _Context, graphs_dir: Path, name: str, entry: Component, old: Component | None):
-    from qwen_image_trt.compile.ort_engine import build_ort_engine, ort_engine_intact
-
     o = ctx.o
     if (not o.force and old is not None and old.graph == entry.graph and old.precision == entry.precision
             and old.onnxruntime is not None and old.onnxruntime.level == o.ort_level
@@ -313,10 +302,6 @@ def _ort_engine(ctx: _Context, graphs_dir: Path, name: str, entry: Component, ol
 
 
 def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Component):
-    from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
-    from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
-    from qwen_image_trt.models import checkpoint as ckpt
-
     o = ctx.o
     cfg = ckpt.read_config(ctx.root, "transformer" if name == "transformer" else "vae")
     profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg)
@@ -329,8 +314,6 @@ def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Compone
 
 
 def _build_manifest(ctx: _Context, graphs_dir: Path, graphs: Manifest, components: dict[str, Component]) -> Manifest:
-    from qwen_image_trt.compile.profiles import limits_from_sizes
-
     o = ctx.o
     quantization = graphs.quantization
     if quantization is not None and quantization.evidence and quantization.evidence.get("file"):

@@ -26,8 +26,15 @@ from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtErr
 from qwen_image_trt.core.files import file_lock, write_atomic
 from qwen_image_trt.core.manifest import Component, TensorRTEngine
 from qwen_image_trt.core.shapes import Profile, normalize_profile, profile_from_json, profile_to_json
-from qwen_image_trt.core.tensorrt import (builder_settings, check_engine_compatible, engine_cache_key, gpu_info,
-                                          normalize_cc, require_tensorrt, trt_major)
+from qwen_image_trt.core.tensorrt import (
+    builder_settings,
+    check_engine_compatible,
+    engine_cache_key,
+    gpu_info,
+    normalize_cc,
+    require_tensorrt,
+    trt_major,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from qwen_image_trt.core.metrics import l2, tensor_metrics
 
 EVIDENCE_FILE = "quantization_evidence.safetensors"
 CHECK_CALLS = 4  # held-out forwards
-# Measured on the tiny model (docs/quantization.md): a correct graph mismatches the fake-quantized model by
-# 0.06 (int8: ONNX Runtime and torch round differently at bin edges) and 0.0002 (fp8) of the quantization
-# error; the broken-scale controls in tests/test_quantize.py give 0.08 to 9. The stage refuses a graph over
-# these bounds. (An fp8 scale off by a power of two changes nothing but the subnormal range: it is exact
-# floating-point rescaling, and no check can or needs to see it.)
-MISMATCH_MAX = {"int8": 0.25, "fp8": 0.02}
+# Measured (docs/quantization.md): a correct int8 graph departs from the fake-quantized model by 0.06 of the
+# quantization error on the tiny model and 0.24 / 0.26 / 0.32 at real width with 1 / 2 / 4 blocks: ONNX
+# Runtime and torch compute each quantizer's input with different float rounding, so values at bin edges
+# round to neighbouring levels, more of them the deeper the graph. fp8: 0.0002 (tiny). Broken scales give
+# 1.2 and more. This end-to-end bound is the coarse guard; the exact, depth-independent check is the
+# per-layer comparison of the graph's numbers with the calibrated ones (compile/qdq.py).
+MISMATCH_MAX = {"int8": 0.75, "fp8": 0.25}
 
 
 def quantized_blocks(layer_names) -> list[int]:
@@ -53,10 +54,19 @@ def reference_outputs(module, inputs: list[tuple], skip_blocks=()) -> list:
         module.skip_blocks = old
 
 
-def save(folder: Path, inputs: list[tuple], high_precision, fake_quant, bypassed, input_names) -> Path:
+def save(folder: Path, inputs: list[tuple], high_precision, fake_quant, bypassed, input_names,
+         numbers: dict[str, dict] | None = None) -> Path:
+    """Inputs and reference outputs of the held-out calls, and the calibrated numbers of every quantized layer
+    ({layer: {"input_scale", "weight_scale", "pre_quant_scale"}}) the written graph must hold."""
+    import numpy as np
+    import torch
     from safetensors.torch import save_file
 
     tensors = {}
+    for layer, values in (numbers or {}).items():
+        for key, v in values.items():
+            if v is not None:
+                tensors[f"numbers.{layer}.{key}"] = torch.from_numpy(np.array(v, dtype=np.float32, ndmin=1))
     for i, args in enumerate(inputs):
         for name, a in zip(input_names, args):
             tensors[f"{i}.input.{name}"] = a.clone().contiguous()  # RoPE tables are shared between calls
@@ -72,10 +82,23 @@ def load(path: Path, input_names) -> list[dict]:
     """[{"inputs": {name: tensor}, "high_precision", "fake_quant", "bypassed"}] per saved call."""
     from safetensors.torch import load_file
 
-    t = load_file(str(path))
+    t = {k: v for k, v in load_file(str(path)).items() if not k.startswith("numbers.")}
     n = 1 + max(int(k.split(".", 1)[0]) for k in t)
     return [{"inputs": {name: t[f"{i}.input.{name}"] for name in input_names},
              **{k: t[f"{i}.{k}"] for k in ("high_precision", "fake_quant", "bypassed")}} for i in range(n)]
+
+
+def load_numbers(path: Path) -> dict[str, dict]:
+    """{layer: {"input_scale", "weight_scale", "pre_quant_scale" (None if absent)}} as saved."""
+    from safetensors.torch import load_file
+
+    out: dict[str, dict] = {}
+    for key, v in load_file(str(path)).items():
+        if key.startswith("numbers."):
+            layer, name = key.removeprefix("numbers.").rsplit(".", 1)
+            arr = v.numpy()
+            out.setdefault(layer, {"pre_quant_scale": None})[name] = arr.reshape(()) if name == "input_scale" else arr
+    return out
 
 
 def compare(outputs, calls: list[dict]) -> dict:

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_image_trt.core.errors import CheckpointError
-from qwen_image_trt.core.identity import (CONFIG_FILES, checkpoint_identity, read_part_config, safetensors_header,
-                                          weight_files)
+from qwen_image_trt.core.identity import (
+    CONFIG_FILES,
+    checkpoint_identity,
+    read_part_config,
+    safetensors_header,
+    weight_files,
+)
 
 # Checkpoints are local folders: never reach for a hub (a typo in a path must not become a download).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,8 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models import transformer_export as tx
+from qwen_image_trt.models import checkpoint as ckpt, transformer_export as tx
 
 
 class VaeDecoderExport(nn.Module):

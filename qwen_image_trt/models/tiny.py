@@ -1,9 +1,20 @@
-"""A tiny random-weight Qwen-Image checkpoint built from the real diffusers/transformers classes.
+"""Random-weight Qwen-Image checkpoints built from the real diffusers/transformers classes.
 
-It keeps the structure that matters for export and serving (double-stream MMDiT blocks, 2x2 latent
-packing, an x8 causal VAE, a Qwen2.5-VL text encoder, the flow-matching scheduler, a chat-template
-tokenizer whose system prefix is 34 tokens like the real one) at a size that runs on 2 CPU cores
-in seconds. Weights are seeded, so the same files come out every time.
+- `make_tiny_checkpoint`: the structure that matters for export and serving (double-stream MMDiT blocks,
+  2x2 latent packing, an x8 causal VAE, a Qwen2.5-VL text encoder, the flow-matching scheduler, a
+  chat-template tokenizer whose system prefix is 34 tokens like the real one) at a size that runs on 2 CPU
+  cores in seconds. Marked `TINY_RANDOM_WEIGHTS.txt`: stages use their tiny defaults (64x64, 8 prompts).
+- `make_real_width_checkpoint`: Qwen-Image's REAL transformer config (width 3072, 24 heads x 128,
+  joint_attention_dim 3584, RoPE axes (16, 56, 56)) with N of its 60 blocks, a one-layer Qwen2.5-VL text
+  encoder of the real width 3584, the tiny VAE and tokenizer. ~0.38 B parameters per block, so 1-4 blocks
+  measure what the 60-block build will cost (`benchmarks/scale_build.py`). Marked `RANDOM_WEIGHTS.txt`,
+  NOT the tiny marker: every stage treats it as a real checkpoint (real default sizes and calibration
+  settings, real resource plan), so pass small settings explicitly when speed matters.
+- `make_sparse_checkpoint`: configs of the real model (60 blocks, Qwen2.5-VL-7B text encoder) and
+  safetensors files whose headers describe every real tensor while the data is a sparse hole (no disk
+  used). Nothing can run from it; it sizes and plans a build before downloading 57 GB.
+
+Weights are seeded, so the same files come out every time.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from qwen_image_trt.models.checkpoint import TINY_MARKER  # stages use their tiny defaults when it is present
 
 # Text the pipeline wraps every prompt in (diffusers QwenImagePipeline.prompt_template_encode).
 SYSTEM_PREFIX = (
@@ -28,6 +41,24 @@ TRANSFORMER_CONFIG = dict(
     num_attention_heads=2, joint_attention_dim=TEXT_HIDDEN, guidance_embeds=False,
     axes_dims_rope=(8, 12, 12),
 )
+# Qwen/Qwen-Image transformer/config.json: the real model, width and all (num_layers is set per checkpoint).
+REAL_TRANSFORMER_CONFIG = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+REAL_TEXT_HIDDEN = REAL_TRANSFORMER_CONFIG["joint_attention_dim"]
+# Qwen2.5-VL-7B-Instruct (Qwen-Image's text_encoder): what a sparse real checkpoint describes.
+REAL_TEXT_ENCODER = dict(
+    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+)
+# The real-width checkpoint's text encoder: real width and head layout (28 x 128, 4 KV heads), one layer,
+# a small MLP. Its output is what the transformer's txt_in sees, so the whole pipeline runs at real width.
+REAL_WIDTH_TEXT_ENCODER = dict(hidden=REAL_TEXT_HIDDEN, heads=28, kv_heads=4, intermediate=256, layers=1)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+RANDOM_MARKER = "RANDOM_WEIGHTS.txt"  # informative only: a real-config checkpoint with random weights
 VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
                   temperal_downsample=[False, True, True])
 # Qwen-Image's own scheduler settings (dynamic exponential shift).
@@ -76,45 +107,53 @@ def build_tokenizer():
     return fast
 
 
-def build_text_encoder(tokenizer, seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def build_text_encoder(tokenizer, seed: int, hidden: int = TEXT_HIDDEN, heads: int = 2, kv_heads: int = 1,
+                       intermediate: int = 128, layers: int = 2):
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    vocab_size = len(tokenizer)
-    ids = dict(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-               eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-               pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-    head_dim = TEXT_HIDDEN // 2
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=4096, **ids,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=[head_dim // 8, 3 * head_dim // 16,
-                                                             3 * head_dim // 16])),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_HIDDEN,
-                           fullatt_block_indexes=[0]),
-        image_token_id=vocab_size - 2, video_token_id=vocab_size - 1,
-        vision_start_token_id=vocab_size - 4, vision_end_token_id=vocab_size - 3, **ids,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model = Qwen2_5_VLForConditionalGeneration(
+        text_encoder_config(tokenizer, hidden, heads, kv_heads, intermediate, layers)).eval()
+    ids = _token_ids(tokenizer)
     model.generation_config.bos_token_id = ids["bos_token_id"]
     model.generation_config.eos_token_id = ids["eos_token_id"]
     model.generation_config.pad_token_id = ids["pad_token_id"]
     return model
 
 
+def _token_ids(tokenizer) -> dict:
+    return dict(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+
+
+def text_encoder_config(tokenizer, hidden: int = TEXT_HIDDEN, heads: int = 2, kv_heads: int = 1,
+                        intermediate: int = 128, layers: int = 2, vision: dict | None = None):
+    """A Qwen2.5-VL config for `tokenizer`'s vocabulary; Qwen's mrope split (16, 24, 24 at head_dim 128)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vocab_size = len(tokenizer)
+    ids = _token_ids(tokenizer)
+    head_dim = hidden // heads
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, **ids,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                              mrope_section=[head_dim // 8, 3 * head_dim // 16,
+                                                             3 * head_dim // 16])),
+        vision_config=vision or dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     out_hidden_size=hidden, fullatt_block_indexes=[0]),
+        image_token_id=vocab_size - 2, video_token_id=vocab_size - 1,
+        vision_start_token_id=vocab_size - 4, vision_end_token_id=vocab_size - 3, **ids,
+    )
+
+
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Write a tiny Qwen-Image checkpoint in the diffusers layout and return its path."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers import QwenImageTransformer2DModel
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = _empty_folder(out_dir, overwrite)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out / "tokenizer")
     # The vision token ids only need to exist: the text-to-image path never feeds images.
@@ -126,11 +165,33 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = F
     _scale_up_modulation(transformer)
     transformer.save_pretrained(out / "transformer")
 
+    _write_vae_scheduler_index(out, seed)
+    (out / TINY_MARKER).write_text(
+        f"Random weights (seed {seed}) made by qwen_image_trt.models.tiny for tests. Not a trained model.\n")
+    return out
+
+
+def _empty_folder(out_dir, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_vae_scheduler_index(out: Path, seed: int) -> None:
+    """The tiny VAE (seed + 2, fp32), the scheduler and model_index.json: the same in every checkpoint made here."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+
     torch.manual_seed(seed + 2)
     AutoencoderKLQwenImage(**VAE_CONFIG).eval().save_pretrained(out / "vae")
-
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    _write_model_index(out)
 
+
+def _write_model_index(out: Path) -> None:
     import diffusers
 
     index = {
@@ -143,9 +204,15 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = F
         "vae": ["diffusers", "AutoencoderKLQwenImage"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "TINY_RANDOM_WEIGHTS.txt").write_text(
-        f"Random weights (seed {seed}) made by qwen_image_trt.models.tiny for tests. Not a trained model.\n")
-    return out
+
+
+@torch.no_grad()
+def _cast_floats(module, dtype) -> None:
+    """Cast floating-point parameters and buffers in place, one tensor at a time (ModelMixin.to warns about
+    modules to keep in fp32 even when there are none)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
 
 
 @torch.no_grad()
@@ -159,3 +226,116 @@ def _scale_up_modulation(transformer) -> None:
     for name, p in transformer.named_parameters():
         if p.dim() >= 1 and torch.count_nonzero(p) == 0 and "bias" not in name:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def real_transformer_config(num_layers: int = 60) -> dict:
+    """Qwen-Image's transformer config with `num_layers` double-stream blocks (60 in the real model)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= 60:
+        raise ValueError(f"num_layers {num_layers!r}: an integer in [1, 60] (Qwen-Image has 60 blocks)")
+    return {**REAL_TRANSFORMER_CONFIG, "num_layers": num_layers}
+
+
+def make_real_width_checkpoint(out_dir: str | Path, num_layers: int = 1, seed: int = 0, dtype: str = "bf16",
+                               overwrite: bool = False) -> Path:
+    """Write a checkpoint with Qwen-Image's real transformer config and `num_layers` blocks; return its path.
+
+    Transformer and text encoder weights are saved in `dtype` ("bf16" like the real checkpoint, or "fp32"; the
+    tiny VAE stays fp32), seeded (`seed`: same files every time). ~0.38 B transformer parameters per block plus ~40 M outside the
+    blocks: 1 block is 0.76 GB in bf16, 4 blocks 2.9 GB (5.8 GB in fp32). Building it holds the transformer
+    once in fp32 (random init), so 4 blocks need ~6 GB of host memory.
+    The pipeline runs end to end: the text encoder is a one-layer Qwen2.5-VL of the real width 3584.
+    Marked RANDOM_WEIGHTS.txt, not TINY_RANDOM_WEIGHTS.txt: stages treat it as a real checkpoint.
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    config = real_transformer_config(num_layers)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    out = _empty_folder(out_dir, overwrite)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out / "tokenizer")
+    build_text_encoder(tokenizer, seed, **REAL_WIDTH_TEXT_ENCODER).to(torch_dtype).save_pretrained(out / "text_encoder")
+
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(**config).eval()
+    _scale_up_modulation(transformer)
+    _cast_floats(transformer, torch_dtype)
+    transformer.save_pretrained(out / "transformer")
+    del transformer
+
+    _write_vae_scheduler_index(out, seed)
+    (out / RANDOM_MARKER).write_text(
+        f"Random weights (seed {seed}, {dtype}) made by qwen_image_trt.models.tiny.make_real_width_checkpoint: "
+        f"Qwen-Image's real transformer config with {num_layers} of its 60 blocks, a one-layer text encoder of "
+        "the real width, the tiny VAE. For measuring and testing at real width. Not a trained model.\n")
+    return out
+
+
+def make_sparse_checkpoint(out_dir: str | Path, num_layers: int = 60, overwrite: bool = False) -> Path:
+    """Write the real Qwen-Image's configs (`num_layers` blocks, Qwen2.5-VL-7B text encoder) with weight files
+    whose safetensors headers describe every real tensor in bf16 and whose data is a sparse hole.
+
+    Takes a few KB of disk and no weights in memory; `weights_info`, `checkpoint_identity` and the build
+    plan read it like the real 57 GB download. Loading its weights would give zeros: it is for sizing only.
+    The VAE is the tiny one in fp32 (the real one is 0.25 GB, a rounding error beside the transformer).
+    """
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = real_transformer_config(num_layers)
+    out = _empty_folder(out_dir, overwrite)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(out / "tokenizer")
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(**config)
+    transformer.save_config(out / "transformer")
+    write_sparse_safetensors(out / "transformer" / "diffusion_pytorch_model.safetensors",
+                             {k: ("BF16", tuple(v.shape)) for k, v in transformer.state_dict().items()})
+    del transformer
+
+    t, v = REAL_TEXT_ENCODER["text"], REAL_TEXT_ENCODER["vision"]
+    te_config = text_encoder_config(tokenizer, t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"],
+                                    t["intermediate_size"], t["num_hidden_layers"], vision=dict(v))
+    te_config.text_config.vocab_size = t["vocab_size"]
+    te_config.tie_word_embeddings = False
+    with torch.device("meta"):
+        text_encoder = Qwen2_5_VLForConditionalGeneration(te_config)
+    te_config.save_pretrained(out / "text_encoder")
+    write_sparse_safetensors(out / "text_encoder" / "model.safetensors",
+                             {k: ("BF16", tuple(p.shape)) for k, p in text_encoder.state_dict().items()})
+    del text_encoder
+
+    _write_vae_scheduler_index(out, 0)
+    (out / RANDOM_MARKER).write_text(
+        "Sparse checkpoint made by qwen_image_trt.models.tiny.make_sparse_checkpoint: the real configs, weight "
+        "files of the real size whose data is a hole (zeros). For sizing and build plans only.\n")
+    return out
+
+
+def write_sparse_safetensors(path: str | Path, tensors: dict[str, tuple[str, tuple]]) -> int:
+    """A valid safetensors file for {name: (dtype, shape)} (dtype as safetensors spells it: "BF16", "F32")
+    whose data region is a hole: the header is written, then the file is extended to its full size.
+    Returns the file size."""
+    import struct
+
+    widths = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1}
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        dtype, shape = tensors[name]
+        n = widths[dtype]
+        for d in shape:
+            n *= int(d)
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data region to 8 bytes
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        fh.truncate(8 + len(blob) + offset)
+    return 8 + len(blob) + offset

@@ -62,3 +62,28 @@ def gates_for(precision: str) -> Gates:
     if precision not in DEFAULT_GATES:
         raise InputError("precision", precision, f"one of {', '.join(DEFAULT_GATES)}")
     return DEFAULT_GATES[precision]
+
+
+def apply_gates(data: dict, gates: Gates) -> list[dict]:
+    """[{name, kind, value, limit, ok}] for a parity report's figures: worst forward, worst step, worst image,
+    the quantization evidence when the engine folder has one, and finiteness of every forward output."""
+    fwd = data["forward"]
+    checks = [
+        ("forward_cosine_min", "min", min(r["cosine"] for r in fwd)),
+        ("forward_rel_l2_max", "max", max(r["rel_l2"] for r in fwd)),
+        ("step_cosine_min", "min", min(r["cosine"] for r in data["per_step"])),
+        ("image_psnr_min", "min", min(r["psnr_db"] for r in data["images"])),
+        ("image_ssim_min", "min", min(r["ssim"] for r in data["images"])),
+    ]
+    quant = data.get("quantization")
+    if quant and "mismatch" in quant and gates.quant_mismatch_max is not None:
+        checks += [("quant_mismatch_max", "max", quant["mismatch"]),
+                   ("quant_block_rel_err_max", "max", quant["block_rel_err"])]
+    out = []
+    for name, kind, value in checks:
+        limit = getattr(gates, name)
+        ok = value >= limit if kind == "min" else value <= limit
+        out.append({"name": name, "kind": kind, "value": value, "limit": limit, "ok": bool(ok)})
+    out.append({"name": "all_outputs_finite", "kind": "min", "value": float(all(r["finite"] for r in fwd)),
+                "limit": 1.0, "ok": all(r["finite"] for r in fwd)})
+    return out

@@ -8,7 +8,6 @@ import numpy as np
 
 from qwen_image_trt.core.metrics import tensor_metrics  # noqa: F401 - parity's tensor metric is the core one
 
-
 PSNR_CAP_DB = 200.0  # identical images: a finite number keeps report.json strict JSON
 
 

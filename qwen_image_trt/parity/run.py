@@ -15,9 +15,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+from qwen_image_trt.core.shapes import parse_size as _size, torch_dtype
+from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config, validate_checkpoint
+from qwen_image_trt.models.specs import SPECS, TRANSFORMER
 from qwen_image_trt.parity import metrics
-from qwen_image_trt.parity.gates import Gates, gates_for
+from qwen_image_trt.parity.gates import Gates, apply_gates, gates_for
+from qwen_image_trt.parity.report import write_html
+from qwen_image_trt.runtime.backends import check_backend, make_runner, trt_options
+from qwen_image_trt.runtime.limits import check_size
+from qwen_image_trt.runtime.pipeline import load_pipeline
 
 DEFAULT_SIZES = [(64, 64), (96, 64), (64, 128)]  # (width, height): square and non-square
 DEFAULT_BATCHES = [1, 2]
@@ -46,13 +55,9 @@ class ParityConfig:
 
     @classmethod
     def from_cli(cls, a) -> "ParityConfig":
-        from qwen_image_trt.core.shapes import parse_size as _size
-
         cfg = cls(checkpoint=Path(a.checkpoint), engines=Path(a.engines), out=Path(a.out), backend=a.backend,
                   steps=a.steps, seed=a.seed, gate_overrides=list(a.gate), device=a.device,
                   reference_dtype=a.reference_dtype)
-        from qwen_image_trt.runtime.backends import trt_options
-
         cfg.trt_options = trt_options(a.trt_weight_streaming_budget, a.trt_cuda_graphs)
         if a.sizes:
             cfg.sizes = [_size(s) for s in a.sizes.split(",")]
@@ -83,11 +88,6 @@ class ParityReport:
 
 
 def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
-    from qwen_image_trt.core.manifest import check_engines_match, read_manifest
-    from qwen_image_trt.models.checkpoint import checkpoint_identity, validate_checkpoint
-    from qwen_image_trt.runtime.backends import check_backend
-    from qwen_image_trt.runtime.limits import check_size
-
     check_backend(cfg.backend)
     if cfg.backend == "torch":
         raise InputError("backend", "torch", "an engine backend (onnxruntime or tensorrt): torch is the reference")
@@ -132,19 +132,13 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
         "outputs_file": OUTPUTS_FILE, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    data["gates"] = _apply_gates(data, gates)
+    data["gates"] = apply_gates(data, gates)
     data["passed"] = all(g["ok"] for g in data["gates"])
     (cfg.out / "report.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
-    from qwen_image_trt.parity.report import write_html
-
     return ParityReport(data, write_html(data, cfg.out))
 
 
 def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
-    from qwen_image_trt.models.checkpoint import read_config
-    from qwen_image_trt.models.specs import SPECS
-    from qwen_image_trt.runtime.backends import make_runner
-
     rows = []
     for component in ("transformer", "vae_decoder"):
         spec = SPECS[component]
@@ -174,10 +168,6 @@ def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
 
 def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], list[dict]]:
     from PIL import Image
-
-    from qwen_image_trt.runtime.pipeline import load_pipeline
-
-    from qwen_image_trt.core.shapes import torch_dtype
 
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
                           dtype=torch_dtype(cfg.reference_dtype))  # the stock two-call loop
@@ -217,10 +207,6 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], li
 def _quantization(cfg: ParityConfig, manifest) -> dict | None:
     """A quantized engine folder's evidence (held-out calls with high-precision, fake-quant and bypassed
     outputs, saved by the quantize stage), recomputed on this backend."""
-    from qwen_image_trt.core import quant_evidence
-    from qwen_image_trt.models.specs import TRANSFORMER
-    from qwen_image_trt.runtime.backends import make_runner
-
     q = manifest.quantization
     if q is None or not q.evidence or not q.evidence.get("file"):
         return None
@@ -235,26 +221,3 @@ def _quantization(cfg: ParityConfig, manifest) -> dict | None:
                    for c in calls]
     return {**quant_evidence.compare(outputs, calls), "evidence_file": q.evidence["file"],
             "bypassed_blocks": q.evidence.get("bypassed_blocks")}
-
-
-def _apply_gates(data: dict, gates: Gates) -> list[dict]:
-    fwd = data["forward"]
-    checks = [
-        ("forward_cosine_min", "min", min(r["cosine"] for r in fwd)),
-        ("forward_rel_l2_max", "max", max(r["rel_l2"] for r in fwd)),
-        ("step_cosine_min", "min", min(r["cosine"] for r in data["per_step"])),
-        ("image_psnr_min", "min", min(r["psnr_db"] for r in data["images"])),
-        ("image_ssim_min", "min", min(r["ssim"] for r in data["images"])),
-    ]
-    quant = data.get("quantization")
-    if quant and "mismatch" in quant and gates.quant_mismatch_max is not None:
-        checks += [("quant_mismatch_max", "max", quant["mismatch"]),
-                   ("quant_block_rel_err_max", "max", quant["block_rel_err"])]
-    out = []
-    for name, kind, value in checks:
-        limit = getattr(gates, name)
-        ok = value >= limit if kind == "min" else value <= limit
-        out.append({"name": name, "kind": kind, "value": value, "limit": limit, "ok": bool(ok)})
-    out.append({"name": "all_outputs_finite", "kind": "min", "value": float(all(r["finite"] for r in fwd)),
-                "limit": 1.0, "ok": all(r["finite"] for r in fwd)})
-    return out

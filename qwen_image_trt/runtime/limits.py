@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.core.shapes import DEFAULT_SIZE_RANGE, MAX_STEPS, SIZE_MULTIPLE
 from qwen_image_trt.models.checkpoint import min_steps
 
@@ -67,8 +68,6 @@ def request_limits(engines=None, checkpoint=None) -> Limits:
     """What a request may ask of this checkpoint and engine folder (the engine's profile, the scheduler)."""
     limits = Limits()
     if engines is not None:
-        from qwen_image_trt.core.manifest import read_manifest
-
         if not Path(engines).is_dir():
             raise InputError("engines", str(engines), "an existing engine folder made by `qitrt export`/`qitrt build`")
         limits = Limits.from_manifest(read_manifest(engines))

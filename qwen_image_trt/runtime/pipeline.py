@@ -13,7 +13,14 @@ from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutpu
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
+from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.pipelines import load_eager_parts
+from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
+from qwen_image_trt.runtime.transformer import EngineTransformer
+from qwen_image_trt.runtime.vae import EngineVAE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,13 +152,6 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     `threads` caps ONNX Runtime's CPU threads (several CPU workers on one machine must share its cores);
     `trt_options` go to each TensorRT runner (e.g. {"weight_streaming_budget": bytes, "cuda_graphs": True}).
     """
-    from qwen_image_trt.core.manifest import check_engines_match, read_manifest
-    from qwen_image_trt.models import checkpoint as ckpt
-    from qwen_image_trt.runtime.backends import check_backend, make_runner
-    from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
-    from qwen_image_trt.runtime.transformer import EngineTransformer
-    from qwen_image_trt.runtime.vae import EngineVAE
-
     check_backend(backend)
     root = ckpt.validate_checkpoint(checkpoint)
     dtype = dtype or torch.float32
@@ -184,6 +184,4 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
 
 
 def _assemble(root: Path, transformer, vae, device, dtype) -> QwenImageEnginePipeline:
-    from qwen_image_trt.models.pipelines import load_eager_parts
-
     return QwenImageEnginePipeline(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype))

@@ -13,7 +13,6 @@ import os
 import time
 import traceback
 
-
 PROGRESS_INTERVAL_S = 0.05
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import read_manifest
+from qwen_image_trt.core.shapes import torch_dtype
+from qwen_image_trt.models.specs import SPECS
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
+from qwen_image_trt.runtime.backends.tensorrt_memory import check_budget_value
+from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
+from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -28,8 +35,6 @@ def trt_options(weight_streaming_budget=None, cuda_graphs: bool = False) -> dict
         except ValueError:
             raise InputError("trt_weight_streaming_budget", weight_streaming_budget,
                              "bytes (e.g. 20000000000), a fraction in (0, 1] (e.g. 0.5) or auto") from None
-    from qwen_image_trt.runtime.backends.tensorrt_memory import check_budget_value
-
     check_budget_value(budget)
     options = {"cuda_graphs": bool(cuda_graphs)}
     if budget is not None:
@@ -47,17 +52,11 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
     """
     check_backend(backend)
     if backend == "torch":
-        from qwen_image_trt.core.shapes import torch_dtype
-        from qwen_image_trt.models.specs import SPECS
-        from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
-
         spec = SPECS[component]
         return TorchRunner(component, lambda: spec.build_module(Path(checkpoint), torch_dtype(precision)),
                            spec.input_names, spec.output_names, device=device)
     if engines_dir is None:
         raise InputError("engines", None, f"an engine folder (from `qitrt export`/`qitrt build`) for backend {backend}")
-    from qwen_image_trt.core.manifest import read_manifest
-
     manifest = read_manifest(engines_dir)
     if component not in manifest.components:
         raise InputError("engines", str(engines_dir), f"a folder holding a {component!r} graph; it has "
@@ -65,14 +64,10 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
     entry = manifest.components[component]
     folder = Path(engines_dir)
     if backend == "onnxruntime":
-        from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
-
         model = folder / entry.onnxruntime.file if entry.onnxruntime else entry.graph.path(folder)
         return OnnxRuntimeRunner(component, model, device=device, providers=providers, threads=threads)
     if entry.tensorrt is None:
         raise InputError("engines", str(engines_dir), f"a folder with a TensorRT engine for {component!r} "
                          "(`qitrt build --target tensorrt`); this one holds ONNX graphs only")
-    from qwen_image_trt.runtime.backends.tensorrt_runner import TensorRTRunner
-
     return TensorRTRunner(component, folder / entry.tensorrt.file, device=device, entry=entry.tensorrt,
                           **(trt_options or {}))

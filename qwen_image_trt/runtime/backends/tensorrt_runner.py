@@ -27,10 +27,18 @@ import torch
 from qwen_image_trt.core.errors import EngineMismatchError, InputError
 from qwen_image_trt.core.manifest import TensorRTEngine
 from qwen_image_trt.core.shapes import check_shape_in_profile, profile_from_json
+from qwen_image_trt.core.tensorrt import check_engine_compatible, gpu_info, require_tensorrt
 from qwen_image_trt.runtime.backends.base import Runner
-from qwen_image_trt.runtime.backends.tensorrt_memory import (DeviceArena, OutputBuffers, _torch_arena,
-                                                             check_budget_value, deserialize_plan, open_context,
-                                                             refuse_budget, shared_arena)
+from qwen_image_trt.runtime.backends.tensorrt_memory import (
+    OutputBuffers,
+    _torch_arena,
+    check_budget_value,
+    deserialize_plan,
+    engine_memory_size,
+    open_context,
+    refuse_budget,
+    shared_arena,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +224,6 @@ class TensorRTRunner(Runner):
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _activate_impl(self):
-        from qwen_image_trt.core.tensorrt import check_engine_compatible, gpu_info, require_tensorrt
-
         if self.device.type != "cuda":
             raise InputError("device", str(self.device), "a CUDA device: TensorRT engines run on NVIDIA GPUs")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
