@@ -39,6 +39,16 @@ def tiny_engines(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_engines_bf16(tiny_checkpoint, tmp_path_factory):
+    """bf16 export (the real model's precision): transformer in bf16, the VAE graphs kept in fp32."""
+    from qwen_image_trt.compile.export import export_onnx
+
+    out = tmp_path_factory.mktemp("engines") / "bf16"
+    export_onnx(tiny_checkpoint, out, precision="bf16", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def eager_pipe(tiny_checkpoint):
     from qwen_image_trt import load_pipeline
 

@@ -307,3 +307,21 @@ def test_quantize_skips_when_unchanged(tiny_checkpoint, tiny_engines, calib_set,
     again = quantize_onnx(tiny_checkpoint, calib_set, folder, "int8", graphs=tiny_engines, progress=False)
     assert not again.ran
     assert again.components["transformer"].graph == before.components["transformer"].graph
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_bf16_graph_quantizes_with_the_calibrated_numbers(tiny_checkpoint, tiny_engines_bf16, calib_set, tmp_path,
+                                                          precision):
+    """The real model's path: a bf16 export calibrated in bf16. Scales are stored in bf16; the per-layer numbers
+    check runs (ONNX Runtime's CPU provider cannot run the graph, and the manifest says so)."""
+    import onnx
+
+    from qwen_image_trt.compile.quantize import quantize_onnx
+
+    m = quantize_onnx(tiny_checkpoint, calib_set, tmp_path / "q", precision, graphs=tiny_engines_bf16, progress=False)
+    t = m.components["transformer"]
+    assert t.qdq["high_precision"] == "bf16" and "bf16" in t.check["skipped"]
+    assert len(m.quantization.quantized_layers) == 2 * LINEARS_PER_BLOCK
+    g = onnx.load(str(t.graph.path(tmp_path / "q")), load_external_data=False).graph
+    scales = [i for i in g.initializer if i.name.endswith("_quantizer.scale")]
+    assert scales and {i.data_type for i in scales} == {onnx.TensorProto.BFLOAT16}

@@ -323,10 +323,13 @@ def test_build_call_order_against_the_stand_in(tmp_path, fake_gpu):
     it = iter(names)
     assert all(step in it for step in order), names  # in this order (other calls may come between)
     call = dict((c[0], c) for c in log)
-    assert call["builder.create_network"][1] == (1 << 1,)  # 1 << STRONGLY_TYPED: dropping it fails here
-    assert call["config.builder_optimization_level="][1] == (4,)
-    assert call["config.clear_flag"][1] == (sys.modules["tensorrt"].BuilderFlag.TF32,)  # fp32: TF32 cleared
-    assert not any(n == "config.set_flag" for n in names)  # no precision flags, no REFIT, no weight streaming
+    assert call["builder.create_network"][1] == (1 << 1,), \
+        "the network was created without the STRONGLY_TYPED flag: precision would come from builder flags, not the graph"
+    assert call["config.builder_optimization_level="][1] == (4,), "the builder optimization level asked was not set"
+    assert call["config.clear_flag"][1] == (sys.modules["tensorrt"].BuilderFlag.TF32,), \
+        "an fp32 reference build must clear TF32 (TensorRT enables it by default)"
+    assert not any(n == "config.set_flag" for n in names), \
+        "a strongly typed fp32 build sets no builder flag (no precision flags, no REFIT, no weight streaming)"
     assert call["profile.set_shape"][1] == ("latents", *PROF["latents"])  # one min/opt/max per dynamic input
     assert call["parser.parse_from_file"][1] == (str(tmp_path / "onnx" / "vae_decoder.onnx"),)  # finds the data
     loads = [c for c in log if c[0] == "config.create_timing_cache"]
@@ -478,9 +481,9 @@ def test_cache_key_is_stable_across_releases():
     """The key formula is part of the engine folder's contract: the same inputs give this exact key, so a release
     that renames a field or serializes differently (and would rebuild every engine) fails here first."""
     key = te.engine_cache_key(**KEY_ARGS)
-    assert key == "a2ccc53dfc9e1a7b8bcb93b1e96ce8c1b6c43d4ca6d95e77d6d1ae4ea0f0dcad", key
+    assert key == "d8a9f5052be34ff3905ddd9cb149126dc6d4e3cf52a585aaa23f768e2953c7f9", key
     no_profile = te.engine_cache_key(**{**KEY_ARGS, "profiles": None, "recipe": {"when": Path("/x")}})
-    assert no_profile == "0", no_profile
+    assert no_profile == "19a05a334174f270f6e03a9f71423d43feefd42fbe9ec2f8a545e6401ebb0a93", no_profile
 
 
 def test_builder_settings_bounds_and_messages():
@@ -554,7 +557,7 @@ def test_require_tensorrt_checks_the_gpu_it_is_asked_for(monkeypatch):
                                          r"NVIDIA GPU$"):
         te.require_tensorrt(0)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(QitrtError, match=r"^TensorRT is not available here \(ImportError: "):
+    with pytest.raises(QitrtError, match=r"^TensorRT is not available here \(ModuleNotFoundError: "):
         te.require_tensorrt()
 
 
@@ -626,7 +629,7 @@ def test_graph_identity_messages(tmp_path):
         te.graph_identity(tmp_path / "g", unhashed)
     assert str(e.value).endswith("'vae_decoder.onnx.data', so an engine built from it could go stale unnoticed: "
                                  "re-export with this version of qwen-image-trt")
-    (tmp_path / "g" / "vae_decoder.onnx.data").write_bytes(b"\0" * 64)  # other weights under the manifest's name
+    (tmp_path / "g" / "vae_decoder.onnx.data").write_bytes(b"\0" * 65)  # other weights under the manifest's name
     with pytest.raises(EngineMismatchError) as e:
         te.graph_identity(tmp_path / "g", src)
     assert str(e.value).endswith("changed since its manifest was written: re-run `qitrt export`/`qitrt quantize` "
@@ -673,7 +676,9 @@ def test_configure_builder_passes_the_objects_it_made():
     assert calls["config.progress_monitor="][1] == (monitor,)
     assert calls["config.set_timing_cache"][2] == {"ignore_mismatch": False}
     log.clear()
-    te.configure_builder(trt, builder, _Rec(log, "static", get_input=None), {}, SETTINGS)  # nothing dynamic
+    static = _Rec(log, "static")
+    object.__setattr__(static, "num_inputs", 0)
+    te.configure_builder(trt, builder, static, {}, SETTINGS)  # nothing dynamic
     assert "builder.create_optimization_profile" not in _names(log) and "config.progress_monitor=" not in _names(log)
 
 
@@ -812,9 +817,13 @@ def test_progress_bars_nest_by_phase():
     assert mon.bars == {} and bars["build"].disable
 
 
-def _plan_builds(fake_gpu, plan=b"PLAN-BYTES", **kw):
+def _plan_builds(fake_gpu, monkeypatch, plan=b"PLAN-BYTES", **kw):
     """The stand-in, with a builder that returns `plan` (bytes TensorRT would serialize; never loaded here)."""
     log = fake_gpu(**kw)
+    from qwen_image_trt.core.files import write_atomic
+
+    monkeypatch.setattr(te, "write_atomic", lambda p, d: (log.append(("write", (Path(p).name, d), {})),
+                                                          write_atomic(p, d))[1])
     builder = sys.modules["tensorrt"].Builder(None)
     builder._answers["build_serialized_network"] = lambda net, cfg: plan
     log.clear()
@@ -822,7 +831,7 @@ def _plan_builds(fake_gpu, plan=b"PLAN-BYTES", **kw):
 
 
 def test_successful_build_writes_plan_profile_and_entry(tmp_path, fake_gpu, monkeypatch, caplog):
-    log = _plan_builds(fake_gpu)
+    log = _plan_builds(fake_gpu, monkeypatch)
     devices = []
     monkeypatch.setattr(te, "gpu_info", lambda device: devices.append(device) or ("NVIDIA H100 80GB HBM3", "9.0"))
     src = _source(tmp_path / "onnx")
@@ -866,9 +875,9 @@ def test_successful_build_writes_plan_profile_and_entry(tmp_path, fake_gpu, monk
     assert "builder.build_serialized_network" in _names(log)
 
 
-def test_build_key_covers_its_arguments(tmp_path, fake_gpu):
+def test_build_key_covers_its_arguments(tmp_path, fake_gpu, monkeypatch):
     """Each argument that changes the engine changes its file name (the cache key), so nothing stale is reused."""
-    _plan_builds(fake_gpu)
+    _plan_builds(fake_gpu, monkeypatch)
     src = _source(tmp_path / "onnx")
     base = dict(precision="fp16", recipe=None, progress=False)
     build = lambda out, profiles=PROF, **kw: te.build_tensorrt_engine(  # noqa: E731
@@ -882,11 +891,70 @@ def test_build_key_covers_its_arguments(tmp_path, fake_gpu):
     _refused(e, "precision", "int4", "one of fp32, fp16, bf16, int8, fp8")
 
 
-def test_build_logs_tf32_on_for_reduced_precision(tmp_path, fake_gpu, caplog):
-    _plan_builds(fake_gpu)
+def test_build_logs_tf32_on_for_reduced_precision(tmp_path, fake_gpu, monkeypatch, caplog):
+    _plan_builds(fake_gpu, monkeypatch)
     src = _source(tmp_path / "onnx")
     with caplog.at_level(logging.INFO, logger=te.log.name):
         e = te.build_tensorrt_engine(tmp_path / "onnx", src, tmp_path / "o", "vae_decoder", PROF, precision="bf16",
                                      opt_level=5, progress=False)
     assert caplog.records[0].getMessage() == f"tensorrt: building {e.file} from vae_decoder.onnx (bf16, opt level 5, " \
                                              "TF32 on)"
+
+
+def test_build_defaults_gpu_zero_with_progress_bars(tmp_path, fake_gpu, monkeypatch):
+    import time
+
+    from qwen_image_trt.core.tensorrt import gpu_info
+
+    log = _plan_builds(fake_gpu, monkeypatch)
+    builder = sys.modules["tensorrt"].Builder(None)
+    builder._answers["build_serialized_network"] = lambda net, cfg: time.sleep(0.02) or b"PLAN"  # a build takes time
+    devices = []
+    monkeypatch.setattr(te, "gpu_info", lambda device: devices.append(device) or ("NVIDIA H100 80GB HBM3", "9.0"))
+    seen = []
+    monkeypatch.setattr(torch_cuda(), "get_device_capability", lambda d=None: seen.append(d) or (9, 0))
+    monkeypatch.setattr(torch_cuda(), "get_device_name", lambda d=None: seen.append(d) or "H100")
+    assert gpu_info() == ("H100", "9.0") and seen == [0, 0]
+    src = _source(tmp_path / "onnx")
+    entry = te.build_tensorrt_engine(tmp_path / "onnx", src, tmp_path / "out", "vae_decoder", PROF, precision="fp16")
+    assert devices == [0] and [c[1] for c in log if c[0] == "cuda.device"] == [(0,)]
+    assert 0.02 <= entry.seconds < 2.5  # the build's own time, in seconds, to the millisecond
+    monitor = next(c[1][0] for c in log if c[0] == "config.progress_monitor=")
+    monitor.phase_start("build", None, 3)
+    assert monitor.bars["build"][0].desc == "vae_decoder: build"
+    monitor.phase_finish("build")
+
+
+def torch_cuda():
+    import torch
+
+    return torch.cuda
+
+
+def test_build_plan_merges_the_timing_cache_however_the_build_ends(tmp_path):
+    log = []
+    trt = _fake_trt(log, new_entries=["timed"])
+    builder = trt.Builder(None)
+    cache = tmp_path / "timing.cache"
+    builder._answers["build_serialized_network"] = lambda net, cfg: b"PLAN"
+    assert te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS, timing_cache=cache)[0] == b"PLAN"
+    assert json.loads(cache.read_text()) == ["timed"]
+    # a successful build whose timing cache cannot be saved says so (the engine is fine, the cache is not)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS, timing_cache=tmp_path / "file" / "timing.cache")
+
+    def out_of_memory(net, cfg):
+        raise MemoryError("out of GPU memory")
+    builder._answers["build_serialized_network"] = out_of_memory
+    cache.unlink()
+    with pytest.raises(MemoryError, match="out of GPU memory"):  # the build's own error, after the merge
+        te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS, timing_cache=cache)
+    assert json.loads(cache.read_text()) == ["timed"]
+    with pytest.raises(MemoryError):
+        te.build_plan(trt, tmp_path / "g.onnx", PROF, SETTINGS)  # no cache file asked: nothing written
+    assert {p.name for p in tmp_path.iterdir()} <= {"file", "timing.cache", "timing.cache.lock"}
+
+
+def test_cuda_device_is_the_one_asked_for():
+    assert te._cuda_device(0).idx == 0 and te._cuda_device(3).idx == 3

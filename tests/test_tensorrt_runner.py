@@ -443,3 +443,101 @@ def test_graphs_from_an_older_arena_are_not_replayed(tmp_path):
         r.infer(feeds)
     assert ("replay",) not in log and r._graphs == {}  # dropped; this call ran eagerly (and warms up again)
     assert ("set_device_memory", arena.ptr, arena.size) in log  # rebound to the arena's new address
+
+
+# -- the numbers the runner's memory rules use, pinned (mutation testing: docs/testing.md) --------------------------
+import logging  # noqa: E402 - appended section
+
+
+def _refused(excinfo, field, value, allowed):
+    e = excinfo.value
+    assert (e.field, e.value, e.allowed) == (field, value, allowed)
+
+
+def test_output_buffers_bounds_and_allocation():
+    made = []
+    bufs = tm.OutputBuffers(1, lambda shape, dtype: made.append((shape, dtype)) or torch.empty(shape, dtype=dtype))
+    a = bufs.get("y", [1, 4], torch.float16)
+    assert made == [((1, 4), torch.float16)] and a.dtype == torch.float16
+    bufs.get("y", (2, 4), torch.float16)
+    assert len(bufs) == 1 and bufs.get("y", (2, 4), torch.float16).shape == (2, 4) and len(made) == 2
+    bufs.clear()
+    assert len(bufs) == 0
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(InputError) as e:
+            tm.OutputBuffers(bad, None)
+        _refused(e, "max_output_buffers", bad, "an integer >= 1")
+
+
+def test_a_new_arena_holds_nothing():
+    arena = _arena([])
+    assert (arena.ptr, arena.size, arena.generation, arena.users) == (0, 0, 0, 0)
+    arena.detach()  # more detaches than attaches: never negative
+    assert arena.users == 0 and arena.generation == 0  # nothing to free, no new generation
+
+
+def test_torch_arena_allocates_bytes_on_its_device(monkeypatch):
+    """The arena's buffer is `nbytes` of uint8 on cuda:<index>, and its events are CUDA events (CUDA stands in)."""
+    calls = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: calls.append((a, kw)) or "buffer")
+    arena = tm._torch_arena(3)
+    assert arena._new_event is torch.cuda.Event and arena._allocate(4096) == "buffer"
+    assert calls == [((4096,), {"dtype": torch.uint8, "device": "cuda:3"})]
+    monkeypatch.delitem(tm._ARENAS, 5, raising=False)
+    try:
+        shared = tm.shared_arena(5)
+        shared._allocate(8)
+        assert calls[-1] == ((8,), {"dtype": torch.uint8, "device": "cuda:5"})
+    finally:
+        tm._ARENAS.pop(5, None)
+
+
+def test_weight_streaming_budget_messages_and_bounds(caplog):
+    allowed = "bytes of weights kept on the GPU (int >= 0), a fraction of the streamable weights in (0, 1], or 'auto'"
+    for bad in (-2, 0.0, 1.5, "half", True, [1]):
+        with pytest.raises(InputError) as e:
+            tm.check_budget_value(bad)
+        _refused(e, "weight_streaming_budget", bad, allowed)
+        with pytest.raises(InputError) as e:  # checked before anything else, also when applied
+            tm.apply_weight_streaming_budget(_StreamingEngine(), bad, True, "t")
+        _refused(e, "weight_streaming_budget", bad, allowed)
+    fix = "rebuild with `qitrt build ... --weight-streaming`, or run without a weight_streaming_budget"
+    with pytest.raises(InputError) as e:
+        tm.apply_weight_streaming_budget(_StreamingEngine(), 300, False, "vae")
+    _refused(e, "weight_streaming_budget", 300, f"no budget: engine 'vae' was built without weight streaming; {fix}")
+    none_streamable = _StreamingEngine()
+    none_streamable.streamable_weights_size = 0
+    with pytest.raises(InputError) as e:
+        tm.apply_weight_streaming_budget(none_streamable, "auto", True, "tx")
+    _refused(e, "weight_streaming_budget", "auto",
+             f"no budget: engine 'tx' has no streamable weights (built without weight streaming?); {fix}")
+    one = _StreamingEngine()
+    one.streamable_weights_size = 1
+    assert tm.apply_weight_streaming_budget(one, 5, True, "t") == 1  # one streamable byte is still streamable
+    big = _StreamingEngine()
+    big.streamable_weights_size = 3_000_000_000
+    with caplog.at_level(logging.INFO, logger=tm.log.name):
+        assert tm.apply_weight_streaming_budget(big, 0.5, None, "transformer") == 1_500_000_000
+    assert [r.getMessage() for r in caplog.records] == [
+        "tensorrt: transformer keeps 1.50 of 3.00 GB of weights on the GPU"]
+
+
+def test_open_context_passes_what_the_manifest_says():
+    trt = types.SimpleNamespace(ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="UM"))
+    with pytest.raises(InputError, match="engine 'tx' was built without weight streaming"):
+        tm.open_context(trt, _StreamingEngine(), _arena([]), budget=0.5, built_with=False, name="tx")
+
+
+def test_plan_is_opened_read_only(tmp_path):
+    modes = []
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda buf: modes.append(bytes(buf[:2])) or "engine")
+    (tmp_path / "p.plan").write_bytes(b"\xff\xfe\x00plan")  # not text: a plan is read as bytes
+    assert tm.deserialize_plan(runtime, tmp_path / "p.plan") == "engine" and modes == [b"\xff\xfe"]
+
+
+def test_weight_streaming_log_is_in_gigabytes(caplog):
+    engine = _StreamingEngine()
+    engine.streamable_weights_size = 3_995_000_002
+    with caplog.at_level(logging.INFO, logger=tm.log.name):
+        assert tm.apply_weight_streaming_budget(engine, 1_995_000_001, True, "t") == 1_995_000_001
+    assert caplog.records[0].getMessage() == "tensorrt: t keeps 2.00 of 4.00 GB of weights on the GPU"

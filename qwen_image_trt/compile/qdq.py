@@ -50,20 +50,19 @@ class QuantizedLinear:
             self.pre_quant_scale.nbytes if self.pre_quant_scale is not None else 0)
 
 
-def quantize_weight(weight: torch.Tensor, amax: torch.Tensor, precision: str) -> tuple[np.ndarray, np.ndarray]:
-    """(quantized weight, scale) exactly as ModelOpt's fake quantizer rounds it (symmetric, zero point 0).
-
-    `amax`: [out, 1] for per-channel int8, a scalar for per-tensor. int8 rounds half to even and clamps to
-    [-128, 127] (narrow_range off, ModelOpt's default); fp8 saturates to +-448 and rounds to e4m3fn.
-    """
+def quantize_weight(fake_quantized: torch.Tensor, amax: torch.Tensor, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """(stored weight, scale) from ModelOpt's own fake-quantized weight: every value lies on the quantization grid
+    (level x amax/bound), so dividing by our scale and rounding recovers ModelOpt's level exactly, ties included
+    (recomputing the levels ourselves would round an exact .5 the other way whenever the float products differ
+    by an ulp). `amax`: [out, 1] for per-channel int8, a scalar per tensor."""
     bound = BOUNDS[precision]
-    w = weight.detach().float().cpu()
-    scale = amax.detach().float().cpu().clamp_min(MIN_AMAX) / bound
-    scaled = w / (scale if scale.dim() == 0 else scale.reshape(-1, 1))
+    amax = amax.detach().float().cpu().clamp_min(MIN_AMAX)
+    scale = amax / bound
+    levels = fake_quantized.detach().float().cpu() / (scale if scale.dim() == 0 else scale.reshape(-1, 1))
     if precision == "int8":
-        q = torch.clamp(torch.round(scaled), -128, 127).to(torch.int8).numpy()
+        q = torch.clamp(torch.round(levels), -128, 127).to(torch.int8).numpy()
     else:
-        q = scaled.clamp(-bound, bound).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        q = levels.clamp(-bound, bound).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     return q, scale.reshape(-1).numpy() if scale.numel() > 1 else scale.reshape(()).numpy()
 
 
@@ -83,7 +82,8 @@ def from_modelopt(module, precision: str, prefix: str = "transformer.") -> tuple
             raise QitrtError(f"{name}: weight quantizer on but input quantizer off or uncalibrated; the recipe "
                              "quantizes weights and activations together (no calibration data reached it?)")
         w_amax = wq.amax if wq.amax.numel() > 1 else wq.amax.reshape(())
-        weight_q, weight_scale = quantize_weight(m.weight, w_amax, precision)
+        with torch.no_grad():  # in fp32 whatever the module's dtype: see agree_with_modelopt
+            weight_q, weight_scale = quantize_weight(wq(m.weight.detach().float()), w_amax, precision)
         pqs = getattr(iq, "pre_quant_scale", None)
         layer = QuantizedLinear(
             name=name, precision=precision, weight_q=weight_q, weight_scale=weight_scale.astype(np.float32),
@@ -112,7 +112,10 @@ def agree_with_modelopt(linear, layer: QuantizedLinear, probe_rows: int = 64, se
     the stored weight, dequantized, equals `weight_quantizer(weight)`; and on a probe input spanning the
     calibrated range (past it, to see clamping), our smoothing + scale + rounding equals `input_quantizer(x)`.
     A change in ModelOpt's rounding, range or smoothing convention fails here, naming the layer."""
-    w = linear.weight.detach()
+    # In fp32 whatever the module's dtype: ModelOpt's quantizer is a function of its input and amax, and a bf16
+    # fake-quant output is itself rounded to bf16 (up to a quarter level off); the stored int8 / fp8 weights are
+    # what ModelOpt's quantization gives in exact arithmetic, which fp32 is here.
+    w = linear.weight.detach().float()
     want_w = linear.weight_quantizer(w).float().cpu()
     got_w = dequantize(layer.weight_q, layer.weight_scale, layer.precision, axis=0)
     # ModelOpt multiplies by bound/amax where we divide by amax/bound: a value at a rounding tie may land one
@@ -129,7 +132,7 @@ def agree_with_modelopt(linear, layer: QuantizedLinear, probe_rows: int = 64, se
     pqs = torch.from_numpy(layer.pre_quant_scale) if layer.pre_quant_scale is not None else torch.ones(w.shape[1])
     reach = layer.input_scale * BOUNDS[layer.precision] * 1.5  # past amax: clamping/saturation is checked too
     x = (torch.rand(probe_rows, w.shape[1], generator=g) * 2 - 1) * reach / pqs
-    x = x.to(device=w.device, dtype=w.dtype)
+    x = x.to(device=w.device)
     want_x = linear.input_quantizer(x).float().cpu()
     scaled = x.float().cpu() * pqs
     bound = BOUNDS[layer.precision]

@@ -229,7 +229,7 @@ def _quantize_stage(ctx: _Context, onnx_dir: Path, calib_dir: Path, bar) -> Path
         qm = quantize_onnx(ctx.root, calib_dir, quant_dir, o.precision, graphs=onnx_dir, recipe=ctx.recipe_overrides,
                            keep=o.keep, sizes=ctx.sizes, device=o.device, force=o.force, progress=o.progress)
         chk = qm.components["transformer"].check or {}
-        check = chk.get("skipped") or (f"mismatch vs fake-quant {chk['mismatch']:.3f}, "
+        check = chk.get("skipped") or (f"mismatch vs fake-quant {chk['mismatch']:.3g}, "
                                        f"err/blocks {chk['block_rel_err']:.3f}")
         return qm.ran, f"{len(qm.quantization.quantized_layers)} layers, {check}", qm
 
