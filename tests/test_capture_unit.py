@@ -153,6 +153,13 @@ def test_just_enough_forwards_per_size(checkpoints, kw):
     assert cap.make_settings(checkpoints["tiny"], holdout=0, **kw).num_prompts == kw["num_prompts"]
 
 
+def test_held_out_prompts_do_not_count_as_calibration_forwards(checkpoints):
+    with pytest.raises(InputError) as e:
+        cap.make_settings(checkpoints["tiny"], num_prompts=2, steps=2, record_every=2, holdout=1)
+    _refused(e, "num_prompts/steps", (2, 2), "enough to record >= 4 forwards per size (got 2 per size for 1 size(s)); "
+                                             "raise --num-prompts or --steps")
+
+
 def test_int_in_messages():
     assert cap._int_in("x", 3, 3) == 3 and cap._int_in("x", 5, 0, 5) == 5
     with pytest.raises(InputError) as e:
@@ -210,6 +217,21 @@ def test_recorder_keeps_every_kth_step_with_both_branches():
                                          "hidden_states", "step", "timestep"]
 
 
+def test_recorder_copies_what_the_caller_may_reuse():
+    """diffusers reuses its tensors between steps: every recorded tensor is a copy, never a view of the caller's."""
+    module, recorder = _Transformer(), cap._Recorder(record_every=1)
+    module.register_forward_pre_hook(recorder, with_kwargs=True)
+    hs, ehs, t = torch.ones(1, 4, 8), torch.ones(1, 3, 6), torch.tensor([0.5])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    module(hidden_states=hs, encoder_hidden_states=ehs, encoder_hidden_states_mask=mask, timestep=t,
+           img_shapes=[[(1, 2, 2)]])
+    for x in (hs, ehs, t, mask):
+        x.zero_()
+    c = recorder.calls[0]
+    assert c["hidden_states"].all() and c["encoder_hidden_states"].all() and c["timestep"].tolist() == [0.5]
+    assert c["encoder_hidden_states_mask"].all()
+
+
 def test_recorder_counts_steps_by_timestep_and_resets():
     module, recorder = _Transformer(), cap._Recorder(record_every=1)
     module.register_forward_pre_hook(recorder, with_kwargs=True)
@@ -246,6 +268,13 @@ def test_plan_cycles_sizes_for_calibration_then_for_holdout():
     assert [p[0] for p in plan] == want
 
 
+def test_holdout_sizes_cycle_from_the_first_size():
+    s = cap.CalibrationSettings(6, 2, ((64, 64), (96, 64), (64, 96)), holdout=2)
+    assert [(p[0].size, p[0].split) for p in cap.plan_samples(s)] == [
+        ([64, 64], "calib"), ([96, 64], "calib"), ([64, 96], "calib"), ([64, 64], "calib"), ([64, 64], "holdout"),
+        ([96, 64], "holdout")]
+
+
 def _sample(i, split="calib", size=(64, 64), calls=2, sha="ab", n_bytes=10):
     return CalibrationSample(index=i, prompt_id=f"p{i}", lang="en", category="c", seed=i, size=list(size), split=split,
                              file=f"prompt_{i:04d}_p{i}.safetensors", sha256=sha, bytes=n_bytes,
@@ -272,10 +301,10 @@ def test_set_id_hashes_the_source_and_every_shard():
 
 
 def test_finish_totals_and_skip(caplog):
-    m = _manifest([_sample(0, calls=4, n_bytes=100), _sample(1, calls=2, n_bytes=None), _sample(2, "holdout", calls=6,
+    m = _manifest([_sample(0, calls=4, n_bytes=100), _sample(1, calls=2, n_bytes=None), _sample(2, "holdout", calls=5,
                                                                                                n_bytes=7)])
-    cap._finish(m, None, 1.23456, recorded=2)
-    assert m.totals == {"prompts": 3, "calib_calls": 6, "holdout_calls": 6, "bytes": 107}
+    cap._finish(m, None, 1.23456, recorded=1)
+    assert m.totals == {"prompts": 3, "calib_calls": 6, "holdout_calls": 5, "bytes": 107}
     assert m.set_id == cap.set_id(m) and m.seconds == 1.235 and m.ran is True
     again = _manifest(list(m.samples))
     old = m.model_copy(update={"seconds": 9.5})
@@ -377,6 +406,16 @@ def test_a_set_checks_sizes_and_checkpoint(tmp_path):
              "calibrate` for this checkpoint")
 
 
+def test_a_size_the_set_never_saw_has_no_calls(tmp_path):
+    _write_set(tmp_path / "set", split=("calib", "calib", "calib"))
+    cs = cap.CalibrationSet(tmp_path / "set")
+    cs.check_sizes([(96, 64)], min_calls=1)
+    with pytest.raises(InputError) as e:
+        cs.check_sizes([(128, 64)], min_calls=1)
+    assert e.value.allowed == ("a set with >= 1 recorded forwards at each size asked; too few for 128x64 (0) (set has "
+                               "64x64: 4, 96x64: 2). Re-run `qitrt calibrate --sizes ...`")
+
+
 def test_a_set_with_nothing_to_calibrate_says_none(tmp_path):
     _write_set(tmp_path / "set", text_lens=((3,),), split=("holdout",), sizes=((64, 64),))
     with pytest.raises(InputError) as e:
@@ -433,3 +472,18 @@ def test_replay_pads_text_to_the_bucket_and_rebuilds_rope():
     assert args[2].dtype == torch.bool and args[2].sum().item() == 8 and args[4].shape[0] == 6
     assert torch.equal(args[7], RopeTables(AXES)(1, 2, 3, 32)[3])
     assert cap._rope(AXES) is cap._rope(tuple(AXES)) and math.isfinite(float(args[4].sum()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recordings_of_a_gpu_pipeline_land_on_the_cpu():
+    module, recorder = _Transformer(), cap._Recorder(record_every=1)
+    module.register_forward_pre_hook(recorder, with_kwargs=True)
+    cuda = dict(device="cuda")
+    module(hidden_states=torch.ones(1, 4, 8, **cuda), encoder_hidden_states=torch.ones(1, 3, 6, **cuda),
+           encoder_hidden_states_mask=None, timestep=torch.tensor([0.5], **cuda), img_shapes=[[(1, 2, 2)]])
+    module(hidden_states=torch.ones(1, 4, 8, **cuda), encoder_hidden_states=torch.ones(1, 3, 6, **cuda),
+           encoder_hidden_states_mask=torch.ones(1, 3, dtype=torch.long, **cuda), timestep=torch.tensor([0.5], **cuda),
+           img_shapes=[[(1, 2, 2)]])
+    for c in recorder.calls:
+        assert {k: c[k].device.type for k in cap.KEYS} == dict.fromkeys(cap.KEYS, "cpu")

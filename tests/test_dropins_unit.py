@@ -283,3 +283,32 @@ def test_combine_cfg_is_qwen_images_norm_preserving_guidance():
     as_tensor = combine_cfg(batch_c, batch_u, torch.tensor([2.0, 4.0], dtype=torch.float64))
     assert torch.allclose(as_tensor, per_sample) and as_tensor.dtype == torch.float32
     assert torch.allclose(combine_cfg(cond, uncond, np.float32(2.0)), got)
+
+
+# -- device: every tensor a drop-in makes lives where its inputs live ----------------------------------------------
+# The "meta" device stands in for a GPU here: a tensor made on the CPU next to meta inputs fails, as it would on CUDA.
+class _OneDevice(torch.nn.Module):
+    """Concatenates all its inputs (which fails across devices) and returns the first."""
+
+    def forward(self, *args):
+        return args[0] + 0 * torch.cat([a.float().reshape(-1) for a in args]).sum()
+
+
+def test_dropin_makes_its_buffers_and_tables_on_the_inputs_device():
+    from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
+
+    runner = TorchRunner("transformer", _OneDevice, INPUT_NAMES, ["noise_pred"], device="meta")
+    dropin = EngineTransformer(runner, dict(CONFIG), device="meta")
+    meta = dict(device="meta")
+    out = dropin(torch.zeros(1, 4, 4, **meta), torch.zeros(1, 3, 8, **meta), None, torch.zeros(1, **meta),
+                 [[(1, 2, 2)]]).sample
+    assert out.device.type == "meta" and out.shape == (1, 4, 4)
+    text, mask, padded = dropin._padded_text(torch.zeros(2, 3, 8, **meta), torch.ones(2, 3, dtype=torch.bool, **meta))
+    assert (text.device.type, mask.device.type, padded) == ("meta", "meta", 32)
+
+
+def test_cfg_tensors_stay_on_the_inputs_device():
+    cond, uncond = torch.zeros(2, 3, 4, device="meta"), torch.zeros(2, 2, 4, device="meta")
+    text, mask = stack_cfg_text(cond, None, uncond, None)
+    assert text.device.type == mask.device.type == "meta" and mask.shape == (4, 3)
+    assert combine_cfg(cond, cond, [1.0, 2.0]).device.type == "meta"

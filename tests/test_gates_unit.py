@@ -4,6 +4,7 @@ documented defaults, overrides and their messages, PSNR/SSIM on images whose ans
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -100,7 +101,9 @@ def test_one_non_finite_forward_fails():
 
 def test_quantization_evidence_is_gated_when_there_is_some():
     q = {"mismatch": 0.3, "block_rel_err": 0.2}
-    names = lambda out: [r["name"] for r in out]  # noqa: E731
+
+    def names(out):
+        return [r["name"] for r in out]
     assert "quant_mismatch_max" not in names(apply_gates(_data(quantization=q), _gates()))  # no quantization gates
     assert "quant_mismatch_max" not in names(apply_gates(_data(quantization={}), _gates(quant_mismatch_max=1.0)))
     assert "quant_mismatch_max" not in names(apply_gates(_data(quantization={"skipped": "bf16"}),
@@ -124,7 +127,9 @@ def _images(seed=0, shape=(16, 16, 3)):
 def test_psnr_in_decibels():
     a = np.zeros((4, 4, 3), np.uint8)
     b = a.copy()
-    assert pm.psnr(a, b) == 200.0 == pm.PSNR_CAP_DB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # identical images: the cap, not a division by zero
+        assert pm.psnr(a, b) == 200.0 == pm.PSNR_CAP_DB
     b[0, 0, 0] = 255  # one value off by 255 over 48: mse = 255^2 / 48
     assert pm.psnr(a, b) == pytest.approx(10 * math.log10(48))
     assert pm.psnr(b, a) == pm.psnr(a, b)  # no uint8 wrap-around either way
@@ -143,10 +148,34 @@ def test_ssim_of_rgb_images_with_a_window_that_fits(shape, win):
     assert pm.ssim(x, x) == pytest.approx(1.0)
 
 
+def test_ssim_of_images_in_0_255_whatever_their_type():
+    x, y = _images(2, (16, 16, 3))
+    assert pm.ssim(x.astype(np.float64), y.astype(np.float64)) == pytest.approx(pm.ssim(x, y), abs=1e-12)
+
+
 def test_diff_image_amplifies_and_saturates():
-    ref = np.array([[[0, 100, 255]]], np.uint8)
-    got = np.array([[[10, 90, 0]]], np.uint8)
+    ref = np.array([[[0, 100, 255], [7, 7, 7]]], np.uint8)
+    got = np.array([[[10, 90, 0], [7, 7, 7]]], np.uint8)
     d = pm.diff_image(ref, got)
-    assert d.dtype == np.uint8 and d.tolist() == [[[80, 80, 255]]]
-    assert pm.diff_image(ref, got, gain=1.0).tolist() == [[[10, 10, 255]]]
-    assert pm.diff_image(got, ref, gain=0.5).tolist() == [[[5, 5, 127]]]
+    assert d.dtype == np.uint8 and d.tolist() == [[[80, 80, 255], [0, 0, 0]]]
+    assert pm.diff_image(ref, got, gain=1.0).tolist() == [[[10, 10, 255], [0, 0, 0]]]
+    assert pm.diff_image(got, ref, gain=0.5).tolist() == [[[5, 5, 127], [0, 0, 0]]]
+
+
+@pytest.mark.parametrize("side", [3, 4, 5, 6])
+def test_ssim_of_images_smaller_than_its_window(side):
+    """The window shrinks to the largest odd size that fits (it was one too large for 4 and 6 px)."""
+    from qwen_image_trt.parity.metrics import ssim
+
+    a = np.random.default_rng(side).integers(0, 256, (side, side + 5, 3), dtype=np.uint8)
+    b = a.copy()
+    b[0, 0] = 255 - b[0, 0]
+    assert ssim(a, a) == pytest.approx(1.0) and ssim(a, b) < 1.0
+
+
+def test_ssim_refuses_images_too_small_for_any_window():
+    from qwen_image_trt.core.errors import InputError
+    from qwen_image_trt.parity.metrics import ssim
+
+    with pytest.raises(InputError, match="at least 3x3"):
+        ssim(np.zeros((2, 9, 3), np.uint8), np.zeros((2, 9, 3), np.uint8))

@@ -14,7 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # ModelOpt warns about the installed transformers version
@@ -150,7 +150,7 @@ def _nodes(graph):
     return {n.name: n for n in graph.graph}
 
 
-# -- quantize_weight / dequantize: ModelOpt's rounding, in exact numbers -------------------------------------------
+# -- quantize_weight / dequantize: the arithmetic, in exact numbers (levels = value / scale, rounded half to even) ---
 def test_int8_weights_round_half_to_even_per_channel_and_clamp():
     w = torch.tensor([[1.0, -0.5, 0.25, 2.0, -3.0], [2.0, 3.0, -4.0, 0.0, 63.5 * 4 / 127]])
     amax = torch.tensor([[1.0], [4.0]])
@@ -287,7 +287,7 @@ def test_modules_that_are_not_linear_are_not_read():
 def test_written_graph_runs_as_modelopt_simulates(precision, request):
     calibrated = request.getfixturevalue(precision)
     model, high = calibrated
-    graph, layers, _, _ = _written(calibrated, precision)
+    graph, _, _, _ = _written(calibrated, precision)
     x = _inputs(32, seed=9)
     with torch.no_grad():
         fake, reference = model(x), high(x)
@@ -512,8 +512,8 @@ def _break(graph, how):
     ("no_axis_on_gemm", [f"{MLP}: weight scale axis 1, the stored layout needs 0"]),
     ("no_axis_on_matmul", []),
     ("smoothing_removed", [f"{Q}: SmoothQuant's smoothing (Mul by pre_quant_scale) is missing before its quantizer"]),
-    ("smoothing_not_constant", [f"{Q}: SmoothQuant's smoothing (Mul by pre_quant_scale) is missing before its "
-                                "quantizer"]),
+    ("smoothing_not_constant", [(f"{Q}: SmoothQuant's smoothing (Mul by pre_quant_scale) is missing before its "
+                                 "quantizer")]),
     ("no_quantize", [f"{Q}: its activation DequantizeLinear is not fed by a QuantizeLinear"]),
     ("dequantize_of_input", [f"{Q}: its activation DequantizeLinear is not fed by a QuantizeLinear"]),
     ("weight_not_dequantized", [f"{Q}: activation or weight of its MatMul is not dequantized"]),
@@ -603,8 +603,8 @@ def test_exactly_one_percent_off_is_still_the_same_number(int8):
     expected = {Q: {**qdq.expected_numbers(layers)[Q], "input_scale": np.float32(100.0)}}
     assert qdq.graph_numbers_problems(graph, expected) == []
     nodes[f"{Q}/input_quantize"].replace_input_with(1, _const(np.float32(101.5)))
-    assert qdq.graph_numbers_problems(graph, expected) == [f"{Q}: activation scale in the graph is 1.01x the "
-                                                           "calibrated one"]
+    assert qdq.graph_numbers_problems(graph, expected) == [
+        f"{Q}: activation scale in the graph is 1.01x the calibrated one"]
 
 
 def test_missing_matmul_inputs_are_problems_not_crashes(int8):

@@ -57,6 +57,17 @@ def test_compare_keeps_the_worst_call():
     assert nan["finite"] is False and qe.compare(outputs[:1], calls)["calls"] == 1
 
 
+def test_compare_measures_against_the_bypassed_output():
+    hp, fq, by = [0.3, 0.4], [0.3, 0.45], [0.1, 0.1]  # norms below 1: no floor but the 1e-30 guard may show
+    got = torch.tensor([0.3, 0.425])
+    f = qe.compare([got], [_call(hp, fq, by)])
+    contribution = math.hypot(0.2, 0.3)  # ||hp - by||
+    assert f["block_rel_err"] == pytest.approx(0.025 / contribution)
+    assert f["fake_quant_block_rel_err"] == pytest.approx(0.05 / contribution)
+    assert f["block_contribution"] == pytest.approx(contribution / 0.5)
+    assert f["mismatch"] == pytest.approx(0.025 / 0.05)
+
+
 def test_compare_with_zero_denominators_stays_finite():
     z = [0.0, 0.0]
     f = qe.compare([torch.tensor([0.0, 1e-20])], [_call(z, z, z)])  # nothing quantized, nothing contributed
@@ -187,3 +198,13 @@ def test_l2_and_tensor_metrics_in_exact_numbers():
     assert tensor_metrics([1.0, 2.0], [float("inf"), 2.0])["finite"] is False
     half = tensor_metrics(torch.tensor([1.0, 2.0], dtype=torch.float16), torch.tensor([1.0, 2.001]))
     assert half["max_abs"] == pytest.approx(0.001, rel=1e-3)  # compared in float64, not in the inputs' type
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_outputs_of_a_gpu_module_come_back_to_the_cpu():
+    lin = torch.nn.Linear(3, 2)
+    lin.skip_blocks = frozenset()
+    want = qe.reference_outputs(lin, [(torch.ones(4, 3),)])[0]
+    got = qe.reference_outputs(lin.cuda(), [(torch.ones(4, 3),)])[0]  # inputs on the CPU, module on the GPU
+    assert got.device.type == "cpu" and torch.allclose(got, want, atol=1e-5)

@@ -134,7 +134,7 @@ def test_keep_expands_to_module_patterns():
         "[ab]", "[ab].*", "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_q.*",
         "norm_out.linear", "norm_out.linear.*", "transformer_blocks.3.*", "transformer_blocks.3.*.*", "x?y", "x?y.*"]
     # "img_in" was already excluded: listed once
-    for bad in ("mlp_of_doom", "to_q", "IMG_MLP"):
+    for bad in ("mlp_of_doom", "to_q", "IMG_MLP", "MAX"):
         with pytest.raises(InputError) as e:
             rc.make_recipe("int8", 4, keep=[bad])
         _refused(e, "keep", bad, "a block part (attn, img_mlp, txt_mlp, img_mod, txt_mod, attn.to_q, attn.to_k, "

@@ -471,6 +471,9 @@ def test_build_checks_arguments_before_tensorrt(tmp_path, monkeypatch):
 
 
 # -- every number and name the builder writes, pinned (mutation testing: docs/testing.md) --------------------------
+# From here on some tests let the stand-in's build return a few bytes as the plan (`_plan_builds`), to check what our
+# code does with a build's result: the plan file, its profile file, the manifest entry, reuse by cache key. Those
+# bytes are never deserialized or run: that still needs TensorRT and a GPU (tests/test_tensorrt_gpu.py).
 def _refused(excinfo, field, value, allowed):
     """An InputError names the field, the value given and what is allowed (core/errors.py)."""
     e = excinfo.value
@@ -650,7 +653,7 @@ def test_network_flags_and_strong_typing_by_version():
                 return f is not flag
 
         net = Network()
-        builder = types.SimpleNamespace(create_network=lambda flags: net)
+        builder = types.SimpleNamespace(create_network=lambda flags, net=net: net)
         if version == "11.0":  # TensorRT 11 networks are always strongly typed: not asked
             assert te.create_network(trt, builder) is net
         else:
@@ -659,7 +662,7 @@ def test_network_flags_and_strong_typing_by_version():
             assert str(e.value) == ("TensorRT created a network that is not strongly typed: the graph's Q/DQ nodes "
                                     "and casts would not fix its precision")
         old = types.SimpleNamespace()  # a network that cannot say (no get_flag): taken as created
-        assert te.create_network(trt, types.SimpleNamespace(create_network=lambda flags: old)) is old
+        assert te.create_network(trt, types.SimpleNamespace(create_network=lambda flags, old=old: old)) is old
 
 
 def test_configure_builder_passes_the_objects_it_made():
@@ -668,7 +671,7 @@ def test_configure_builder_passes_the_objects_it_made():
     builder = trt.Builder(None)
     network = builder.create_network(2)
     monitor = object()
-    config, resolved = te.configure_builder(trt, builder, network, PROF, SETTINGS, progress_monitor=monitor)
+    _, resolved = te.configure_builder(trt, builder, network, PROF, SETTINGS, progress_monitor=monitor)
     assert resolved == PROF
     calls = {c[0]: c for c in log}
     profile = [c for c in log if c[0] == "builder.create_optimization_profile"]
@@ -880,8 +883,10 @@ def test_build_key_covers_its_arguments(tmp_path, fake_gpu, monkeypatch):
     _plan_builds(fake_gpu, monkeypatch)
     src = _source(tmp_path / "onnx")
     base = dict(precision="fp16", recipe=None, progress=False)
-    build = lambda out, profiles=PROF, **kw: te.build_tensorrt_engine(  # noqa: E731
-        tmp_path / "onnx", src, tmp_path / out, "vae_decoder", profiles, **{**base, **kw}).file
+
+    def build(out, profiles=PROF, **kw):
+        return te.build_tensorrt_engine(tmp_path / "onnx", src, tmp_path / out, "vae_decoder", profiles,
+                                        **{**base, **kw}).file
     names = {build("a"), build("b", recipe={"x": 1}), build("c", precision="bf16"),
              build("d", profiles=vae_decoder_profile("64x64", 1)), build("e", opt_level=2)}
     assert len(names) == 5

@@ -446,7 +446,7 @@ def test_graphs_from_an_older_arena_are_not_replayed(tmp_path):
 
 
 # -- the numbers the runner's memory rules use, pinned (mutation testing: docs/testing.md) --------------------------
-import logging  # noqa: E402 - appended section
+import logging  # appended section: its own imports
 
 
 def _refused(excinfo, field, value, allowed):

@@ -95,6 +95,13 @@ def _coef(fit: dict, kind: str, precision: str, metric: str) -> tuple[float, flo
     if not (stage.get(key) or {}).get(metric):
         key = "fp32" if (stage.get("fp32") or {}).get(metric) else None
     c = stage[key][metric] if key else FALLBACK_FIT["stages"][kind]["fp32"][metric]
+    if float(c["per_weight_byte"]) <= 0 and metric == "seconds":
+        # A time fit spoiled by a busy machine (a negative slope) says nothing: use the fp32 fit or the built-in one.
+        other = (stage.get("fp32") or {}).get(metric)
+        if key != "fp32" and other and float(other["per_weight_byte"]) > 0:
+            c, key = other, "fp32"
+        else:
+            c, key = FALLBACK_FIT["stages"][kind]["fp32"][metric], "fallback"
     return float(c["fixed"]), float(c["per_weight_byte"]), f"{kind}/{key or 'fallback'}"
 
 

@@ -161,7 +161,8 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
         raise InputError("keep/recipe/calibration", o.keep or o.recipe or o.calibration,
                          "only with --precision int8 or fp8")
     if o.target == "tensorrt":
-        require_tensorrt(_cuda_index(o.device))
+        if not o.plan_only:  # a plan may be made anywhere: it is how one picks the machine
+            require_tensorrt(_cuda_index(o.device))
     else:
         if o.ort_level not in LEVELS:
             raise InputError("ort_level", o.ort_level, f"one of {', '.join(LEVELS)}")

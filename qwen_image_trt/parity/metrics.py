@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from qwen_image_trt.core.errors import InputError
+
 from qwen_image_trt.core.metrics import tensor_metrics  # noqa: F401 - parity's tensor metric is the core one
 
 PSNR_CAP_DB = 200.0  # identical images: a finite number keeps report.json strict JSON
@@ -20,7 +22,10 @@ def psnr(ref: np.ndarray, got: np.ndarray) -> float:
 def ssim(ref: np.ndarray, got: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
-    win = min(7, *ref.shape[:2]) // 2 * 2 + 1 if min(ref.shape[:2]) < 7 else 7
+    side = min(ref.shape[:2])
+    if side < 3:
+        raise InputError("image size", list(ref.shape[:2]), "at least 3x3 pixels for SSIM")
+    win = 7 if side >= 7 else (side - 1) // 2 * 2 + 1  # odd, and no larger than the image
     return float(structural_similarity(ref, got, channel_axis=-1, data_range=255, win_size=win))
 
 
