@@ -122,3 +122,13 @@ def test_engine_profile_limits_requests_and_batches():
     with pytest.raises(InputError) as e:  # each side in range, but more tokens than the profile holds
         check_params(ImageRequest(prompt="a cat", size="256x128"), cfg, limits, lambda cfg_on: 2)
     assert e.value.field == "size" and "[1, 64]" in e.value.allowed
+
+
+def test_take_where_removes_only_what_it_picks():
+    b = Batcher(lambda key: 4, 0.01, 10)
+    items = [Item("k", 1, payload={"job": i % 2 == 0}) for i in range(5)]
+    for it in items:
+        b.submit(it)
+    taken = b.take_where(lambda it: it.payload["job"])
+    assert taken == [items[0], items[2], items[4]] and len(b) == 2
+    assert b.position(items[1]) == 0 and b.position(items[0]) is None

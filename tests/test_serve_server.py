@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_image_trt.bench.serve_load import metric_sum
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +38,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def server(tiny_checkpoint, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "QITRT_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "qwen_image_trt.cli", "serve", str(tiny_checkpoint),
                              "--devices", "cpu,cpu", "--port", str(port), "--max-queue-size", str(QUEUE),
                              "--max-queue-delay-ms", "40", "--max-batch-size", "8", "--default-size", "64x64",
-                             "--default-steps", "2", "--max-body-bytes", "65536", "--shutdown-grace-s", "20"],
+                             "--default-steps", "2", "--max-body-bytes", "65536", "--shutdown-grace-s", "20",
+                             "--jobs-dir", str(tmp_path_factory.mktemp("jobs")), "--min-timeout-s", "0.1"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 150
@@ -95,15 +98,7 @@ def post(server, body, path="/v1/images/generations", **kw):
 
 
 def metric(server, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(server["url"] + "/metrics", headers=AUTH).text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
+    return metric_sum(httpx.get(server["url"] + "/metrics", headers=AUTH).text, name, **labels)
 
 
 def test_openai_client(server, twin_pipe):
@@ -179,9 +174,10 @@ def test_bad_input_names_field_and_allowed(server, body, status, field):
 
 
 def test_non_json_and_oversized_bodies_then_still_serving(server):
-    r = httpx.post(server["url"] + "/v1/images/generations", content=b"{not json", headers=AUTH)
+    json_auth = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(server["url"] + "/v1/images/generations", content=b"{not json", headers=json_auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
-    r = httpx.post(server["url"] + "/v1/jobs", content=b"[1, 2]", headers=AUTH)
+    r = httpx.post(server["url"] + "/v1/jobs", content=b"[1, 2]", headers=json_auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
     r = post(server, {"prompt": "x" * 70000})
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"

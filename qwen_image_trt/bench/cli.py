@@ -1,10 +1,12 @@
-"""`qitrt bench offline` and `qitrt bench serve`: flags become OfflineConfig / LoadConfig here, once."""
+"""`qitrt bench offline`, `serve` and `chaos`: flags become OfflineConfig / LoadConfig / ChaosConfig here, once."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import time
 
 from qwen_image_trt.core.errors import InputError
 
@@ -73,6 +75,41 @@ def register(sub) -> None:
     p.add_argument("--prompt", default=None)
     _add_output(p, "serve")
     p.set_defaults(func=_cmd_serve)
+    _register_chaos(bsub)
+
+
+def _register_chaos(bsub) -> None:
+    p = bsub.add_parser("chaos", help="faults on a schedule against a started `qitrt serve` (two CPU workers); "
+                                      "counts lost requests and jobs")
+    p.add_argument("checkpoint", help="checkpoint folder (the tiny one: `qitrt tiny DIR`)")
+    p.add_argument("--fault-seconds", type=float, default=600.0, help="length of the fault phase (default 600)")
+    p.add_argument("--calm-seconds", type=float, default=120.0, help="the no-fault phase before it (default 120)")
+    p.add_argument("--fault-every", type=float, default=40.0, help="seconds between faults (default 40)")
+    p.add_argument("--clients", type=int, default=8, help="closed-loop clients of good requests (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve-args", default="", help="more qitrt serve flags, one quoted string")
+    p.add_argument("--out", default="benchmarks/results", help="results folder: chaos.md, chaos.json")
+    p.set_defaults(func=_cmd_chaos)
+
+
+def _cmd_chaos(a) -> int:
+    import json
+    import platform
+    from pathlib import Path
+
+    from qwen_image_trt.bench.chaos import ChaosConfig, render_markdown, run_chaos
+
+    cfg = ChaosConfig(a.checkpoint, fault_s=a.fault_seconds, calm_s=a.calm_seconds, fault_every_s=a.fault_every,
+                      clients=a.clients, seed=a.seed, serve_args=shlex.split(a.serve_args), out=a.out,
+                      on_progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_chaos(cfg)
+    machine = (f"{os.cpu_count()} CPU cores, {platform.machine()}, {time.strftime('%Y-%m-%d')}")
+    out = Path(a.out)
+    (out / "chaos.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "chaos.md").write_text(render_markdown(result, command_line(getattr(a, "argv", None)), machine))
+    print(f"{out / 'chaos.md'}\ngood requests lost: {result['lost_good_requests']}, jobs lost: "
+          f"{result['jobs']['lost']}")
+    return 0 if result["lost_good_requests"] == 0 and result["jobs"]["lost"] == 0 else 1
 
 
 def _add_output(p, kind: str) -> None:

@@ -103,6 +103,12 @@ def parse_prometheus(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def metric_sum(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (e.g. every worker's, or one outcome's)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for (n, lab), v in parse_prometheus(text).items() if n == name and all(w in lab for w in want))
+
+
 def histogram_delta(before: dict, after: dict, name: str) -> dict | None:
     """Change of a Prometheus histogram between two scrapes: count, mean, and per-bucket counts."""
     if (f"{name}_count", "") not in after:
@@ -396,14 +402,16 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
+        # its own job store unless told otherwise: a benchmark's jobs are not worth keeping across runs
+        jobs = [] if "--jobs-dir" in self.serve_args else ["--jobs-dir", str(self.log_path.with_suffix(".jobs"))]
         return [sys.executable, "-m", "qwen_image_trt.cli", "serve", str(self.checkpoint), "--host", "127.0.0.1",
-                "--port", str(self.port), *self.serve_args]
+                "--port", str(self.port), *jobs, *self.serve_args]
 
     def start(self) -> "ServerProcess":
         import httpx
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab" if self.proc else "wb")  # a restart appends
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
@@ -435,6 +443,13 @@ class ServerProcess:
             self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+    def kill_group(self) -> None:
+        """SIGKILL the server and its workers at once (its own session): nothing of its shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._log.close()
 

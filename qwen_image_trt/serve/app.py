@@ -1,14 +1,17 @@
-"""HTTP only: FastAPI routes over the Engine. Parsing, auth, limits on the body, metrics, error shapes."""
+"""HTTP only: FastAPI routes over the Engine. Parsing, body limits, disconnects, metrics, error shapes.
+The door (Host, API key, content type) is serve/guard.py, in front of every route."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import hmac
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -16,10 +19,24 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError
-from qwen_image_trt.serve.protocol import ImageRequest, check_params, error_body, validation_error_body
+from qwen_image_trt.serve.guard import Guard
+from qwen_image_trt.serve.protocol import (
+    ImageRequest,
+    ImagesResponse,
+    JobList,
+    JobStatus,
+    check_params,
+    error_body,
+    error_responses,
+    json_body,
+    validation_error_body,
+)
 
-OUTCOMES = {200: "ok", 202: "accepted", 400: "invalid", 401: "unauthorized", 404: "not_found", 409: "conflict",
-            413: "too_large", 422: "invalid", 429: "queue_full", 500: "error", 503: "unavailable", 504: "timeout"}
+log = logging.getLogger(__name__)
+OUTCOMES = {200: "ok", 202: "accepted", 400: "invalid", 401: "unauthorized", 404: "not_found", 408: "body_timeout",
+            409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid", 429: "queue_full",
+            499: "disconnected", 500: "error", 503: "unavailable", 504: "timeout"}
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def server_limits(cfg: ServerConfig) -> Limits:
@@ -27,7 +44,8 @@ def server_limits(cfg: ServerConfig) -> Limits:
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
-    """The FastAPI app: an Engine started and stopped with the app, and its routes in four groups."""
+    """The FastAPI app: an Engine started and stopped with the app, its routes in three groups, the guard
+    in front."""
     limits = server_limits(cfg)
 
     @asynccontextmanager
@@ -37,17 +55,25 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         yield
         await engine.shutdown(cfg.shutdown_grace_s)
 
-    app = FastAPI(title="qitrt serve", lifespan=lifespan)
+    app = FastAPI(title="qitrt serve", lifespan=lifespan, description="OpenAI-compatible image generation over "
+                  "Qwen-Image engines, with async jobs. See docs/serving.md.")
     http = _Http(app, cfg, limits)
     _add_error_handlers(app, http)
     _add_image_routes(app, http)
     _add_job_routes(app, http)
     _add_ops_routes(app, http)
+    app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=http.count_path)
+    if cfg.cors_origins:  # outside the guard: a preflight carries no API key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in cfg.cors_origins.split(",")],
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "X-API-Key",
+                                                                                   "Content-Type"])
     return app
 
 
 class _Http:
-    """What every route shares: the config, the engine, outcome counting, the API key check, body parsing."""
+    """What every route shares: the config, the engine, outcome counting, body parsing."""
 
     def __init__(self, app: FastAPI, cfg: ServerConfig, limits: Limits):
         self.app, self.cfg, self.limits = app, cfg, limits
@@ -59,36 +85,42 @@ class _Http:
     def count(self, endpoint: str, status: int) -> None:
         self.engine.metrics.requests.labels(endpoint, OUTCOMES.get(status, str(status))).inc()
 
+    def count_path(self, path: str, status: int) -> None:
+        endpoint = "/v1/jobs/{job_id}" if path.startswith("/v1/jobs/") else path
+        self.count(endpoint, status)
+
     def fail(self, endpoint: str, status: int, body: dict, headers=None) -> JSONResponse:
         self.count(endpoint, status)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def check_key(self, request: Request) -> None:
-        if self.cfg.api_key is None:
-            return
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = given or auth[7:].strip()
-        if not hmac.compare_digest(given.encode(), self.cfg.api_key.encode()):
-            raise ServeError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY'")
-
-    async def parse(self, request: Request) -> ImageRequest:
-        """Body -> ImageRequest: 413 over the size limit, 400 not JSON, 422 wrong fields or types."""
+    async def read_body(self, request: Request) -> bytes:
+        """The body, bounded in size while it is read (413) and in time (408)."""
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise _TooLarge()
+            raise _Refused(413, f"the body is over {limit} bytes", "body", f"at most {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _TooLarge()
-            chunks.append(chunk)
         try:
-            data = json.loads(b"".join(chunks))
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _Refused(413, f"the body is over {limit} bytes", "body", f"at most {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise _Refused(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s", "body",
+                           f"a body sent within {self.cfg.body_timeout_s:g} s") from None
+        return b"".join(chunks)
+
+    async def parse(self, request: Request) -> ImageRequest:
+        """Body -> ImageRequest: 400 not JSON (nesting included), 422 wrong fields or types."""
+        raw = await self.read_body(request)
+        try:
+            data = json.loads(raw)
+        except RecursionError:
+            raise InputError("body", f"<{len(raw)} bytes nested too deep>", "a flat JSON object") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise InputError("body", f"<{size} bytes, not JSON: {e}>", "a JSON object") from None
+            raise InputError("body", f"<{len(raw)} bytes, not JSON: {e}>", "a JSON object") from None
         if not isinstance(data, dict):
             raise InputError("body", type(data).__name__, "a JSON object")
         return ImageRequest.model_validate(data)
@@ -98,10 +130,9 @@ class _Http:
         try:
             req = await self.parse(request)
             params = check_params(req, self.cfg, self.limits, self.engine.max_images)
-        except _TooLarge:
-            limit = self.cfg.max_body_bytes
-            return None, self.fail(endpoint, 413, error_body(f"the body is over {limit} bytes", "invalid_request_error",
-                                                             param="body", allowed=f"at most {limit} bytes"))
+        except _Refused as e:  # the rest of the body is unread: this connection cannot carry another request
+            return None, self.fail(endpoint, e.status, error_body(e.message, "invalid_request_error", param=e.param,
+                                                                   allowed=e.allowed), {"Connection": "close"})
         except ValidationError as e:
             return None, self.fail(endpoint, 422, validation_error_body(e))
         except InputError as e:
@@ -111,29 +142,49 @@ class _Http:
 
 
 def _add_error_handlers(app: FastAPI, http: _Http) -> None:
+    def endpoint(request: Request) -> str:
+        return getattr(request.scope.get("route"), "path", request.url.path)
+
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, e: ServeError):
-        route = request.scope.get("route")
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
-        return http.fail(getattr(route, "path", request.url.path), e.status, error_body(e.message, e.type, code=e.type),
-                         headers)
+        return http.fail(endpoint(request), e.status, error_body(e.message, e.type, code=e.type), headers)
 
     @app.exception_handler(InputError)
     async def on_input_error(request: Request, e: InputError):
-        route = request.scope.get("route")
-        return http.fail(getattr(route, "path", request.url.path), 400,
-                         error_body(str(e), "invalid_request_error", param=e.field, allowed=e.allowed))
+        return http.fail(endpoint(request), 400, error_body(str(e), "invalid_request_error", param=e.field,
+                                                            allowed=e.allowed))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        return http.fail(endpoint(request), 422, error_body(f"{loc}: {first['msg']}", "invalid_request_error",
+                                                            param=loc, code=first["type"]))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return http.fail(endpoint(request), 500, error_body(f"internal error: {type(e).__name__}: {e}",
+                                                            "server_error", code="internal_error"))
 
 
 def _add_image_routes(app: FastAPI, http: _Http) -> None:
-    @app.post("/v1/images/generations", dependencies=[Depends(http.check_key)])
+    @app.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=json_body(ImageRequest),
+              responses=error_responses(400, 401, 408, 413, 415, 422, 429, 500, 503, 504))
     async def generations(request: Request):
+        """Generate images (OpenAI images API). Waits for the images; a client that disconnects first is dropped
+        from the queue, or from its batch."""
         endpoint = "/v1/images/generations"
         t0 = time.perf_counter()
         st, error = await http.accept(endpoint, request, job=False)
         if error:
             return error
-        await http.engine.result(st)
+        if not await _until_done_or_gone(http.engine, st, request):
+            http.count(endpoint, 499)
+            return Response(status_code=499)  # nobody reads it; uvicorn drops it with the closed socket
+        if st.error:
+            raise st.error
         body = {"created": int(st.created),
                 "data": [{"b64_json": base64.b64encode(png).decode(), "seed": st.params.seed + i,
                           "revised_prompt": None} for i, png in enumerate(st.images)]}
@@ -141,49 +192,83 @@ def _add_image_routes(app: FastAPI, http: _Http) -> None:
         return JSONResponse(body, headers=timing_headers(st, time.perf_counter() - t0))
 
 
+async def _until_done_or_gone(engine: Engine, st, request: Request) -> bool:
+    """Wait for `st`; True when it finished, False when the client went away first (then it is cancelled: out of
+    the queue, or out of its batch, which stops at the next step once it holds no one)."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([st.future, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if st.future.done():
+        return True
+    engine.cancel(st, "the client disconnected")
+    return False
+
+
 def _add_job_routes(app: FastAPI, http: _Http) -> None:
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(http.check_key)])
+    @app.post("/v1/jobs", status_code=202, response_model=JobStatus, openapi_extra=json_body(ImageRequest),
+              responses=error_responses(400, 401, 408, 413, 415, 422, 429, 503))
     async def create_job(request: Request):
+        """Submit a job: answered at once (202) with its id. Jobs are durable: they survive a restart."""
         st, error = await http.accept("/v1/jobs", request, job=True)
         if error:
             return error
         http.count("/v1/jobs", 202)
         return JSONResponse(http.engine.job_status(st), status_code=202)
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(http.check_key)])
+    @app.get("/v1/jobs", response_model=JobList, responses=error_responses(400, 401, 422))
+    async def list_jobs(status: str | None = None, limit: int = 100):
+        """Jobs, newest first; `status` filters."""
+        if status is not None and status not in JOB_STATES:
+            raise InputError("status", status, f"one of {', '.join(JOB_STATES)}")
+        if not 1 <= limit <= 1000:
+            raise InputError("limit", limit, "an integer in [1, 1000]")
+        return {"data": http.engine.jobs_list(status, limit)}
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=error_responses(401, 404, 422))
     async def job_status(job_id: str):
         return http.engine.job_status(http.engine.job(job_id))
 
-    @app.get("/v1/jobs/{job_id}/result", dependencies=[Depends(http.check_key)])
+    @app.get("/v1/jobs/{job_id}/result", responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
+                                                    **error_responses(400, 401, 404, 409, 422)})
     async def job_result(job_id: str, index: int = 0):
         st = http.engine.job(job_id)
         if st.status != "succeeded":
             raise ServeError(409, "not_ready", f"job {job_id} is {st.status}" +
                              (f": {st.error.message}" if st.error else ""))
-        if not 0 <= index < len(st.images):
-            raise InputError("index", index, f"an integer in [0, {len(st.images) - 1}]")
-        return Response(st.images[index], media_type="image/png", headers=timing_headers(st))
+        if not 0 <= index < st.image_count:
+            raise InputError("index", index, f"an integer in [0, {st.image_count - 1}]")
+        return Response(http.engine.job_image(st, index), media_type="image/png", headers=timing_headers(st))
 
-    @app.delete("/v1/jobs/{job_id}", dependencies=[Depends(http.check_key)])
+    @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=error_responses(401, 404, 422))
     async def delete_job(job_id: str):
+        """Cancel a queued or running job; delete a finished one (and its result)."""
         st = http.engine.job(job_id)
         http.engine.delete_job(st)
         return http.engine.job_status(st)
 
 
 def _add_ops_routes(app: FastAPI, http: _Http) -> None:
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "no worker ready, or draining"}})
     async def health():
         h = http.engine.health()
         return JSONResponse(h, status_code=200 if h["ready"] else 503)
 
-    @app.get("/metrics", dependencies=[Depends(http.check_key)])
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+                                    **error_responses(401)})
     async def metrics():
         return Response(http.engine.metrics.render(http.engine), media_type="text/plain; version=0.0.4")
 
 
-class _TooLarge(Exception):
-    pass
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, param: str, allowed: str):
+        self.status, self.message, self.param, self.allowed = status, message, param, allowed
+        super().__init__(message)
 
 
 def timing_headers(st, round_trip_s: float | None = None) -> dict:

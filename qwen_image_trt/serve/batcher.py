@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -60,6 +61,12 @@ class Batcher:
             return True
         except ValueError:
             return False
+
+    def take_where(self, keep_out: Callable[[Item], bool]) -> list[Item]:
+        """Remove and return the queued items `keep_out` picks (a drain holds back async jobs)."""
+        taken = [it for it in self._items if keep_out(it)]
+        self._items = [it for it in self._items if not keep_out(it)]
+        return taken
 
     def drain(self) -> list[Item]:
         """Remove and return everything queued (shutdown, or no worker left)."""

@@ -36,15 +36,10 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
-    from qwen_image_trt.serve.app import create_app
+    from qwen_image_trt.serve.server import run_server
 
     cfg = config_from_args(a)
-    app = create_app(cfg)
     print(f"qitrt serve: {cfg.checkpoint} on {cfg.device_list()} at http://{cfg.host}:{cfg.port} "
-          f"(api key {'on' if cfg.api_key else 'off'})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           timeout_graceful_shutdown=int(cfg.shutdown_grace_s) or None))
-    server.run()
+          f"(api key {'on' if cfg.api_key else 'off'}; jobs in {cfg.resolved_jobs_dir})", flush=True)
+    run_server(cfg)
     return 0

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.core.shapes import parse_size  # noqa: F401 - also used by serve.protocol
+from qwen_image_trt.core.shapes import parse_size
 
 API_KEY_ENV = "QITRT_API_KEY"
 DEFAULT_MAX_BATCH = 8  # images per batch when neither the flag nor the engine profile says otherwise
@@ -48,6 +48,26 @@ class ServerConfig:
     dtype: str = doc("auto", "weights dtype of the torch modules in each worker: auto (bf16 on CUDA, the model's "
                      "reference precision; fp32 on CPU) | bf16 | fp16 | fp32")
     job_ttl_s: float = doc(600.0, "how long a finished async job's result is kept")
+    jobs_dir: str | None = doc(None, "folder of the durable job store (SQLite + result PNGs); jobs survive a restart "
+                               "(default: $XDG_STATE_HOME or ~/.local/state, then qitrt/jobs-PORT)")
+    jobs_max_bytes: int = doc(1 << 30, "bytes of finished job results kept; the oldest are evicted first")
+    min_timeout_s: float = doc(1.0, "smallest timeout a request may ask for")
+    heartbeat_interval_s: float = doc(1.0, "how often each worker says it is alive")
+    heartbeat_timeout_s: float = doc(10.0, "a worker silent this long (stopped, hung) is killed and restarted, its "
+                                     "batch re-queued")
+    stall_factor: float = doc(20.0, "a batch with no denoising step for this many times the measured step time is "
+                              "wedged: its worker is killed and restarted, the batch re-queued")
+    stall_min_s: float = doc(60.0, "never count a batch as wedged before this many seconds without a step")
+    stall_first_s: float = doc(600.0, "the same limit before any step time was measured (warm-up, compilation)")
+    max_connections: int = doc(1024, "open client connections; beyond, new ones get 503 and are closed")
+    header_timeout_s: float = doc(10.0, "a connection that has not sent a request's complete headers in this time "
+                                  "is closed (idle and half-sent requests)")
+    body_timeout_s: float = doc(30.0, "longest a request body may take to arrive (408 beyond)")
+    keep_alive_s: float = doc(5.0, "an idle keep-alive connection is closed after this")
+    allowed_hosts: str | None = doc(None, "comma-separated Host header values accepted (DNS-rebinding guard); "
+                                    "default: localhost names on a loopback bind, any on others; * for any")
+    cors_origins: str | None = doc(None, "comma-separated origins allowed by CORS (default: none, CORS off)")
+    drain_retry_after_s: int = doc(5, "Retry-After sent with 503 while the server drains")
     trt_weight_streaming_budget: str | None = doc(None, "TensorRT engines built with --weight-streaming: weights "
                                                   "kept on each GPU, in bytes, a fraction (0.5) or auto")
     trt_cuda_graphs: bool = doc(False, "TensorRT: one CUDA graph per input shape, replayed")
@@ -55,13 +75,23 @@ class ServerConfig:
     def __post_init__(self):
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
-        for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes"):
+        for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes",
+                     "max_connections", "jobs_max_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an integer >= 1")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise InputError("max_batch_size", self.max_batch_size, "an integer >= 1")
         if self.max_queue_delay_ms < 0 or self.max_retries < 0:
             raise InputError("max_queue_delay_ms/max_retries", (self.max_queue_delay_ms, self.max_retries), ">= 0")
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_factor", "stall_min_s", "stall_first_s",
+                     "header_timeout_s", "body_timeout_s", "keep_alive_s", "min_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(name, getattr(self, name), "a number > 0")
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise InputError("heartbeat_timeout_s", self.heartbeat_timeout_s,
+                             f"more than twice heartbeat_interval_s ({self.heartbeat_interval_s:g} s)")
+        if self.min_timeout_s > self.max_timeout_s:
+            raise InputError("min_timeout_s", self.min_timeout_s, f"at most max_timeout_s ({self.max_timeout_s:g})")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise InputError("dtype", self.dtype, "one of auto, bf16, fp16, fp32")
         self.device_list()
@@ -72,6 +102,24 @@ class ServerConfig:
         from qwen_image_trt.runtime.backends import trt_options
 
         return trt_options(self.trt_weight_streaming_budget, self.trt_cuda_graphs)
+
+    @property
+    def resolved_jobs_dir(self) -> str:
+        if self.jobs_dir:
+            return self.jobs_dir
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        return os.path.join(state, "qitrt", f"jobs-{self.port}")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    def host_allowlist(self) -> list[str] | None:
+        """Host header names accepted (lower case, no port); None accepts any."""
+        if self.allowed_hosts:
+            names = [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
+            return None if "*" in names else names
+        return sorted({"127.0.0.1", "localhost", "[::1]", "::1", self.host.lower()}) if self.loopback else None
 
     @property
     def resolved_backend(self) -> str:

@@ -2,7 +2,9 @@
 
 A reader thread per worker waits on both; a message or a death is handed to the event loop. A dead worker is
 restarted (its in-flight batch goes back to the engine through `on_death`); one that dies `MAX_BOOT_FAILURES` times
-in a row before becoming ready is given up on, with its last error shown in /health.
+in a row before becoming ready is given up on, with its last error shown in /health. A worker that stops answering
+(no heartbeat, or a batch stalled: see Engine's watchdog) is killed with SIGKILL, which works on a stopped process
+too, and then takes the same path as any death.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any
 
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.worker import worker_main
@@ -41,11 +46,14 @@ class WorkerHandle:
     boot_failures: int = 0
     last_error: str | None = None
     started: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)  # any message from the process, heartbeats included
+    killing: str | None = None  # why the watchdog killed it; it is not ready from that moment
 
     def health(self) -> dict:
         return {"index": self.index, "device": self.device, "pid": self.pid, "ready": self.ready,
                 "gave_up": self.gave_up, "in_flight": self.in_flight_images, "completed": self.completed,
                 "restarts": self.restarts, "last_error": self.last_error,
+                "last_seen_s": round(time.monotonic() - self.last_seen, 3),
                 "uptime_s": round(time.time() - self.started, 3) if self.ready else 0.0}
 
 
@@ -68,10 +76,11 @@ class Executor:
         w.proc = self.ctx.Process(target=worker_main, name=f"qitrt-worker-{w.index}", daemon=True,
                                   args=(child, w.device, str(self.cfg.checkpoint), self.cfg.engines,
                                         self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel,
-                                        self.cfg.dtype, self.cfg.trt_options()))
+                                        self.cfg.dtype, self.cfg.trt_options(), self.cfg.heartbeat_interval_s))
         w.proc.start()
         child.close()
         w.conn, w.pid, w.ready, w.generation = parent, w.proc.pid, False, w.generation + 1
+        w.last_seen, w.killing = time.monotonic(), None
         threading.Thread(target=self._reader, args=(w, w.generation, parent, w.proc), daemon=True,
                          name=f"qitrt-reader-{w.index}").start()
 
@@ -90,7 +99,10 @@ class Executor:
         self.loop.call_soon_threadsafe(self._died, w, gen, proc.exitcode)
 
     def _dispatch(self, w: WorkerHandle, gen: int, msg: tuple) -> None:
-        if gen != w.generation:
+        if gen != w.generation or w.killing:
+            return
+        w.last_seen = time.monotonic()
+        if msg[0] == "heartbeat":
             return
         if msg[0] == "ready":
             w.ready, w.pid, w.boot_failures, w.started = True, msg[1], 0, time.time()
@@ -102,9 +114,11 @@ class Executor:
     def _died(self, w: WorkerHandle, gen: int, exitcode) -> None:
         if gen != w.generation or self.closing:
             return
-        was_ready, batch = w.ready, w.batch
+        was_ready, batch = w.ready or bool(w.killing), w.batch
         w.ready, w.batch, w.in_flight_images = False, None, 0
-        if was_ready:
+        if w.killing:
+            w.last_error = f"worker process {w.pid} was killed: {w.killing}"
+        elif was_ready:
             w.last_error = f"worker process {w.pid} died (exit code {exitcode})"
         else:
             w.boot_failures += 1
@@ -121,6 +135,18 @@ class Executor:
     def _respawn(self, w: WorkerHandle) -> None:
         if not self.closing:
             self._spawn(w)
+
+    def kill(self, w: WorkerHandle, why: str) -> None:
+        """Take `w` out of service now (not ready, no new batch) and SIGKILL it; its reader thread then reports
+        the death, which re-queues its batch and restarts it."""
+        if w.killing or w.proc is None:
+            return
+        log.error("worker %d (%s, pid %s): %s; killing it", w.index, w.device, w.pid, why)
+        w.killing, w.ready = why, False
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def idle_worker(self) -> WorkerHandle | None:
         """The least-loaded ready worker with room (one batch at a time each), fewest completed first."""

@@ -15,6 +15,19 @@ class ServeMetrics:
                                 ["endpoint", "outcome"], registry=r)
         self.images = Counter("qitrt_images", "images generated", registry=r)
         self.requeued = Counter("qitrt_requeued", "requests re-queued after their worker died", registry=r)
+        self.outcomes = Counter("qitrt_outcomes", "how each request or async job ended: ok, error, timeout, "
+                                "cancelled, rejected (refused at the door: queue full, shutting down)",
+                                ["kind", "outcome"], registry=r)
+        self.isolated = Counter("qitrt_isolated", "requests re-run alone after their batch failed", registry=r)
+        self.restored = Counter("qitrt_jobs_restored", "unfinished jobs of an earlier run queued again at start",
+                                registry=r)
+        self.watchdog_kills = Counter("qitrt_watchdog_kills", "workers killed for missed heartbeats or a stalled "
+                                      "batch", ["worker"], registry=r)
+        self.busy = Counter("qitrt_worker_busy_seconds", "seconds each worker spent on batches", ["worker"],
+                            registry=r)
+        self.connections = Gauge("qitrt_open_connections", "client connections open now", registry=r)
+        self.dropped_connections = Counter("qitrt_dropped_connections", "connections closed by the server: "
+                                           "header timeout, over the connection cap", ["reason"], registry=r)
         self.queue_time = Histogram("qitrt_queue_seconds", "time from acceptance to dispatch", buckets=TIME_BUCKETS,
                                     registry=r)
         self.compute_time = Histogram("qitrt_compute_seconds", "pipeline time per batch", ["worker"],

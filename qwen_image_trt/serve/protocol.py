@@ -64,8 +64,21 @@ class GenParams:
         return (self.width, self.height, self.steps, self.cfg)
 
 
+def check_text(name: str, text: str) -> None:
+    """JSON may carry lone surrogates ("\\ud800") that Python decodes but no tokenizer can encode: refuse them here,
+    at the edge, instead of failing the whole batch they would be put in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(name, f"<lone surrogate U+{ord(text[e.start]):04X} at character {e.start}>",
+                         "valid Unicode text (no lone surrogates)") from None
+
+
 def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images) -> GenParams:
     """Range checks of a well-typed request; raises InputError naming the field and the allowed values."""
+    for name in ALLOWED_FIELDS:
+        if isinstance(getattr(req, name), str):
+            check_text(name, getattr(req, name))
     if not req.prompt.strip():
         raise InputError("prompt", req.prompt, "a non-empty string")
     for name in ("prompt", "negative_prompt"):
@@ -99,8 +112,8 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
         raise InputError("seed", p.seed, "an integer in [0, 2**63)")
     if not 0 <= p.priority < cfg.priority_levels:
         raise InputError("priority", p.priority, f"an integer in [0, {cfg.priority_levels - 1}] (0 is most urgent)")
-    if not 0 < p.timeout_s <= cfg.max_timeout_s:
-        raise InputError("timeout", p.timeout_s, f"seconds in (0, {cfg.max_timeout_s}]")
+    if not cfg.min_timeout_s <= p.timeout_s <= cfg.max_timeout_s:
+        raise InputError("timeout", p.timeout_s, f"seconds in [{cfg.min_timeout_s:g}, {cfg.max_timeout_s:g}]")
     return p
 
 
@@ -126,3 +139,76 @@ def validation_error_body(e: ValidationError) -> dict:
         allowed = "a JSON object"
     msg = f"{loc}: {first['msg']}"
     return error_body(msg, "invalid_request_error", param=loc, allowed=allowed, code=first["type"])
+
+
+# ---- response shapes, for the OpenAPI document (generated clients) -------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    allowed: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created: int
+    n: int
+    queue_position: int | None
+    progress: JobProgress
+    attempts: int
+    seed: int
+    queue_time_s: float | None = None
+    compute_time_s: float | None = None
+    batch_images: int | None = None
+    worker: int | None = None
+    images: int | None = None
+    error: JobError | None = None
+
+
+class JobList(BaseModel):
+    data: list[JobStatus]
+
+
+ERRORS = {400: "a value out of range, a bad Host header or a body that is not JSON", 401: "missing or wrong API key",
+          404: "no such job", 408: "the body did not arrive in time", 409: "the job is not finished, or cancelled",
+          413: "the body is too large", 415: "the body is not application/json",
+          422: "a wrong type or an unknown field", 429: "the queue is full (Retry-After)",
+          500: "the pipeline failed on this request", 503: "shutting down or no worker (Retry-After)",
+          504: "not finished within its timeout"}
+
+
+def error_responses(*codes: int) -> dict:
+    """FastAPI `responses=` for these status codes, each with the error schema."""
+    return {c: {"model": ErrorResponse, "description": ERRORS[c]} for c in codes}
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that reads its body itself (to bound its size while reading)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}

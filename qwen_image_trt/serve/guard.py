@@ -1,0 +1,74 @@
+"""The door, before any route: Host header, API key, content type. Pure ASGI, so /docs and /openapi.json are
+behind it like everything else.
+
+- Host: a web page the operator visits can reach a loopback server through DNS rebinding (evil.example resolving
+  to 127.0.0.1); the browser then sends `Host: evil.example`. On loopback binds only localhost names pass.
+- API key: every path but /health. One rule for the two headers: `Authorization: Bearer KEY` when present, else
+  `X-API-Key`; a wrong one is 401 with `WWW-Authenticate`, never overridden by the other header.
+- Content type: a body must be `application/json`. Browsers send text/plain cross-site without a preflight (a
+  "simple request"), so accepting it would let any page submit work (CSRF).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+
+from qwen_image_trt.serve.protocol import error_body
+
+OPEN_PATHS = {"/health"}
+BODY_TYPES = {"application/json"}
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Guard:
+    def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None,
+                 count: Callable[[str, int], None] = lambda path, status: None):
+        self.app, self.api_key, self.allowed_hosts, self.count = app, api_key, allowed_hosts, count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.check(scope["method"], scope["path"], headers)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        status, body, extra = refusal
+        self.count(scope["path"], status)
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                *[(k.encode(), v.encode()) for k, v in extra.items()]]})
+        await send({"type": "http.response.body", "body": data})
+
+    def check(self, method: str, path: str, headers: dict) -> tuple[int, dict, dict] | None:
+        """None when the request may go on, else (status, error body, extra headers)."""
+        if self.allowed_hosts is not None and _host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return 400, error_body(f"Host {headers.get('host', '')!r} is not served here (DNS-rebinding guard)",
+                                   "invalid_request_error", param="Host", code="host_not_allowed",
+                                   allowed=f"one of {self.allowed_hosts} (--allowed-hosts)"), {}
+        if self.api_key is not None and path not in OPEN_PATHS:
+            auth = headers.get("authorization")
+            if auth is not None:
+                scheme, _, given = auth.partition(" ")
+                given = given.strip() if scheme.lower() == "bearer" else ""
+            else:
+                given = headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return 401, error_body("missing or wrong API key: send 'Authorization: Bearer KEY' (or X-API-Key "
+                                       "without an Authorization header)", "unauthorized", param="Authorization",
+                                       code="unauthorized"), {"www-authenticate": 'Bearer realm="qitrt"'}
+        if method in ("POST", "PUT", "PATCH"):
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in BODY_TYPES:
+                return 415, error_body(f"content-type {ctype or '(none)'!r} is not accepted", "invalid_request_error",
+                                       param="Content-Type", code="unsupported_media_type",
+                                       allowed="application/json"), {}
+        return None
