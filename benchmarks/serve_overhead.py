@@ -42,7 +42,8 @@ class Server:
         env.pop("QITRT_API_KEY", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "qwen_image_trt.cli", "serve", str(checkpoint),
                                       "--port", str(self.port), "--default-size", "64x64",
-                                      "--threads-per-worker", str(THREADS), *args],
+                                      "--threads-per-worker", str(THREADS),
+                                      "--jobs-dir", tempfile.mkdtemp(prefix="qitrt-bench-jobs-"), *args],
                                      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def __enter__(self):

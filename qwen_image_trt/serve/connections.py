@@ -3,7 +3,8 @@
 uvicorn (kept: FastAPI's own server, one event loop we already run the engine on, a pluggable protocol class)
 closes idle keep-alive connections after a response, but a connection that never sends a request, or stops
 half-way through its headers, is kept for ever; its `limit_concurrency` answers 503 only once a request has been
-read. This h11 protocol subclass closes a connection that has not completed a request's headers within
+read. This protocol subclass (of uvicorn's httptools protocol where httptools is installed, as uvicorn itself would
+pick, else of its h11 one) closes a connection that has not completed a request's headers within
 `header_timeout_s` (408 if it sent part of one), and answers 503 to connections beyond `max_connections` before
 reading anything. Body-read time is bounded in the app (`body_timeout_s`), keep-alive by uvicorn's
 `timeout_keep_alive`. hypercorn and granian have header timeouts built in, but either would be a second server
@@ -16,6 +17,11 @@ import json
 from collections.abc import Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:  # the C parser: what uvicorn uses by default when it is installed (uvicorn[standard])
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Base
+except ImportError:  # pragma: no cover - depends on the install
+    _Base = H11Protocol
 
 _NEVER = object()
 
@@ -31,11 +37,12 @@ def _raw_response(status: str, body: dict | None = None, retry_after: int | None
 
 
 def guarded_protocol(max_connections: int, header_timeout_s: float,
-                     on_event: Callable[[str, int], None] = lambda event, open_now: None) -> type[H11Protocol]:
-    """An H11Protocol class for `uvicorn.Config(http=...)`. `on_event(event, open_connections)` is told of
-    'open', 'close', 'header_timeout' and 'over_cap' (metrics)."""
+                     on_event: Callable[[str, int], None] = lambda event, open_now: None, base: type = _Base) -> type:
+    """A protocol class for `uvicorn.Config(http=...)`, on `base` (uvicorn's httptools or h11 protocol: both keep
+    `connections`, `cycle`, `transport`, `loop`). `on_event(event, open_connections)` is told of 'open', 'close',
+    'header_timeout' and 'over_cap' (metrics)."""
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._armed_for, self._timer, self._partial = _NEVER, None, False
@@ -83,4 +90,4 @@ def guarded_protocol(max_connections: int, header_timeout_s: float,
                     "type": "invalid_request_error", "param": "headers", "code": "header_timeout"}}))
             self.transport.close()
 
-    return GuardedH11Protocol
+    return GuardedProtocol
