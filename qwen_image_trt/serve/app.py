@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError
@@ -43,9 +46,20 @@ def server_limits(cfg: ServerConfig) -> Limits:
     return request_limits(cfg.engines, cfg.checkpoint)
 
 
+def check_start(cfg: ServerConfig) -> None:
+    """What would make every worker fail to load, refused before any starts (a crash loop answers 503 for ever):
+    a checkpoint that is not one, an engine folder built from another checkpoint."""
+    root = ckpt.validate_checkpoint(cfg.checkpoint)
+    if cfg.engines:
+        if not Path(cfg.engines).is_dir():
+            raise InputError("engines", cfg.engines, "an existing engine folder made by `qitrt export`/`qitrt build`")
+        check_engines_match(read_manifest(cfg.engines), ckpt.checkpoint_identity(root), cfg.engines)
+
+
 def create_app(cfg: ServerConfig) -> FastAPI:
     """The FastAPI app: an Engine started and stopped with the app, its routes in three groups, the guard
     in front."""
+    check_start(cfg)
     limits = server_limits(cfg)
 
     @asynccontextmanager
@@ -62,6 +76,10 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     _add_image_routes(app, http)
     _add_job_routes(app, http)
     _add_ops_routes(app, http)
+    if cfg.ui:
+        from qwen_image_trt.serve.ui import mount_ui
+
+        mount_ui(app, cfg, limits, lambda: app.state.engine)
     app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=http.count_path)
     if cfg.cors_origins:  # outside the guard: a preflight carries no API key
         from fastapi.middleware.cors import CORSMiddleware

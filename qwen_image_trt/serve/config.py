@@ -68,6 +68,8 @@ class ServerConfig:
                                     "default: localhost names on a loopback bind, any on others; * for any")
     cors_origins: str | None = doc(None, "comma-separated origins allowed by CORS (default: none, CORS off)")
     drain_retry_after_s: int = doc(5, "Retry-After sent with 503 while the server drains")
+    ui: bool = doc(False, "mount the web UI (Gradio) at /ui, served by the same workers; with an API key, open "
+                   "/ui?key=KEY once (pip install 'qwen-image-trt[ui]')")
     trt_weight_streaming_budget: str | None = doc(None, "TensorRT engines built with --weight-streaming: weights "
                                                   "kept on each GPU, in bytes, a fraction (0.5) or auto")
     trt_cuda_graphs: bool = doc(False, "TensorRT: one CUDA graph per input shape, replayed")

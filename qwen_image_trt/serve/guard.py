@@ -6,7 +6,10 @@ behind it like everything else.
 - API key: every path but /health. One rule for the two headers: `Authorization: Bearer KEY` when present, else
   `X-API-Key`; a wrong one is 401 with `WWW-Authenticate`, never overridden by the other header.
 - Content type: a body must be `application/json`. Browsers send text/plain cross-site without a preflight (a
-  "simple request"), so accepting it would let any page submit work (CSRF).
+  "simple request"), so accepting it would let any page submit work (CSRF). The web UI's uploads (under /ui/) may
+  be multipart.
+- The web UI (/ui) cannot send headers from a link: `/ui?key=KEY` once sets an HttpOnly, SameSite=Strict cookie
+  that carries the key for /ui only (a cross-site page cannot make the browser send it).
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
 
 from qwen_image_trt.serve.protocol import error_body
 
 OPEN_PATHS = {"/health"}
 BODY_TYPES = {"application/json"}
+UI_PREFIX, UI_BODY_TYPES, KEY_COOKIE = "/ui", {"application/json", "multipart/form-data"}, "qitrt_key"
 
 
 def _host_name(host: str) -> str:
@@ -37,19 +43,21 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self.check(scope["method"], scope["path"], headers)
+        query = scope.get("query_string", b"").decode("latin-1")
+        refusal = self.check(scope["method"], scope["path"], headers, query)
         if refusal is None:
             return await self.app(scope, receive, send)
         status, body, extra = refusal
         self.count(scope["path"], status)
-        data = json.dumps(body).encode()
+        data = json.dumps(body).encode() if body else b""
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                                 *[(k.encode(), v.encode()) for k, v in extra.items()]]})
         await send({"type": "http.response.body", "body": data})
 
-    def check(self, method: str, path: str, headers: dict) -> tuple[int, dict, dict] | None:
+    def check(self, method: str, path: str, headers: dict, query: str = "") -> tuple[int, dict, dict] | None:
         """None when the request may go on, else (status, error body, extra headers)."""
+        ui = path == UI_PREFIX or path.startswith(UI_PREFIX + "/")
         if self.allowed_hosts is not None and _host_name(headers.get("host", "")) not in self.allowed_hosts:
             return 400, error_body(f"Host {headers.get('host', '')!r} is not served here (DNS-rebinding guard)",
                                    "invalid_request_error", param="Host", code="host_not_allowed",
@@ -61,14 +69,25 @@ class Guard:
                 given = given.strip() if scheme.lower() == "bearer" else ""
             else:
                 given = headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            if ui and not given:
+                link_key = parse_qs(query).get("key", [""])[0]
+                if link_key and method == "GET" and self._is_key(link_key):
+                    return 303, {}, {"location": UI_PREFIX + "/", "set-cookie": f"{KEY_COOKIE}={link_key}; HttpOnly; "
+                                     f"SameSite=Strict; Path={UI_PREFIX}"}
+                cookie = SimpleCookie(headers.get("cookie", ""))
+                given = cookie[KEY_COOKIE].value if KEY_COOKIE in cookie else ""
+            if not self._is_key(given):
                 return 401, error_body("missing or wrong API key: send 'Authorization: Bearer KEY' (or X-API-Key "
                                        "without an Authorization header)", "unauthorized", param="Authorization",
                                        code="unauthorized"), {"www-authenticate": 'Bearer realm="qitrt"'}
         if method in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype not in BODY_TYPES:
+            allowed = UI_BODY_TYPES if ui else BODY_TYPES
+            if ctype not in allowed:
                 return 415, error_body(f"content-type {ctype or '(none)'!r} is not accepted", "invalid_request_error",
                                        param="Content-Type", code="unsupported_media_type",
-                                       allowed="application/json"), {}
+                                       allowed=" or ".join(sorted(allowed))), {}
         return None
+
+    def _is_key(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.api_key.encode())

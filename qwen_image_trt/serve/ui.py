@@ -1,0 +1,100 @@
+"""`qitrt serve --ui`: a Gradio page at /ui on the same server, through the same engine and batcher (no second
+model copy): a request from the page is one more request in the queue, batched with API traffic.
+
+Text to image only for now: the edit tab needs the Edit pipelines in the engine (the family issue), the LoRA
+picker served adapters (the LoRA issue). The API key, when set, protects the page too: open /ui?key=KEY once and a
+same-site cookie carries it (serve/guard.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.serve.protocol import ImageRequest, check_params
+from qwen_image_trt.serve.state import ServeError
+
+UI_PATH = "/ui"
+SIZES = ("1024x1024", "1328x1328", "1664x928", "928x1664", "1472x1140", "1140x1472", "512x512", "256x256", "128x128",
+         "64x64")
+
+
+def size_choices(cfg, limits) -> list[str]:
+    """The usual Qwen-Image sizes the engine's profile accepts, the server's default first."""
+    out = [cfg.default_size]
+    for s in SIZES:
+        w, h = (int(x) for x in s.split("x"))
+        tokens = (w // 16) * (h // 16)
+        if (s not in out and limits.width[0] <= w <= limits.width[1] and limits.height[0] <= h <= limits.height[1]
+                and limits.image_tokens[0] <= tokens <= limits.image_tokens[1]):
+            out.append(s)
+    return out
+
+
+def caption(p) -> str:
+    neg = f" | negative: {p.negative_prompt}" if p.negative_prompt else ""
+    return (f"{p.prompt}{neg} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}, CFG {p.true_cfg_scale:g}"
+            if p.cfg else f"{p.prompt} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}")
+
+
+def health_text(engine) -> str:
+    h = engine.health()
+    workers = ", ".join(f"{w['device']} {'ready' if w['ready'] else 'not ready'}"
+                        f"{' (busy)' if w['in_flight'] else ''}" for w in h["workers"])
+    return f"**Server:** {h['status']} · queue {h['queue_length']} · workers: {workers}"
+
+
+def mount_ui(app, cfg, limits, engine_of) -> None:
+    """Mount the page on `app`. `engine_of()` returns the running Engine (made at startup, after mounting)."""
+    import gradio as gr
+    from PIL import Image
+
+    async def generate(prompt, negative, size, steps, seed, scale, n, history, progress=gr.Progress()):
+        engine = engine_of()
+        try:
+            req = ImageRequest(prompt=prompt or "", negative_prompt=negative or None, size=size,
+                               num_inference_steps=int(steps), seed=int(seed), true_cfg_scale=float(scale), n=int(n))
+            params = check_params(req, cfg, limits, engine.max_images)
+            st = engine.accept(params)
+        except InputError as e:
+            raise gr.Error(f"{e.field}: {e.allowed} (got {e.value!r})") from None
+        except ServeError as e:
+            raise gr.Error(e.message) from None
+        t0 = time.monotonic()
+        while not st.future.done():
+            progress((st.step, params.steps), desc=f"{st.status}: step {st.step} of {params.steps}")
+            await asyncio.wait([st.future], timeout=0.1)
+        if st.error:
+            raise gr.Error(st.error.message)
+        images = [(Image.open(io.BytesIO(png)), caption(params) if i == 0 else caption(params).replace(
+            f"seed {params.seed}", f"seed {params.seed + i}")) for i, png in enumerate(st.images)]
+        history = images + (history or [])
+        done = f"{len(images)} image(s) in {time.monotonic() - t0:.2f} s (queue {st.queue_s:.2f} s, batch of " \
+               f"{st.batch_images} on worker {st.worker})"
+        return history, history, done
+
+    sizes = size_choices(cfg, limits)
+    lo, hi = limits.steps[0], min(limits.steps[1], cfg.max_steps)
+    with gr.Blocks(title="qitrt serve") as page:
+        gr.Markdown("## Qwen-Image on qitrt")
+        status = gr.Markdown(elem_id="qitrt-health")
+        with gr.Tab("Text to image"):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="qitrt-prompt")
+            negative = gr.Textbox(label="Negative prompt (turns CFG on)", elem_id="qitrt-negative")
+            with gr.Row():
+                size = gr.Dropdown(sizes, value=sizes[0], label="Size (WxH)")
+                steps = gr.Slider(lo, hi, value=min(max(cfg.default_steps, lo), hi), step=1, label="Steps")
+                seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+                scale = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="CFG scale")
+                n = gr.Slider(1, max(1, min(cfg.max_n, 4)), value=1, step=1, label="Images")
+            run = gr.Button("Generate", variant="primary", elem_id="qitrt-generate")
+            info = gr.Markdown(elem_id="qitrt-info")
+            gallery = gr.Gallery(label="Gallery (newest first)", columns=4, format="png", elem_id="qitrt-gallery")
+        history = gr.State([])
+        run.click(generate, [prompt, negative, size, steps, seed, scale, n, history], [gallery, history, info],
+                  api_name="generate")
+        gr.Timer(2.0).tick(lambda: health_text(engine_of()), None, status)
+        page.load(lambda: health_text(engine_of()), None, status)
+    gr.mount_gradio_app(app, page, path=UI_PATH, footer_links=["api"])
