@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from qwen_image_trt.core.errors import QitrtError
 
@@ -185,7 +186,8 @@ def _cmd_quickstart(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qitrt", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details, and show the Python "
+                        "traceback of an error (by default an error is one line)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_core(sub)
     for module, commands in STAGE_COMMANDS.items():
@@ -211,9 +213,24 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
-    except QitrtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error a user can cause is one line; the traceback is behind -v
+        if args.verbose:
+            traceback.print_exc()
+        print(one_line_error(e, verbose=args.verbose), file=sys.stderr)
+        return 2 if isinstance(e, QitrtError) else 1
+
+
+def one_line_error(e: BaseException, verbose: bool = False) -> str:
+    """Ours say what to fix; anything else is named with its type and where to see more."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, QitrtError):
+        return f"error: {text}"
+    if isinstance(e, OSError) and e.filename:
+        text = f"{e.strerror or text}: {e.filename}"
+    return f"error: {type(e).__name__}: {text}" + ("" if verbose else " (run with -v for the traceback)")
 
 
 if __name__ == "__main__":
