@@ -99,3 +99,16 @@ def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tm
 def test_dev_script_names_its_commands():
     r = subprocess.run(["bash", str(ROOT / "scripts" / "dev"), "deploy"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "quickstart|test|install" in r.stderr
+
+
+def test_bench_results_go_to_a_scratch_folder_unless_recorded():
+    import argparse
+
+    from qwen_image_trt.bench.cli import RECORDED, SCRATCH, _out
+    from qwen_image_trt.bench.report import _spread
+
+    assert _out(argparse.Namespace(out=None, record=False)) == SCRATCH == "runs/bench"
+    assert _out(argparse.Namespace(out=None, record=True)) == RECORDED == "benchmarks/results"
+    assert _out(argparse.Namespace(out="x", record=True)) == "x"
+    assert "/runs/" in (ROOT / ".gitignore").read_text().split()
+    assert _spread([0.1, 0.12, 0.11]) == "100.0-120.0" and _spread([0.1]).startswith("n/a (1 repeat")

@@ -42,7 +42,7 @@ class ChaosConfig:
     deadline_s: float = 240.0  # a good request's retry budget
     seed: int = 0
     serve_args: list[str] = field(default_factory=list)
-    out: str = "benchmarks/results"
+    out: str = "runs/bench"
     on_progress: object = print
 
 

@@ -11,6 +11,16 @@ import time
 from qwen_image_trt.core.errors import InputError
 
 
+SCRATCH, RECORDED = "runs/bench", "benchmarks/results"
+
+
+def _out(a) -> str:
+    """Where results go: --out, else the tracked folder with --record, else a git-ignored scratch folder."""
+    if a.out is None:
+        a.out = RECORDED if a.record else SCRATCH
+    return a.out
+
+
 def _csv(kind):
     def parse(text: str):
         try:
@@ -88,11 +98,14 @@ def _register_chaos(bsub) -> None:
     p.add_argument("--clients", type=int, default=8, help="closed-loop clients of good requests (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve-args", default="", help="more qitrt serve flags, one quoted string")
-    p.add_argument("--out", default="benchmarks/results", help="results folder: chaos.md, chaos.json")
+    p.add_argument("--out", default=None, help=f"results folder: chaos.md, chaos.json (default {SCRATCH}; "
+                   f"--record: {RECORDED})")
+    p.add_argument("--record", action="store_true", help=f"write into {RECORDED} (tracked: results to commit)")
     p.set_defaults(func=_cmd_chaos)
 
 
 def _cmd_chaos(a) -> int:
+    _out(a)
     import json
     import platform
     from pathlib import Path
@@ -113,7 +126,9 @@ def _cmd_chaos(a) -> int:
 
 
 def _add_output(p, kind: str) -> None:
-    p.add_argument("--out", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help=f"results folder (default {SCRATCH}, git-ignored; --record: "
+                   f"{RECORDED})")
+    p.add_argument("--record", action="store_true", help=f"write into {RECORDED} (tracked: results to commit)")
     p.add_argument("--tag", default=kind, help=f"file name stem: TAG.json, TAG.md, TAG_*.png (default {kind})")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -137,6 +152,7 @@ def _writer(a, command: str):
 
 
 def _cmd_offline(a) -> int:
+    _out(a)
     from qwen_image_trt.bench.offline import DEFAULT_PROMPT, OfflineConfig, run_offline
 
     cfg = OfflineConfig(checkpoint=a.checkpoint, backends=a.backends, engines=a.engines, sizes=a.sizes,
@@ -152,6 +168,7 @@ def _cmd_offline(a) -> int:
 
 
 def _cmd_serve(a) -> int:
+    _out(a)
     from qwen_image_trt.bench.serve_load import DEFAULT_PROMPT, LoadConfig, ServerProcess, run_serve_load
 
     if (a.url is None) == (a.start is None):

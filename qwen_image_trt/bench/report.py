@@ -10,9 +10,18 @@ from pathlib import Path
 
 from qwen_image_trt.core.files import write_atomic
 
-DEFAULT_OUT = Path("benchmarks/results")
+DEFAULT_OUT = Path("runs/bench")  # git-ignored; recorded results go to benchmarks/results with --record
 
 
+
+
+def _spread(values) -> str:
+    """min-max of the repeats, so a reader sees whether the median is worth its digits."""
+    if not values:
+        return "n/a (no repeats)"
+    if len(values) == 1:
+        return "n/a (1 repeat)"
+    return f"{min(values) * 1e3:.1f}-{max(values) * 1e3:.1f}"
 
 
 def _f(v, scale=1.0, digits=1, pct=False) -> str:
@@ -67,12 +76,13 @@ def offline_markdown(result: dict) -> str:
               "Latency is one pipeline call of `batch` images; step = one transformer forward; "
               "GFLOP and % of peak are for that forward (FLOP model in qwen_image_trt/models/flops.py); "
               "floor = roofline lower bound max(FLOP/peak, bytes/bandwidth).", "",
-              "| variant | size | batch | latency ms | img/s | text enc ms | step ms | floor ms | VAE ms | "
-              "peak mem MB | GFLOP/step | GFLOP/s | % of peak | speedup | step speedup |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| variant | size | batch | latency ms | spread ms (min-max) | img/s | text enc ms | step ms | floor ms | "
+              "VAE ms | peak mem MB | GFLOP/step | GFLOP/s | % of peak | speedup | step speedup |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.get("rows", []):
         lines.append("| " + " | ".join([
-            r["label"], r["size"], str(r["batch"]), _f(r.get("latency_s"), 1e3), _f(r.get("images_per_s"), 1, 2),
+            r["label"], r["size"], str(r["batch"]), _f(r.get("latency_s"), 1e3), _spread(r.get("latency_all_s")),
+            _f(r.get("images_per_s"), 1, 2),
             _f(r.get("text_encoder_s"), 1e3), _f(r.get("transformer_step_s"), 1e3, 2),
             _f(r.get("floor_step_s"), 1e3, 2) if r.get("floor_step_s") is not None else "n/a",
             _f(r.get("vae_decode_s"), 1e3), _f(r.get("peak_memory_bytes"), 1e-6, 0),
