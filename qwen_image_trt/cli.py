@@ -62,9 +62,9 @@ def _add_core(sub) -> None:
 
     p = sub.add_parser("generate", help="generate one image, eager or with exported engines")
     _add_generation_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None, help="turns true CFG on (use ' ' for an empty one)")
-    p.add_argument("--true-cfg-scale", type=float, default=4.0)
+    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="CFG strength, > 1 with a negative prompt")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=_cmd_generate)
 
@@ -92,15 +92,18 @@ def _add_core(sub) -> None:
 
 
 def _add_generation_args(p) -> None:
-    p.add_argument("checkpoint")
-    p.add_argument("--engines", default=None)
+    p.add_argument("checkpoint", help="checkpoint folder (diffusers layout)")
+    p.add_argument("--engines", default=None, help="engine folder from `qitrt export`/`qitrt build` (default: none, "
+                   "eager torch)")
     p.add_argument("--backend", default=None, help="torch | onnxruntime | tensorrt (default: onnxruntime "
                    "with --engines, else torch)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="generator seed: the same seed gives the same image")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps, within the engine's limits (default: "
+                   "the checkpoint's recommended: 50 for Qwen-Image, 4 for the tiny model)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 16 within the engine's profile (default: "
+                   "the first size the engine folder was built for, else the checkpoint's: 1024, tiny 64)")
+    p.add_argument("--width", type=int, default=None, help="as --height")
     _add_trt_args(p)
 
 
@@ -184,6 +187,47 @@ def _cmd_quickstart(a) -> int:
     return quickstart(a.workdir)
 
 
+# One example per command, shown at the end of its --help (the quick start's folders where they fit).
+EXAMPLES = {
+    "tiny": "qitrt tiny runs/tiny",
+    "export": "qitrt export runs/tiny --out runs/engines-fp32 --precision fp32",
+    "generate": "qitrt generate runs/tiny --engines runs/engines-fp32 --prompt 'a red fox' --out fox.png",
+    "parity": "qitrt parity runs/tiny --engines runs/engines-fp32 --backend onnxruntime --out runs/parity",
+    "quickstart": "qitrt quickstart",
+    "calibrate": "qitrt calibrate runs/tiny --out runs/calib --num-prompts 8 --steps 4",
+    "quantize": "qitrt quantize runs/tiny --graphs runs/engines-fp32 --calibration runs/calib --precision int8 "
+                "--out runs/engines-int8",
+    "build": "qitrt build /models/Qwen-Image --precision fp8 --out engines/fp8 --plan",
+    "lint": "qitrt lint runs/engines-fp32",
+    "serve": "qitrt serve runs/tiny --devices cpu,cpu --ui",
+    "bench offline": "qitrt bench offline runs/tiny --engines runs/engines-fp32 --sizes 64x64 --batch 1,2",
+    "bench serve": "qitrt bench serve --start runs/tiny --concurrency 1,4 --size 64x64 --steps 4",
+    "bench chaos": "qitrt bench chaos runs/tiny --fault-seconds 120 --calm-seconds 30",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The default after every option whose help does not already say it; the example kept as written."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or "%(default)" in text):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _document(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Every (sub)command's --help gets its defaults and its example."""
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                _document(child, f"{path} {name}".strip())
+    if path in EXAMPLES:
+        parser.epilog = f"example:\n  {EXAMPLES[path]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qitrt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details, and show the Python "
@@ -197,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
             for name in commands:
                 stub = sub.add_parser(name, help=f"(unavailable: {e.name} is not installed)")
                 stub.set_defaults(func=lambda a, e=e: _unavailable(e))
+    _document(parser)
     return parser
 
 

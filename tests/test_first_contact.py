@@ -83,7 +83,7 @@ def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tm
     """Every ```python block of README.md, run in a folder laid out as `qitrt quickstart` leaves it."""
     import re
 
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     assert blocks, "README.md has no python snippet"
     runs = tmp_path / "runs" / "quickstart"
     runs.mkdir(parents=True)
@@ -112,3 +112,64 @@ def test_bench_results_go_to_a_scratch_folder_unless_recorded():
     assert _out(argparse.Namespace(out="x", record=True)) == "x"
     assert "/runs/" in (ROOT / ".gitignore").read_text().split()
     assert _spread([0.1, 0.12, 0.11]) == "100.0-120.0" and _spread([0.1]).startswith("n/a (1 repeat")
+
+
+def test_modelopt_noise_becomes_one_summary_line(capsys):
+    import warnings
+
+    import pytest
+
+    from qwen_image_trt.compile.quantize import modelopt_quiet
+
+    with pytest.warns(UserWarning, match="something to act on"), modelopt_quiet(kept_by_recipe=5, progress=True):
+        print("Inserted 42 quantizers")
+        for i in range(3):
+            warnings.warn(f"transformer_blocks.{i}.attn.to_q is not calibrated, skip smoothing", stacklevel=1)
+        warnings.warn("something to act on", stacklevel=1)
+    err = capsys.readouterr()
+    assert "Inserted" not in err.out and "is not calibrated" not in err.err
+    assert "ModelOpt inserted 42 quantizers; 5 layers left unquantized by the recipe (3 of them" in err.err
+
+
+def test_generate_defaults_to_the_engines_size_and_the_checkpoints_steps(tiny_checkpoint, tiny_engines, tmp_path):
+    from PIL import Image
+
+    from qwen_image_trt.core.manifest import read_manifest, write_manifest
+    from qwen_image_trt.runtime.generate import default_request
+
+    assert default_request(tiny_checkpoint) == (64, 64, 4)  # the tiny model's own
+    assert default_request(tiny_checkpoint, tiny_engines) == (64, 64, 4)  # an ONNX folder built for any size
+    built = tmp_path / "built"
+    built.mkdir()
+    write_manifest(built, read_manifest(tiny_engines).model_copy(update={"sizes": [[96, 64], [64, 64]]}))
+    assert default_request(tiny_checkpoint, built) == (96, 64, 4)  # the first size a TensorRT build was made for
+
+    out = tmp_path / "fox.png"
+    r = qitrt("generate", tiny_checkpoint, "--engines", tiny_engines, "--prompt", "a red fox", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 64)
+    assert "true_cfg_scale" not in r.stderr  # diffusers' CFG warning is not shown when CFG is simply off
+
+
+def test_every_command_help_has_its_defaults_and_an_example():
+    import argparse
+
+    from qwen_image_trt.cli import build_parser
+
+    def commands(parser, path=""):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    nested = any(isinstance(a, argparse._SubParsersAction) for a in child._actions)
+                    yield from commands(child, f"{path} {name}".strip()) if nested else [(f"{path} {name}".strip(),
+                                                                                          child)]
+
+    seen = dict(commands(build_parser()))
+    assert {"tiny", "export", "generate", "serve", "bench serve", "bench chaos"} <= set(seen)
+    for name, parser in seen.items():
+        text = " ".join(parser.format_help().split())
+        assert f"example: qitrt {name}" in text, name
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                    and action.help != argparse.SUPPRESS:
+                assert "default" in parser._get_formatter()._get_help_string(action), (name, action.dest)

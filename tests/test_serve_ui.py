@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from serve_helpers import AUTH, KEY, Server
 
 pytest.importorskip("gradio", reason="the web UI needs gradio: pip install -e '.[ui]'")

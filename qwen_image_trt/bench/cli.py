@@ -10,7 +10,6 @@ import time
 
 from qwen_image_trt.core.errors import InputError
 
-
 SCRATCH, RECORDED = "runs/bench", "benchmarks/results"
 
 

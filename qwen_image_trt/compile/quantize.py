@@ -19,10 +19,15 @@ The VAE graphs are copied from the export folder, in the precision they were exp
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import logging
+import re
 import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,9 +129,33 @@ def _source_graph(graphs, identity: str):
 
 def _require_modelopt() -> None:
     try:
-        import modelopt.torch.quantization  # noqa: F401
+        with warnings.catch_warnings():
+            # ModelOpt warns on import about any transformers release it was not tested with; we use none of its
+            # transformers integrations (it quantizes our own tensor-only module), so the warning asks nothing.
+            warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+            import modelopt.torch.quantization  # noqa: F401
     except ImportError as e:
         raise QitrtError(f"quantization needs NVIDIA ModelOpt: pip install nvidia-modelopt ({e})") from None
+
+
+@contextlib.contextmanager
+def modelopt_quiet(kept_by_recipe: int, progress: bool):
+    """ModelOpt prints "Inserted N quantizers" and warns "<layer> is not calibrated, skip smoothing" once per
+    layer the recipe keeps in high precision (62 lines in a normal int8 build): expected, nothing to act on.
+    They become one summary line; any other warning still shows."""
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")
+        yield
+    skipped = [w for w in caught if "is not calibrated" in str(w.message)]
+    for w in caught:
+        if w not in skipped:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    inserted = re.search(r"Inserted (\d+) quantizers", printed.getvalue())
+    if progress:
+        print(f"quantize: ModelOpt inserted {inserted.group(1) if inserted else '?'} quantizers; {kept_by_recipe} "
+              f"layers left unquantized by the recipe ({len(skipped)} of them had no calibration to smooth)",
+              file=sys.stderr, flush=True)
 
 
 def _copy_components(src: Path, src_manifest: Manifest, out: Path, names) -> dict[str, Component]:
@@ -215,7 +244,9 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
             bar.update()
         bar.close()
 
-    with torch.no_grad():
+    kept_by_recipe = sum(1 for n, m in module.transformer.named_modules()
+                         if isinstance(m, torch.nn.Linear) and is_excluded(n, recipe))
+    with torch.no_grad(), modelopt_quiet(kept_by_recipe, progress):
         module = mtq.quantize(module, modelopt_config(recipe), forward_loop)
     fake = quant_evidence.reference_outputs(module, held_out)
     layers, kept = qdq.from_modelopt(module, recipe["precision"])
@@ -253,4 +284,4 @@ def verify_graph(path: Path, evidence_path: Path, high_precision: str, precision
     return {"provider": provider, **figures}
 
 
-__all__ = ["quantize_onnx", "QUANT_PRECISIONS", "VAE_COMPONENTS"]
+__all__ = ["QUANT_PRECISIONS", "VAE_COMPONENTS", "quantize_onnx"]

@@ -1,6 +1,6 @@
 """The Qwen-Image quantization recipe: which layers are quantized, how, and which stay in high precision.
 
-Defaults follow NVIDIA Model-Optimizer's Qwen-Image recipe and what serving stacks found (NOTES.md):
+Defaults follow NVIDIA Model-Optimizer's Qwen-Image recipe and what serving stacks (vLLM-Omni, SGLang) found:
 - int8: SmoothQuant (alpha 0.8), per-channel int8 weights, per-tensor int8 activations;
 - fp8: E4M3, per-tensor weights and activations, max calibration;
 - only the Linear layers inside `transformer_blocks` are quantized. Kept in high precision: every

@@ -63,6 +63,17 @@ def is_tiny(checkpoint) -> bool:
     return (Path(checkpoint) / TINY_MARKER).is_file()
 
 
+# What to generate when a request names no size or steps: Qwen-Image's model card (1024x1024 is
+# diffusers' default_sample_size x vae_scale_factor; 50 steps is QwenImagePipeline's num_inference_steps);
+# the tiny model's own, small enough to answer at once on a CPU.
+REAL_DEFAULTS, TINY_DEFAULTS = ((1024, 1024), 50), ((64, 64), 4)
+
+
+def generation_defaults(checkpoint) -> tuple[tuple[int, int], int]:
+    """((width, height), steps) this checkpoint is meant to be run at."""
+    return TINY_DEFAULTS if is_tiny(checkpoint) else REAL_DEFAULTS
+
+
 @dataclass(frozen=True)
 class WeightsInfo:
     """What a part's safetensors headers say: parameter count, bytes, and the dtype most bytes are in."""

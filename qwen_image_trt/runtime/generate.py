@@ -7,17 +7,33 @@ from pathlib import Path
 import torch
 
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.models.checkpoint import validate_checkpoint
+from qwen_image_trt.core.manifest import try_read_manifest
+from qwen_image_trt.models.checkpoint import generation_defaults, validate_checkpoint
 from qwen_image_trt.runtime.backends import check_backend
 from qwen_image_trt.runtime.limits import check_request, request_limits
 from qwen_image_trt.runtime.pipeline import load_pipeline
 
 
-def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int = 20,
-                   height: int = 1024, width: int = 1024, engines=None, backend: str = "torch", device="cpu",
-                   true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None) -> Path:
+def default_request(checkpoint, engines=None) -> tuple[int, int, int]:
+    """(width, height, steps) when a call names none: the first size the engine folder was built for (a TensorRT
+    profile serves it best), else the checkpoint's own; the checkpoint's recommended steps."""
+    (width, height), steps = generation_defaults(checkpoint)
+    manifest = try_read_manifest(engines) if engines is not None else None
+    if manifest is not None and manifest.sizes:
+        width, height = manifest.sizes[0]
+    return width, height, steps
+
+
+def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int | None = None,
+                   height: int | None = None, width: int | None = None, engines=None, backend: str = "torch",
+                   device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None) -> Path:
+    """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
+    d_width, d_height, d_steps = default_request(checkpoint, engines)
+    width = d_width if width is None else width
+    height = d_height if height is None else height
+    steps = d_steps if steps is None else steps
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
     out = Path(out)
@@ -26,6 +42,8 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     if pipe is None:
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
                              trt_options=trt_options)
+    if negative_prompt is None:
+        true_cfg_scale = 1.0  # CFG is off without a negative prompt; any other value only makes diffusers warn
     image = pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height,
                  width=width, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
