@@ -35,6 +35,8 @@ def test_bad_load_config():
         LoadConfig(url="http://x").check()
     with pytest.raises(InputError, match="url"):
         LoadConfig(url="localhost:8000", concurrency=[1]).check()
+    with pytest.raises(InputError, match="repeat"):
+        LoadConfig(url="http://x", concurrency=[1], repeat=0).check()
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
@@ -58,7 +60,7 @@ def test_start_the_real_server(tiny_checkpoint, tiny_engines, tmp_path):
     out = tmp_path / "serve"
     code = main(["bench", "serve", "--start", str(tiny_checkpoint), "--engines", str(tiny_engines), "--devices", "cpu",
                  "--max-batch-size", "4", "--max-queue-delay-ms", "20", "--start-timeout", "300",
-                 "--concurrency", "1,2", "--requests", "2", "--rate", "2", "--duration", "1",
+                 "--concurrency", "1,2", "--requests", "2", "--rate", "2", "--duration", "1", "--repeat", "2",
                  "--size", "32x32", "--steps", "2", "--out", str(out), "--no-progress"])
     result = json.loads((out / "serve.json").read_text())
     assert code == 0, result["errors"]
@@ -67,6 +69,10 @@ def test_start_the_real_server(tiny_checkpoint, tiny_engines, tmp_path):
     assert phases["concurrency=1"]["ok"] == 2 and phases["concurrency=2"]["ok"] == 2
     assert [p["mode"] for p in result["phases"]] == ["closed", "closed", "open"]
     assert result["phases"][2]["offered_rate"] == 2.0
+    assert all(len(p["runs"]) == 2 for p in result["phases"])  # each phase twice, the median run shown
+    rates = sorted(r["images_per_s"] for r in phases["concurrency=2"]["runs"])
+    assert phases["concurrency=2"]["images_per_s"] == rates[0]  # the lower median of two runs
+    assert "img/s spread" in (out / "serve.md").read_text()
     for p in result["phases"]:
         assert p["failed"] == 0 and p["sent"] == p["ok"] and p["images"] == p["ok"]  # n=1
         assert p["images_per_s"] == pytest.approx(p["requests_per_s"])

@@ -80,6 +80,8 @@ def register(sub) -> None:
     p.add_argument("--no-cfg", dest="cfg", action="store_false")
     p.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests before the first phase")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each phase; the table shows the median run and "
+                   "the spread of all")
     p.add_argument("--api-key", default=None)
     p.add_argument("--prompt", default=None)
     _add_output(p, "serve")
@@ -191,7 +193,7 @@ def _cmd_serve(a) -> int:
     try:
         cfg = LoadConfig(url=url, concurrency=a.concurrency, rates=a.rate, duration_s=a.duration,
                          requests=a.requests, size=a.size, steps=a.steps, n=a.n, cfg=a.cfg,
-                         request_timeout_s=a.timeout, warmup_requests=a.warmup, api_key=a.api_key,
+                         request_timeout_s=a.timeout, warmup_requests=a.warmup, api_key=a.api_key, repeat=a.repeat,
                          prompt=a.prompt or DEFAULT_PROMPT, progress=a.progress)
         update, state = _writer(a, getattr(a, "command_line", None) or command_line(getattr(a, "argv", None)))
         try:

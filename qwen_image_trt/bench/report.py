@@ -15,6 +15,13 @@ DEFAULT_OUT = Path("runs/bench")  # git-ignored; recorded results go to benchmar
 
 
 
+def _run_spread(runs) -> str:
+    values = [r["images_per_s"] for r in runs or [] if r.get("images_per_s") is not None]
+    if len(values) < 2:
+        return "n/a (1 run)"
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def _spread(values) -> str:
     """min-max of the repeats, so a reader sees whether the median is worth its digits."""
     if not values:
@@ -104,15 +111,17 @@ def serve_markdown(result: dict) -> str:
               + (f" or {c['requests']} requests" if c.get("requests") else "") + ".", "",
               "Ceiling: workers x median(images per batch / batch compute time), the images/s the server would "
               "reach with every worker busy at the batch sizes it achieved (compute-bound limit).", "",
-              "| phase | ok | failed | req/s | img/s | ceiling img/s | of ceiling | p50 s | p90 s | p99 s | queue p50 s | queue p99 s | "
-              "compute p50 s | mean batch (calls) | batch sizes by request | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+              f"Each phase ran {c.get('repeat', 1)} time(s); the row is the run with the median img/s, the spread is "
+              "the min-max of all runs.", "",
+              "| phase | ok | failed | req/s | img/s | img/s spread | ceiling img/s | of ceiling | p50 s | p90 s | p99 s | "
+              "queue p50 s | queue p99 s | compute p50 s | mean batch (calls) | batch sizes by request | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for p in result.get("phases", []):
         lat, q, comp = p["latency_s"], p["queue_s"], p["compute_s"]
         calls = p.get("batch_images_by_call") or {}
         lines.append("| " + " | ".join([
             p["phase"], str(p["ok"]), str(p["failed"]), _f(p["requests_per_s"], 1, 2), _f(p["images_per_s"], 1, 2),
-            _f(p.get("ceiling_images_per_s"), 1, 2),
+            _run_spread(p.get("runs")), _f(p.get("ceiling_images_per_s"), 1, 2),
             f"{p['fraction_of_ceiling']:.0%}" if p.get("fraction_of_ceiling") else "-",
             _f(lat["p50"], 1, 3), _f(lat["p90"], 1, 3), _f(lat["p99"], 1, 3), _f(q["p50"], 1, 3), _f(q["p99"], 1, 3),
             _f(comp["p50"], 1, 3), _f(calls.get("mean"), 1, 2),
