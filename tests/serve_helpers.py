@@ -83,3 +83,21 @@ def wait_until(what: str, check, limit: float = 60.0, every: float = 0.1):
             return value
         time.sleep(every)
     pytest.fail(f"not within {limit:.0f} s: {what}")
+
+
+def connect(port: int, data: bytes = b"", timeout: float = 10.0) -> socket.socket:
+    """A raw loopback connection, optionally sending `data` (a request, or part of one)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(timeout)
+    if data:
+        s.sendall(data)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Everything until the server closes the connection."""
+    chunks = []
+    while chunk := s.recv(4096):
+        chunks.append(chunk)
+    s.close()
+    return b"".join(chunks)

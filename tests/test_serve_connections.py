@@ -9,6 +9,7 @@ import time
 
 import pytest
 import uvicorn
+from serve_helpers import connect, read_all
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qwen_image_trt.serve.connections import guarded_protocol
@@ -48,22 +49,6 @@ def server(request):
     yield port, events
     srv.should_exit = True
     thread.join(5)
-
-
-def connect(port: int, data: bytes = b"") -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port))
-    s.settimeout(3)
-    if data:
-        s.sendall(data)
-    return s
-
-
-def read_all(s: socket.socket) -> bytes:
-    chunks = []
-    while chunk := s.recv(4096):
-        chunks.append(chunk)
-    s.close()
-    return b"".join(chunks)
 
 
 GET = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
