@@ -173,3 +173,14 @@ def test_every_command_help_has_its_defaults_and_an_example():
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
                     and action.help != argparse.SUPPRESS:
                 assert "default" in parser._get_formatter()._get_help_string(action), (name, action.dest)
+
+
+def test_ui_without_gradio_names_the_extra(monkeypatch):
+    import pytest
+
+    from qwen_image_trt.core.errors import QitrtError
+    from qwen_image_trt.serve.ui import mount_ui
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed: `import gradio` raises ImportError
+    with pytest.raises(QitrtError, match=r"pip install 'qwen-image-trt\[ui\]'"):
+        mount_ui(None, None, None, lambda: None)

@@ -12,7 +12,7 @@ import asyncio
 import io
 import time
 
-from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.serve.protocol import ImageRequest, check_params
 from qwen_image_trt.serve.state import ServeError
 
@@ -48,7 +48,10 @@ def health_text(engine) -> str:
 
 def mount_ui(app, cfg, limits, engine_of) -> None:
     """Mount the page on `app`. `engine_of()` returns the running Engine (made at startup, after mounting)."""
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise QitrtError(f"--ui needs gradio: pip install 'qwen-image-trt[ui]' ({e})") from None
     from PIL import Image
 
     async def generate(prompt, negative, size, steps, seed, scale, n, history, progress=gr.Progress()):
