@@ -72,41 +72,6 @@ WIDTH = {"fp32": 4, "bf16": 2}
 
 
 # ---------------------------------------------------------------------------------------------- child side
-def _rss_anon() -> int:
-    """Anonymous resident memory (RssAnon): RSS without file-backed pages such as a memory-mapped checkpoint,
-    which the kernel can drop and re-read under pressure."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class _PeakAnon:
-    def __init__(self, interval_s: float = 0.05):
-        import threading
-
-        self.peak, self.interval_s, self._stop = 0, interval_s, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_anon())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_anon())
-
-
 def _child(stage: str, args: dict, result_path: Path) -> int:
     """Run one stage in this (fresh) process; write its figures to result_path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,7 +81,7 @@ def _child(stage: str, args: dict, result_path: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch  # noqa: F401 - imported before the baseline, as every stage imports it
 
-    from qwen_image_trt.core.resources import PeakRSS, rss_bytes
+    from qwen_image_trt.core.resources import PeakRSS, rss_anon_bytes, rss_bytes
 
     kind = STAGES[stage][0]
     fn = {"make": _run_make, "export": _run_export, "calibrate": _run_calibrate, "quantize": _run_quantize,
@@ -124,7 +89,7 @@ def _child(stage: str, args: dict, result_path: Path) -> int:
     from qwen_image_trt.core.errors import QitrtError
 
     out = {"stage": stage, "import_rss_bytes": rss_bytes(), "loadavg_before": list(os.getloadavg())}
-    with PeakRSS() as mem, _PeakAnon() as anon:
+    with PeakRSS() as mem, PeakRSS(sample=rss_anon_bytes) as anon:
         try:
             detail = fn(args)
         except QitrtError as e:
@@ -200,16 +165,10 @@ def disk_bytes(path: Path, seen: set | None = None) -> int:
     return total
 
 
-def _child_rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def run_stage(stage: str, args: dict, log_path: Path, label: str) -> dict:
     """Run `stage` in a child process; return the child's figures plus wall time and ru_maxrss from wait4."""
+    from qwen_image_trt.core.resources import rss_bytes
+
     result_path = log_path.with_suffix(".result.json")
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage, "--child-args", json.dumps(args),
@@ -225,7 +184,7 @@ def run_stage(stage: str, args: dict, log_path: Path, label: str) -> dict:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            rss = _child_rss(proc.pid)
+            rss = rss_bytes(proc.pid)
             seen_peak = max(seen_peak, rss)
             now = time.perf_counter()
             if tty:

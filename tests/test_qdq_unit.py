@@ -447,22 +447,20 @@ def _scaled(value, factor):
     return _const(value.const_value.numpy() * np.float32(factor))
 
 
+# Breaks that multiply one node's second input (its scale, or the smoothing factors) by a factor.
+SCALED = {"activation_scale": ("input_quantize", 4), "dequantize_scale": ("input_dequantize", 0.5),
+          "weight_scale": ("weight_dequantize", 0.25), "weight_scale_slightly": ("weight_dequantize", 1.05),
+          "weight_scale_bf16_rounding": ("weight_dequantize", 1.005), "smoothing": ("smooth", 2)}
+
+
 def _break(graph, how):
     nodes = _nodes(graph)
     q, dq, w_dq, smooth = (nodes[f"{Q}/{s}"] for s in ("input_quantize", "input_dequantize", "weight_dequantize",
                                                         "smooth"))
-    if how == "activation_scale":
-        q.replace_input_with(1, _scaled(q.inputs[1], 4))
-    elif how == "dequantize_scale":
-        dq.replace_input_with(1, _scaled(dq.inputs[1], 0.5))
-    elif how == "weight_scale":
-        w_dq.replace_input_with(1, _scaled(w_dq.inputs[1], 0.25))
-    elif how == "weight_scale_slightly":
-        w_dq.replace_input_with(1, _scaled(w_dq.inputs[1], 1.05))
-    elif how == "weight_scale_bf16_rounding":
-        w_dq.replace_input_with(1, _scaled(w_dq.inputs[1], 1.005))
-    elif how == "smoothing":
-        smooth.replace_input_with(1, _scaled(smooth.inputs[1], 2))
+    if how in SCALED:
+        node_name, factor = SCALED[how]
+        node = nodes[f"{Q}/{node_name}"]
+        node.replace_input_with(1, _scaled(node.inputs[1], factor))
     elif how == "activation_zero_point":
         q.replace_input_with(2, _const(np.array(3, np.int8)))
     elif how == "weight_zero_point":

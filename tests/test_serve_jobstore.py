@@ -13,8 +13,8 @@ def params(seed: int = 0) -> GenParams:
     return GenParams("a cat", None, 1, 64, 64, 2, 4.0, seed, 1, 60.0)
 
 
-def finish(store: JobStore, job_id: str, at: float, size: int) -> None:
-    store.finish(job_id, "succeeded", 0, at, None, {"image_count": 1}, [bytes([1]) * size])
+def finish(store: JobStore, job_id: str, at: float, size: int) -> list[str]:
+    return store.finish(job_id, "succeeded", 0, at, None, {"image_count": 1}, [bytes([1]) * size])
 
 
 def test_rows_and_files_round_trip(tmp_path):
@@ -41,7 +41,7 @@ def test_eviction_by_bytes_drops_the_oldest_finished_results_first(tmp_path):
     finish(store, "old", now - 30, 100)
     finish(store, "mid", now - 20, 100)
     assert store.bytes == 200 and store.exists("old")
-    finish(store, "new", now - 10, 100)  # 300 > 250: the oldest finished result goes
+    assert finish(store, "new", now - 10, 100) == ["old"]  # 300 > 250: the oldest finished result goes
     assert not store.exists("old") and store.exists("mid") and store.exists("new") and store.exists("waiting")
     assert store.bytes == 200
     assert not (tmp_path / "results" / "old_0.png").exists()

@@ -1,8 +1,8 @@
 """Engine: owns the batcher, the executor and the job store; one future per request, timeouts, cancellation,
 re-queueing, failure isolation, the liveness watchdog and the drain.
 
-The HTTP layer only calls `accept`, `result`, `cancel`, `job`, `jobs_list`, `health`, `drain` (vLLM's EngineClient
-split). Every accepted request ends exactly once in `_finish`: images, or a ServeError with an HTTP status and a
+The HTTP layer only calls `accept` (then awaits the state's future), `cancel`, `job`, `jobs_list`, `health`, `drain`
+(vLLM's EngineClient split). Every accepted request ends exactly once in `_finish`: images, or a ServeError with an HTTP status and a
 message. Async jobs are also kept by `Jobs` (serve/jobs.py) in the durable JobStore, so they outlive the process.
 """
 
@@ -88,17 +88,6 @@ class Engine:
         self.batcher.submit(st.item, force=force)
         if st.timer is None:
             st.timer = asyncio.get_running_loop().call_later(st.params.timeout_s, self._expire, st)
-
-    async def result(self, st: RequestState) -> RequestState:
-        """Wait for `st` to finish (its timeout bounds the wait); raises its ServeError."""
-        try:
-            await asyncio.shield(st.future)
-        except asyncio.CancelledError:  # the server stops under us: free the slot
-            self.cancel(st, "the client disconnected")
-            raise
-        if st.error:
-            raise st.error
-        return st
 
     def cancel(self, st: RequestState, why: str = "cancelled by the client") -> None:
         if st.done:

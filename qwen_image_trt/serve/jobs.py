@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 
 from qwen_image_trt.serve.jobstore import JobStore
 from qwen_image_trt.serve.protocol import GenParams
@@ -16,19 +17,21 @@ from qwen_image_trt.serve.state import FINISHED, RequestState, ServeError
 
 log = logging.getLogger(__name__)
 MAX_FINISHED_JOBS = 10000  # job rows kept in memory (metadata only; the PNGs are files)
+PURGE_EVERY_S = 1.0  # reads (status polls) check the TTL at most this often: a poll must not cost a table scan
 
 
 class Jobs:
     def __init__(self, store: JobStore):
         self.store = store
         self.states: dict[str, RequestState] = {}
+        self._purged = 0.0
 
     def get(self, job_id: str) -> RequestState | None:
-        self.purge()  # on reads too: an idle server must not serve results past their TTL
+        self.purge(at_most_every_s=PURGE_EVERY_S)  # on reads too: an idle server must not serve past the TTL
         return self.states.get(job_id)
 
     def newest(self, status: str | None, limit: int) -> list[RequestState]:
-        self.purge()
+        self.purge(at_most_every_s=PURGE_EVERY_S)
         states = [s for s in self.states.values() if status is None or s.status == status]
         return sorted(states, key=lambda s: s.created, reverse=True)[:limit]
 
@@ -52,20 +55,31 @@ class Jobs:
     def finished(self, st: RequestState, images: list[bytes] | None) -> None:
         error = st.error.as_dict() if st.error else None
         try:
-            self.store.finish(st.id, st.status, st.attempts, st.finished_at, error, st.timings(), images)
+            evicted = self.store.finish(st.id, st.status, st.attempts, st.finished_at, error, st.timings(), images)
         except (OSError, sqlite3.Error) as e:  # a full disk fails this job, not the event loop
             log.error("storing the result of job %s failed: %s", st.id, e)
             st.status, st.image_count = "failed", 0
             st.error = ServeError(500, "storage_error", f"the result could not be stored: {e}")
-        self.purge()
+            evicted = []
+        self._forget(evicted)
 
     def delete(self, st: RequestState) -> None:
         self.states.pop(st.id, None)
         self.store.delete(st.id)
 
-    def purge(self) -> None:
-        for job_id in self.store.evict():
+    def purge(self, at_most_every_s: float = 0.0) -> None:
+        now = time.monotonic()
+        if now - self._purged < at_most_every_s:
+            return
+        self._purged = now
+        self._forget(self.store.evict())
+
+    def _forget(self, evicted: list[str]) -> None:
+        """Drop evicted jobs from memory, and the oldest finished ones beyond the in-memory cap."""
+        for job_id in evicted:
             self.states.pop(job_id, None)
+        if len(self.states) <= MAX_FINISHED_JOBS:
+            return
         done = sorted((s for s in self.states.values() if s.done), key=lambda s: s.finished_at)
         for s in done[:max(0, len(done) - MAX_FINISHED_JOBS)]:
             self.delete(s)

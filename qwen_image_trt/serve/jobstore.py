@@ -59,6 +59,7 @@ class JobStore:
         self.db.execute("PRAGMA journal_mode=WAL")  # a commit is one append; survives a process kill
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(SCHEMA)
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at)")  # eviction's scans
         self.bytes = self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM jobs").fetchone()[0]
 
     def close(self) -> None:
@@ -74,8 +75,9 @@ class JobStore:
         self.db.execute("UPDATE jobs SET status = ?, attempts = ? WHERE id = ?", (status, attempts, job_id))
 
     def finish(self, job_id: str, status: str, attempts: int, finished_at: float, error: dict | None,
-               timings: dict, images: list[bytes] | None) -> None:
-        """Write the PNGs (each atomically), then mark the row finished: a row never names a missing file."""
+               timings: dict, images: list[bytes] | None) -> list[str]:
+        """Write the PNGs (each atomically), then mark the row finished: a row never names a missing file.
+        Returns the jobs evicted to make room (or past their TTL)."""
         files, size = [], 0
         for i, data in enumerate(images or []):
             name = f"{job_id}_{i}.png"
@@ -87,7 +89,7 @@ class JobStore:
                         (status, attempts, finished_at, json.dumps(error), json.dumps(timings), json.dumps(files),
                          size, job_id))
         self.bytes += size
-        self.evict()
+        return self.evict()
 
     def delete(self, job_id: str) -> None:
         row = self.db.execute("SELECT files, bytes FROM jobs WHERE id = ?", (job_id,)).fetchone()
