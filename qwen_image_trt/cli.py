@@ -48,6 +48,9 @@ def _add_core(sub) -> None:
                    "--sparse (default 60)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--real-width: weight dtype on disk "
                    "(bf16 like the real checkpoint)")
+    p.add_argument("--pipeline", default="t2i", choices=("t2i", "edit", "edit-plus", "edit-2511"),
+                   help="tiny checkpoint kind: the pipeline class its model_index.json names (edit kinds add a "
+                   "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t) (default: t2i)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
@@ -66,6 +69,15 @@ def _add_core(sub) -> None:
     p.add_argument("--negative-prompt", default=None, help="turns true CFG on (use ' ' for an empty one)")
     p.add_argument("--true-cfg-scale", type=float, default=4.0, help="CFG strength, > 1 with a negative prompt")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--pipeline", default=None, help="family member to run the checkpoint as (default: the one its "
+                   "model_index.json names): text-to-image | img2img | inpaint for Qwen-Image, edit | edit-inpaint "
+                   "for Qwen-Image-Edit, edit-plus for Edit-2509/2511")
+    p.add_argument("--image", action="append", default=None, metavar="PATH", help="input image (edit, img2img, "
+                   "inpaint); repeat for Edit-Plus's 1-3 condition images")
+    p.add_argument("--mask", default=None, metavar="PATH", help="inpaint mask, white = repaint (inpaint, "
+                   "edit-inpaint)")
+    p.add_argument("--strength", type=float, default=None, help="how far from the input image, in (0, 1] "
+                   "(img2img, inpaint; diffusers' default 0.6)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("parity", help="compare a backend's engines with eager torch; exits 1 if a gate fails")
@@ -127,6 +139,8 @@ def _cmd_tiny(a) -> int:
     from qwen_image_trt.core.errors import InputError
     from qwen_image_trt.models import tiny
 
+    if a.pipeline != "t2i" and (a.real_width or a.sparse):
+        raise InputError("pipeline", a.pipeline, "t2i with --real-width or --sparse (edit kinds are tiny only)")
     if (a.layers is not None or a.dtype != "bf16") and not (a.real_width or a.sparse):
         raise InputError("layers/dtype", a.layers if a.layers is not None else a.dtype,
                          "only with --real-width or --sparse (the tiny checkpoint has a fixed config)")
@@ -144,7 +158,7 @@ def _cmd_tiny(a) -> int:
             print(tiny.make_real_width_checkpoint(a.out, num_layers=layers, seed=a.seed, dtype=a.dtype,
                                                   overwrite=a.overwrite))
         return 0
-    print(tiny.make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
+    print(tiny.make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite, pipeline=a.pipeline))
     return 0
 
 
@@ -167,7 +181,8 @@ def _cmd_generate(a) -> None:
     backend = a.backend or ("onnxruntime" if a.engines else "torch")
     path = generate_image(a.checkpoint, a.out, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed,
                           steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
-                          device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a))
+                          device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a),
+                          image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline)
     print(path)
 
 
@@ -191,7 +206,9 @@ def _cmd_quickstart(a) -> int:
 EXAMPLES = {
     "tiny": "qitrt tiny runs/tiny",
     "export": "qitrt export runs/tiny --out runs/engines-fp32 --precision fp32",
-    "generate": "qitrt generate runs/tiny --engines runs/engines-fp32 --prompt 'a red fox' --out fox.png",
+    "generate": "qitrt generate runs/tiny --engines runs/engines-fp32 --prompt 'a red fox' --out fox.png\n"
+                "  qitrt generate runs/tiny-edit-plus --engines runs/engines-edit-plus --prompt 'the cat wears a hat' "
+                "--image cat.png --image hat.png --out edit.png",
     "parity": "qitrt parity runs/tiny --engines runs/engines-fp32 --backend onnxruntime --out runs/parity",
     "quickstart": "qitrt quickstart",
     "calibrate": "qitrt calibrate runs/tiny --out runs/calib --num-prompts 8 --steps 4",

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, save_model
 from qwen_image_trt.models.transformer_export import INPUT_NAMES, RopeTables
 from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
-from qwen_image_trt.runtime.transformer import EngineTransformer, _single_image_shape
+from qwen_image_trt.runtime.transformer import EngineTransformer, image_grid_groups
 from qwen_image_trt.runtime.vae import EngineVAE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,7 +128,7 @@ def test_dropin_returns_what_the_pipeline_expects(echo_transformer):
     assert fed["timestep"].tolist() == [1.0] and fed["encoder_hidden_states_mask"].sum().item() == 3
     with pytest.raises(NotImplementedError) as e:
         dropin(hs, torch.zeros(1, 3, 8), None, torch.ones(1), [[(1, 2, 2)]], guidance=torch.ones(1))
-    assert str(e.value) == "guidance-distilled transformers are not supported by the exported graph"
+    assert str(e.value) == "guidance: the exported transformer graph has no such input"
 
 
 def test_dropin_attributes():
@@ -144,25 +144,29 @@ def test_dropin_attributes():
     assert EngineTransformer(dropin.runner, dict(CONFIG), text_bucket=-3).text_bucket == 1
 
 
-@pytest.mark.parametrize("shapes,tokens,message", [
-    (None, 4, "img_shapes is required: [[(1, latent_h // 2, latent_w // 2)]] * batch"),
-    ([], 4, "img_shapes is required: [[(1, latent_h // 2, latent_w // 2)]] * batch"),
-    ([[(1, 2, 2)], [(1, 4, 1)]], 4, "all samples in a batch must share one image grid; got [[(1, 2, 2)], [(1, 4, 1)]]"),
-    ([[(1, 2, 2), (1, 2, 2)]], 4, "all samples in a batch must share one image grid; got [[(1, 2, 2), (1, 2, 2)]]"),
-    ([[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]], 4,
-     "all samples in a batch must share one image grid; got [[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]]"),
-    ([[(1, 2, 3)]], 5, "img_shapes (1, 2, 3) gives 6 tokens, hidden_states has 5"),
-    ([[(2, 2, 3)]], 6, "img_shapes (2, 2, 3) gives 12 tokens, hidden_states has 6"),
+@pytest.mark.parametrize("shapes,hidden,message", [
+    (None, (1, 4), "img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch"),
+    ([], (1, 4), "img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch"),
+    ([[(1, 2, 2)], [(1, 2, 2)]], (3, 4), "img_shapes has 2 samples, hidden_states has 3"),
+    ([(1, 2, 2)], (1, 4), "img_shapes[0] = (1, 2, 2): a list of (frame, height, width) per sample"),
+    ([[(1, 2, 3)]], (1, 5), "img_shapes[0] [(1, 2, 3)] gives 6 tokens, hidden_states has 5"),
+    ([[(2, 2, 3)]], (1, 6), "img_shapes[0] [(2, 2, 3)] gives 12 tokens, hidden_states has 6"),
+    ([[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]], (2, 4), "img_shapes[1] [(1, 2, 2), (1, 1, 1)] gives 5 tokens, "
+                                                     "hidden_states has 4"),
 ])
-def test_image_grid_checks(shapes, tokens, message):
+def test_image_grid_checks(shapes, hidden, message):
     with pytest.raises(ValueError) as e:
-        _single_image_shape(shapes, tokens)
+        image_grid_groups(shapes, hidden)
     assert str(e.value) == message
 
 
-def test_image_grid_of_a_batch():
-    assert _single_image_shape([[(1, 2, 3)]] * 3, 6) == (1, 2, 3)
-    assert _single_image_shape([[[2, 2, 3]]], 12) == (2, 2, 3)  # lists as well as tuples
+def test_image_grid_groups_of_a_batch():
+    assert image_grid_groups([[(1, 2, 3)]] * 3, (3, 6)) == {((1, 2, 3),): [0, 1, 2]}
+    assert image_grid_groups([[[2, 2, 3]]], (1, 12)) == {((2, 2, 3),): [0]}  # lists as well as tuples
+    assert image_grid_groups([[(1, 2, 3)]], (2, 6)) == {((1, 2, 3),): [0, 1]}  # one layout for the whole batch
+    # edit: the target then condition images; samples whose layouts differ (same token count) are grouped
+    mixed = [[(1, 2, 2), (1, 2, 3)], [(1, 2, 2), (1, 3, 2)], [(1, 2, 2), (1, 2, 3)]]
+    assert image_grid_groups(mixed, (3, 10)) == {((1, 2, 2), (1, 2, 3)): [0, 2], ((1, 2, 2), (1, 3, 2)): [1]}
 
 
 # -- the same forward as diffusers' own transformer ----------------------------------------------------------------
@@ -189,6 +193,43 @@ def test_dropin_over_the_torch_runner_equals_the_stock_transformer():
             want = stock(**kw, encoder_hidden_states_mask=m)[0]
             got = dropin(**kw, encoder_hidden_states_mask=m)[0]
             assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_dropin_equals_the_stock_transformer_with_condition_images():
+    """Edit pipelines: the target grid then condition grids of other sizes, each numbered as its own frame by
+    RoPE; two samples with different condition layouts in one batch go through one call per layout."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+    from qwen_image_trt.models.transformer_export import OUTPUT_NAMES, ExportableTransformer
+    from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
+
+    torch.manual_seed(0)
+    stock = QwenImageTransformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": 2}).eval()
+    runner = TorchRunner("transformer", lambda: ExportableTransformer(copy.deepcopy(stock)), INPUT_NAMES,
+                         OUTPUT_NAMES)
+    dropin = EngineTransformer(runner, dict(stock.config), text_bucket=8)
+    g = torch.Generator().manual_seed(2)
+    layouts = [[(1, 2, 3), (1, 4, 2), (1, 1, 3)], [(1, 2, 3), (1, 2, 4), (1, 3, 1)]]  # 6 + 8 + 3 tokens each
+    hidden = torch.randn(2, 17, 64, generator=g)
+    text = torch.randn(2, 5, TRANSFORMER_CONFIG["joint_attention_dim"], generator=g)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        got = dropin(hidden, text, None, t, img_shapes=layouts, return_dict=False)[0]
+        for row, layout in enumerate(layouts):  # the stock model takes one layout per call
+            want = stock(hidden[row:row + 1], text[row:row + 1], None, t[row:row + 1], img_shapes=[layout],
+                         return_dict=False)[0]
+            assert (got[row:row + 1] - want).abs().max().item() <= 1e-5
+        same = dropin(hidden, text, None, t, img_shapes=[layouts[0]] * 2, return_dict=False)[0]
+        assert (same[1] - got[1]).abs().max().item() > 1e-3  # the layout is not ignored
+
+
+def test_dropin_refuses_inputs_the_graph_lacks():
+    dropin = EngineTransformer(runner=None, config=dict(CONFIG))
+    for name in ("guidance", "controlnet_block_samples", "additional_t_cond"):
+        with pytest.raises(NotImplementedError, match=name):
+            dropin(torch.zeros(1, 4, 4), torch.zeros(1, 2, 8), None, torch.zeros(1), img_shapes=[[(1, 2, 2)]],
+                   **{name: torch.zeros(1)})
 
 
 # -- the VAE drop-in --------------------------------------------------------------------------------------------

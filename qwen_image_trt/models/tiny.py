@@ -32,6 +32,16 @@ SYSTEM_PREFIX = (
     "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
     "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
 )
+# The edit pipelines' system prompt (QwenImageEditPipeline.prompt_template_encode); they drop its first 64 tokens.
+EDIT_SYSTEM_PREFIX = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n"
+)
+# One added token spanning part of the edit system prompt brings it to 64 tokens without touching the text-to-image
+# prefix (found by trying every end of the span against the trained merges; checked when the tokenizer is built).
+_EDIT_SPAN = EDIT_SYSTEM_PREFIX[EDIT_SYSTEM_PREFIX.index(" the key"):EDIT_SYSTEM_PREFIX.index(" meets")]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 TEXT_HIDDEN = 64  # text encoder width == transformer joint_attention_dim
@@ -89,8 +99,9 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def build_tokenizer():
-    """A byte-level BPE tokenizer trained locally; the system prefix encodes to 34 tokens as in Qwen's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained locally; the system prefixes encode to as many tokens as the pipelines
+    drop (34 for text-to-image, 64 for edit), as with Qwen's own tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -101,9 +112,11 @@ def build_tokenizer():
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     fast = Qwen2TokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                               pad_token="<|endoftext|>", unk_token=None, model_max_length=32768)
-    n = len(fast(SYSTEM_PREFIX).input_ids)
-    if n != 34:  # the pipeline drops exactly 34 template tokens; anything else would eat the prompt
-        raise RuntimeError(f"tiny tokenizer encodes the system prefix to {n} tokens, expected 34")
+    fast.add_tokens([AddedToken(_EDIT_SPAN, normalized=False)])
+    for prefix, want in ((SYSTEM_PREFIX, 34), (EDIT_SYSTEM_PREFIX, 64)):
+        n = len(fast(prefix).input_ids)
+        if n != want:  # the pipeline drops exactly `want` template tokens; anything else would eat the prompt
+            raise RuntimeError(f"tiny tokenizer encodes a system prefix to {n} tokens, expected {want}")
     return fast
 
 
@@ -127,6 +140,18 @@ def _token_ids(tokenizer) -> dict:
                 pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
 
 
+def _vision_token_ids(tokenizer) -> dict:
+    """The ids the text encoder looks for in input_ids, taken from the tokenizer so the processor's
+    <|image_pad|> runs are the tokens the vision tower's features replace."""
+    ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    unknown = [k for k, v in ids.items() if v is None or v == tokenizer.unk_token_id]
+    if unknown:
+        raise RuntimeError(f"tokenizer lacks the vision tokens for {', '.join(unknown)}")
+    return ids
+
+
 def text_encoder_config(tokenizer, hidden: int = TEXT_HIDDEN, heads: int = 2, kv_heads: int = 1,
                         intermediate: int = 128, layers: int = 2, vision: dict | None = None):
     """A Qwen2.5-VL config for `tokenizer`'s vocabulary; Qwen's mrope split (16, 24, 24 at head_dim 128)."""
@@ -142,32 +167,66 @@ def text_encoder_config(tokenizer, hidden: int = TEXT_HIDDEN, heads: int = 2, kv
                          rope_parameters=dict(rope_type="default", rope_theta=1e6,
                                               mrope_section=[head_dim // 8, 3 * head_dim // 16,
                                                              3 * head_dim // 16])),
-        vision_config=vision or dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                     out_hidden_size=hidden, fullatt_block_indexes=[0]),
-        image_token_id=vocab_size - 2, video_token_id=vocab_size - 1,
-        vision_start_token_id=vocab_size - 4, vision_end_token_id=vocab_size - 3, **ids,
+        vision_config=vision or dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                                     spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                                     fullatt_block_indexes=[0]),
+        **_vision_token_ids(tokenizer), **ids,
     )
 
 
-def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny Qwen-Image checkpoint in the diffusers layout and return its path."""
+# --pipeline kind -> (the diffusers pipeline class model_index.json names, transformer config overrides).
+# Edit-Plus is the 2509 release; 2511 is the same pipeline with a transformer that conditions the condition-image
+# tokens on timestep 0 (`zero_cond_t`).
+PIPELINE_KINDS = {
+    "t2i": ("QwenImagePipeline", {}),
+    "edit": ("QwenImageEditPipeline", {}),
+    "edit-plus": ("QwenImageEditPlusPipeline", {}),
+    "edit-2511": ("QwenImageEditPlusPipeline", {"zero_cond_t": True}),
+}
+# The vision tower sees at most 8 x 8 patches of 14 px (16 merged tokens) per condition image: real structure,
+# CPU cost of a few text tokens. Real checkpoints keep Qwen's own 56^2..28^2*1280 px range.
+TINY_PROCESSOR_PIXELS = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def build_processor(tokenizer):
+    """A Qwen2-VL processor (image patches + the tokenizer) for the edit pipelines' text encoder."""
+    from qwen_image_trt.models.processor import ImageOnlyQwen2VLProcessor, image_processor_class
+
+    image_processor = image_processor_class()(patch_size=14, temporal_patch_size=2, merge_size=2,
+                                              **TINY_PROCESSOR_PIXELS)
+    return ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False, pipeline: str = "t2i") -> Path:
+    """Write a tiny Qwen-Image checkpoint of kind `pipeline` (see PIPELINE_KINDS) and return its path.
+
+    Every kind has the same text encoder (with its vision tower), VAE and scheduler; edit kinds add a `processor`
+    folder and name their pipeline class in model_index.json, so diffusers' own pipeline runs them eagerly.
+    """
     from diffusers import QwenImageTransformer2DModel
 
+    if pipeline not in PIPELINE_KINDS:
+        raise ValueError(f"pipeline {pipeline!r}: one of {', '.join(PIPELINE_KINDS)}")
+    class_name, overrides = PIPELINE_KINDS[pipeline]
     out = _empty_folder(out_dir, overwrite)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out / "tokenizer")
-    # The vision token ids only need to exist: the text-to-image path never feeds images.
+    if class_name != "QwenImagePipeline":
+        from qwen_image_trt.models.processor import save_processor
+
+        save_processor(build_processor(tokenizer), out / "processor")
     text_encoder = build_text_encoder(tokenizer, seed)
     text_encoder.save_pretrained(out / "text_encoder")
 
     torch.manual_seed(seed + 1)
-    transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG).eval()
+    transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG, **overrides).eval()
     _scale_up_modulation(transformer)
     transformer.save_pretrained(out / "transformer")
 
-    _write_vae_scheduler_index(out, seed)
+    _write_vae_scheduler_index(out, seed, class_name)
     (out / TINY_MARKER).write_text(
-        f"Random weights (seed {seed}) made by qwen_image_trt.models.tiny for tests. Not a trained model.\n")
+        f"Random weights (seed {seed}, kind {pipeline}) made by qwen_image_trt.models.tiny for tests. "
+        "Not a trained model.\n")
     return out
 
 
@@ -181,21 +240,21 @@ def _empty_folder(out_dir, overwrite: bool) -> Path:
     return out
 
 
-def _write_vae_scheduler_index(out: Path, seed: int) -> None:
+def _write_vae_scheduler_index(out: Path, seed: int, class_name: str = "QwenImagePipeline") -> None:
     """The tiny VAE (seed + 2, fp32), the scheduler and model_index.json: the same in every checkpoint made here."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(seed + 2)
     AutoencoderKLQwenImage(**VAE_CONFIG).eval().save_pretrained(out / "vae")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    _write_model_index(out)
+    _write_model_index(out, class_name)
 
 
-def _write_model_index(out: Path) -> None:
+def _write_model_index(out: Path, class_name: str = "QwenImagePipeline") -> None:
     import diffusers
 
     index = {
-        "_class_name": "QwenImagePipeline",
+        "_class_name": class_name,
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
@@ -203,6 +262,8 @@ def _write_model_index(out: Path) -> None:
         "transformer": ["diffusers", "QwenImageTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLQwenImage"],
     }
+    if (out / "processor").is_dir():
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

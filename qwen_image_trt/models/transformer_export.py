@@ -86,14 +86,45 @@ class RealRopeAttnProcessor:
         return img_out, txt_out
 
 
+# Config fields that change the forward beyond shapes: the graph models each at this value only.
+UNMODELED_AT = {"guidance_embeds": False, "zero_cond_t": False, "use_additional_t_cond": False,
+                "use_layer3d_rope": False}
+# Fields the graph models at any value (sizes of weights and of the RoPE tables).
+SHAPE_FIELDS = {"patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+                "num_attention_heads", "joint_attention_dim", "axes_dims_rope"}
+_WHY = {"guidance_embeds": "guidance-distilled transformers take a guidance input the graph lacks",
+        "zero_cond_t": "Edit-2511 conditions its condition-image tokens on timestep 0",
+        "use_additional_t_cond": "Layered takes an additional timestep condition",
+        "use_layer3d_rope": "Layered numbers RoPE positions per layer"}
+
+
+def check_modeled_config(config) -> None:
+    """Refuse, by name, any transformer config field this export does not model: every argument of the installed
+    QwenImageTransformer2DModel that is neither a size nor at the value the graph reproduces. A field added by a
+    later diffusers is refused until it is modelled, never silently dropped."""
+    import inspect
+
+    from diffusers import QwenImageTransformer2DModel
+
+    params = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    for name, p in params.items():
+        if name == "self" or name in SHAPE_FIELDS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        value = config.get(name, p.default)
+        want = UNMODELED_AT.get(name, p.default)
+        if value != want:
+            why = _WHY.get(name, "the export does not model this field")
+            raise NotImplementedError(f"transformer config {name}={value!r} is not supported by the export ({why}); "
+                                      f"supported: {name}={want!r}")
+
+
 class ExportableTransformer(nn.Module):
     """Runs a QwenImageTransformer2DModel from tensors only. Graph I/O is float32 whatever the compute dtype,
     so a drop-in feeds every precision the same way."""
 
     def __init__(self, transformer):
         super().__init__()
-        if transformer.config.guidance_embeds or getattr(transformer, "zero_cond_t", False):
-            raise NotImplementedError("guidance-distilled and zero_cond_t (Edit-2511) transformers are not exportable yet")
+        check_modeled_config(transformer.config)
         self.transformer = transformer
         # Blocks to bypass (quantization evidence: what do the quantized blocks contribute?). Eager only:
         # a traced graph holds every block.
@@ -122,7 +153,11 @@ class ExportableTransformer(nn.Module):
 
 
 class RopeTables:
-    """Host-side real RoPE tables, cached per (image grid, text length); computed from the model's own pos_embed."""
+    """Host-side real RoPE tables, cached per (image grids, text length); computed from the model's own pos_embed.
+
+    A sample's image sequence is one or more grids laid end to end: the target, then the condition images of the
+    edit pipelines, each at its own frame index (QwenEmbedRope's `idx`), exactly as the stock model numbers them.
+    """
 
     def __init__(self, axes_dims_rope, theta: int = 10000):
         from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
@@ -132,10 +167,15 @@ class RopeTables:
 
     def __call__(self, frame: int, height: int, width: int, text_len: int, device="cpu"):
         """Return (img_cos, img_sin, txt_cos, txt_sin) float32 on `device`; the same tensors for the same key."""
-        return self._cached(int(frame), int(height), int(width), int(text_len), str(device))
+        return self.for_grids(((frame, height, width),), text_len, device)
 
-    def _compute(self, frame, height, width, text_len, device):
-        img, txt = self._pos_embed([(frame, height, width)], max_txt_seq_len=text_len, device=torch.device("cpu"))
+    def for_grids(self, grids, text_len: int, device="cpu"):
+        """Tables for a sequence of grids ((frame, h, w), ...): target first, then condition images."""
+        key = tuple(tuple(int(v) for v in g) for g in grids)
+        return self._cached(key, int(text_len), str(device))
+
+    def _compute(self, grids, text_len, device):
+        img, txt = self._pos_embed([list(grids)], max_txt_seq_len=text_len, device=torch.device("cpu"))
         return tuple(t.to(device=device, dtype=torch.float32).contiguous()
                      for t in (img.real, img.imag, txt.real, txt.imag))
 

@@ -9,7 +9,9 @@ import torch
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import try_read_manifest
 from qwen_image_trt.models.checkpoint import generation_defaults, validate_checkpoint
+from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.runtime.backends import check_backend
+from qwen_image_trt.runtime.images import check_image_inputs
 from qwen_image_trt.runtime.limits import check_request, request_limits
 from qwen_image_trt.runtime.pipeline import load_pipeline
 
@@ -26,26 +28,39 @@ def default_request(checkpoint, engines=None) -> tuple[int, int, int]:
 
 def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int | None = None,
                    height: int | None = None, width: int | None = None, engines=None, backend: str = "torch",
-                   device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None) -> Path:
-    """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends."""
+                   device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None,
+                   image=None, mask=None, strength: float | None = None, pipeline: str | None = None) -> Path:
+    """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends.
+
+    `image` (one, or a list of 1-3 for Edit-Plus), `mask` and `strength` go to the members that take them: the
+    checkpoint's own (model_index.json) or `pipeline` ("img2img", "inpaint", "edit-inpaint")."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
+    kind = pipeline_kind(checkpoint, pipeline)
     d_width, d_height, d_steps = default_request(checkpoint, engines)
     width = d_width if width is None else width
     height = d_height if height is None else height
     steps = d_steps if steps is None else steps
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
+    image_kwargs = check_image_inputs(kind, image, mask, strength)
+    if "strength" in image_kwargs or kind in ("img2img", "inpaint", "edit-inpaint"):
+        # diffusers keeps int(steps * strength) of the schedule's steps (strength 0.6 when not given)
+        kept = steps - int(max(steps - steps * image_kwargs.get("strength", 0.6), 0))
+        if kept < 1:
+            raise InputError("strength", image_kwargs.get("strength", 0.6),
+                             f"large enough that steps x strength >= 1 (steps={steps})")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")
     if pipe is None:
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
-                             trt_options=trt_options)
+                             trt_options=trt_options, pipeline=kind)
     if negative_prompt is None:
         true_cfg_scale = 1.0  # CFG is off without a negative prompt; any other value only makes diffusers warn
     image = pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height,
-                 width=width, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+                 width=width, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
+                 **image_kwargs).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out

@@ -16,7 +16,7 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
 from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models.pipelines import load_eager_parts
+from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, stock_class
 from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
 from qwen_image_trt.runtime.transformer import EngineTransformer
@@ -144,8 +144,12 @@ class QwenImageEnginePipeline(QwenImagePipeline):
 def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str = "cpu", dtype=None,
                   batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
                   threads: int | None = None, progress: bool = False,
-                  trt_options: dict | None = None) -> QwenImageEnginePipeline:
-    """A ready diffusers pipeline for `checkpoint`, with the transformer and VAE decode on `backend`.
+                  trt_options: dict | None = None, pipeline: str | None = None):
+    """A ready diffusers pipeline for `checkpoint`, with the transformer and the VAE on `backend`.
+
+    The class is the one the checkpoint's model_index.json names (QwenImagePipeline, QwenImageEditPipeline,
+    QwenImageEditPlusPipeline), or the member `pipeline` names ("img2img", "inpaint", "edit-inpaint"; see
+    models.pipelines.MEMBERS). Text-to-image gets the batched-CFG loop; the other members run diffusers' own loop.
 
     backend="torch" is the eager reference (stock diffusers modules). "onnxruntime" and "tensorrt" run the
     graphs in `engines`, which must have been built from this checkpoint (checked against its manifest).
@@ -154,6 +158,7 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     """
     check_backend(backend)
     root = ckpt.validate_checkpoint(checkpoint)
+    kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
     if backend == "torch":
         if engines is not None:
@@ -176,12 +181,30 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
-    pipe = _assemble(root, transformer, vae, device, dtype)
+    pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype, kind))
     pipe.batch_cfg = batch_cfg
     pipe.set_progress_bar_config(disable=not progress)
     pipe.backend, pipe.engines = backend, engines
     return pipe
 
 
-def _assemble(root: Path, transformer, vae, device, dtype) -> QwenImageEnginePipeline:
-    return QwenImageEnginePipeline(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype))
+_ENGINE_CLASSES: dict[str, type] = {"text-to-image": QwenImageEnginePipeline}
+
+
+def engine_pipeline_class(kind: str) -> type:
+    """The pipeline class `load_pipeline` builds for a family member: QwenImageEnginePipeline for text-to-image;
+    for the others the stock class itself (its own loop, two transformer calls per CFG step), subclassed only so
+    that `batch_cfg=` is accepted and the pipeline says what it is."""
+    if kind not in _ENGINE_CLASSES:
+        base = stock_class(kind)
+
+        def __call__(self, *args, batch_cfg: bool | None = None, **kwargs):
+            if batch_cfg:
+                raise InputError("batch_cfg", batch_cfg, f"False or None for {kind}: batched CFG is text-to-image only")
+            return base.__call__(self, *args, **kwargs)
+
+        __call__.__doc__, __call__.__wrapped__ = base.__call__.__doc__, base.__call__  # help() shows the stock call
+        _ENGINE_CLASSES[kind] = type(base.__name__.replace("Pipeline", "EnginePipeline"), (base,),
+                                     {"__call__": __call__, "batch_cfg": False, "__module__": __name__,
+                                      "__doc__": f"{base.__name__} with engine drop-ins ({kind})."})
+    return _ENGINE_CLASSES[kind]

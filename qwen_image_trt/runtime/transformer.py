@@ -64,31 +64,60 @@ class EngineTransformer(nn.Module):
         return text, text_mask, padded
 
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
-                img_shapes=None, guidance=None, attention_kwargs=None, return_dict: bool = True, **unused):
-        if guidance is not None:
-            raise NotImplementedError("guidance-distilled transformers are not supported by the exported graph")
-        frame, height, width = _single_image_shape(img_shapes, hidden_states.shape[1])
+                img_shapes=None, guidance=None, attention_kwargs=None, controlnet_block_samples=None,
+                additional_t_cond=None, return_dict: bool = True):
+        # What the graph does not take is refused by name: dropping it would be a silently wrong image.
+        for name, value in (("guidance", guidance), ("controlnet_block_samples", controlnet_block_samples),
+                            ("additional_t_cond", additional_t_cond)):
+            if value is not None:
+                raise NotImplementedError(f"{name}: the exported transformer graph has no such input")
+        groups = image_grid_groups(img_shapes, hidden_states.shape)
         text, text_mask, text_len = self._padded_text(encoder_hidden_states, encoder_hidden_states_mask)
-        img_cos, img_sin, txt_cos, txt_sin = self._rope(frame, height, width, text_len, hidden_states.device)
+        if len(groups) == 1:  # the pipelines' case: every sample has the same grids
+            (grids, _), = groups.items()
+            out = self._run(grids, hidden_states, text, text_mask, timestep, text_len)
+        else:  # samples with different condition grids but equal token counts: one call per grid layout
+            out = torch.empty(*hidden_states.shape[:2], self.runner_output_channels, dtype=hidden_states.dtype,
+                              device=hidden_states.device)
+            for grids, rows in groups.items():
+                idx = torch.tensor(rows, device=hidden_states.device)
+                out[idx] = self._run(grids, hidden_states[idx], text[idx], text_mask[idx], timestep[idx], text_len)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    @property
+    def runner_output_channels(self) -> int:
+        c = self.config
+        return c["patch_size"] ** 2 * (c.get("out_channels") or c["in_channels"])
+
+    def _run(self, grids, hidden_states, text, text_mask, timestep, text_len):
+        img_cos, img_sin, txt_cos, txt_sin = self._rope.for_grids(grids, text_len, hidden_states.device)
         feeds = {
             "hidden_states": hidden_states.float().contiguous(),
-            "encoder_hidden_states": text,
-            "encoder_hidden_states_mask": text_mask,
+            "encoder_hidden_states": text.contiguous(),
+            "encoder_hidden_states_mask": text_mask.contiguous(),
             "timestep": timestep.float().contiguous(),
             "img_rope_cos": img_cos, "img_rope_sin": img_sin, "txt_rope_cos": txt_cos, "txt_rope_sin": txt_sin,
         }
-        out = self.runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+        return self.runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
 
 
-def _single_image_shape(img_shapes, image_tokens: int) -> tuple[int, int, int]:
-    """The pipeline passes [[(frame, h, w)]] * batch; every sample must share one grid."""
+def image_grid_groups(img_shapes, hidden_shape) -> dict[tuple, list[int]]:
+    """{grids: sample rows} from the pipelines' img_shapes: one list of (frame, h, w) per sample, the target
+    first and then any condition images; each list must add up to the sample's image tokens."""
+    batch, image_tokens = int(hidden_shape[0]), int(hidden_shape[1])
     if not img_shapes:
-        raise ValueError("img_shapes is required: [[(1, latent_h // 2, latent_w // 2)]] * batch")
-    first = tuple(img_shapes[0][0])
-    if any(tuple(s[0]) != first or len(s) != 1 for s in img_shapes):
-        raise ValueError(f"all samples in a batch must share one image grid; got {img_shapes}")
-    frame, height, width = first
-    if frame * height * width != image_tokens:
-        raise ValueError(f"img_shapes {first} gives {frame * height * width} tokens, hidden_states has {image_tokens}")
-    return frame, height, width
+        raise ValueError("img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch")
+    if len(img_shapes) == 1 and batch > 1:
+        img_shapes = list(img_shapes) * batch
+    if len(img_shapes) != batch:
+        raise ValueError(f"img_shapes has {len(img_shapes)} samples, hidden_states has {batch}")
+    groups: dict[tuple, list[int]] = {}
+    for row, sample in enumerate(img_shapes):
+        if not sample or isinstance(sample[0], int):
+            raise ValueError(f"img_shapes[{row}] = {sample!r}: a list of (frame, height, width) per sample")
+        grids = tuple(tuple(int(v) for v in g) for g in sample)
+        tokens = sum(f * h * w for f, h, w in grids)
+        if tokens != image_tokens:
+            raise ValueError(f"img_shapes[{row}] {list(grids)} gives {tokens} tokens, hidden_states has {image_tokens}")
+        groups.setdefault(grids, []).append(row)
+    return groups

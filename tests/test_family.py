@@ -1,0 +1,248 @@
+"""The Qwen-Image family on engines: Edit, Edit-Plus (condition images of other sizes), Img2Img and Inpaint run
+through the exported transformer and VAE (encoder and decoder) and equal diffusers' own pipeline at fp32.
+
+The tiny model's images barely move with their inputs (its random VAE decoder flattens them), so every parity check
+here also compares the final latents, and shows that what it compares does depend on the input under test.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_trt import load_pipeline
+from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.models.pipelines import load_stock_pipeline
+from qwen_image_trt.parity.metrics import psnr
+
+RED = Image.new("RGB", (80, 48), (220, 30, 30))
+BLUE = Image.new("RGB", (64, 96), (20, 40, 230))
+# Two steps at 64x64: the condition images still add 4096 tokens each (the pipelines resize them to ~1024^2).
+EDIT_KW = dict(prompt="the cat wears a red hat", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2,
+               height=64, width=64)
+
+
+def _export(kind, tmp_path_factory):
+    from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    root = make_tiny_checkpoint(tmp_path_factory.mktemp(kind) / "ckpt", pipeline=kind)
+    engines = root.parent / "engines"
+    export_onnx(root, engines, precision="fp32", progress=False)
+    return root, engines
+
+
+@pytest.fixture(scope="module")
+def edit_plus(tmp_path_factory):
+    return _export("edit-plus", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def edit(tmp_path_factory):
+    return _export("edit", tmp_path_factory)
+
+
+def _run(pipe, seed=0, **kw):
+    """(uint8 image, final packed latents) of one call."""
+    seen = {}
+
+    def keep(p, i, t, tensors):
+        seen["latents"] = tensors["latents"].clone()
+        return tensors
+
+    image = pipe(**kw, generator=torch.Generator().manual_seed(seed), callback_on_step_end=keep).images[0]
+    return np.asarray(image), seen["latents"]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _assert_equal_to_stock(engine_pipe, stock_pipe, **kw):
+    got_img, got_lat = _run(engine_pipe, **kw)
+    want_img, want_lat = _run(stock_pipe, **kw)
+    assert _rel(got_lat, want_lat) <= 1e-5
+    assert psnr(want_img, got_img) >= 40
+    return want_lat
+
+
+# -- tiny checkpoints of every kind -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, cls, zero_cond_t", [("edit-plus", "QwenImageEditPlusPipeline", False),
+                                                     ("edit-2511", "QwenImageEditPlusPipeline", True)])
+def test_tiny_edit_checkpoints_are_what_their_index_says(kind, cls, zero_cond_t, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qwen_image_trt.models.processor import load_processor
+    from qwen_image_trt.models.tiny import EDIT_SYSTEM_PREFIX, SYSTEM_PREFIX, make_tiny_checkpoint
+
+    root = make_tiny_checkpoint(tmp_path / kind, pipeline=kind)
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == cls and index["processor"] == ["transformers", "Qwen2VLProcessor"]
+    assert json.loads((root / "transformer" / "config.json").read_text()).get("zero_cond_t", False) is zero_cond_t
+    te = json.loads((root / "text_encoder" / "config.json").read_text())
+    processor = load_processor(root / "processor")
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    for key, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                       ("vision_end_token_id", "<|vision_end|>")):
+        assert te[key] == tok.convert_tokens_to_ids(token) == processor.tokenizer.convert_tokens_to_ids(token)
+    assert processor.image_token_id == te["image_token_id"]
+    # the pipelines drop exactly this many template tokens
+    assert len(tok(SYSTEM_PREFIX).input_ids) == 34 and len(tok(EDIT_SYSTEM_PREFIX).input_ids) == 64
+    # one image -> (grid / merge^2) <|image_pad|> tokens, which the vision tower's features replace
+    out = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[RED], return_tensors="pt")
+    n_pad = int((out["input_ids"] == te["image_token_id"]).sum())
+    assert n_pad == int(out["image_grid_thw"].prod()) // 4 >= 1
+
+
+def test_edit_2511_runs_eagerly_and_its_export_is_refused_by_name(tmp_path):
+    from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    root = make_tiny_checkpoint(tmp_path / "e2511", pipeline="edit-2511")
+    pipe = load_pipeline(root, backend="torch")
+    assert type(pipe).__name__ == "QwenImageEditPlusEnginePipeline"
+    image = pipe(**dict(EDIT_KW, num_inference_steps=2), image=[RED], generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    with pytest.raises(NotImplementedError, match="zero_cond_t=True"):
+        export_onnx(root, tmp_path / "engines", precision="fp32", components=["transformer"], progress=False)
+
+
+# -- every pipeline on engines equals diffusers' own -------------------------------------------------------------
+def test_edit_plus_with_condition_images_of_two_sizes_equals_stock(edit_plus):
+    root, engines = edit_plus
+    pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
+    assert type(pipe).__name__ == "QwenImageEditPlusEnginePipeline" and pipe.vae.encoder_runner is not None
+    stock = load_stock_pipeline(root)
+    want = _assert_equal_to_stock(pipe, stock, image=[RED, BLUE], **EDIT_KW)
+    # what was compared depends on the condition images and their order: a wrong RoPE frame or token layout for
+    # the condition grids would fail the 1e-5 gate above by two orders of magnitude
+    _, swapped = _run(stock, image=[BLUE, RED], **EDIT_KW)
+    assert _rel(swapped, want) >= 1e-4
+
+
+def test_edit_single_image_equals_stock(edit):
+    root, engines = edit
+    pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
+    assert type(pipe).__name__ == "QwenImageEditEnginePipeline"
+    _assert_equal_to_stock(pipe, load_stock_pipeline(root), image=BLUE, **EDIT_KW)
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("img2img", dict(strength=0.75)),
+    ("inpaint", dict(strength=0.9, mask_image=Image.fromarray(np.repeat([255, 0], 32 * 64).reshape(64, 64)
+                                                               .astype(np.uint8)))),  # top half repainted
+])
+def test_img2img_and_inpaint_on_the_text_to_image_engines_equal_stock(tiny_checkpoint, tiny_engines, kind, extra):
+    pipe = load_pipeline(tiny_checkpoint, engines=tiny_engines, backend="onnxruntime", pipeline=kind)
+    assert type(pipe).__name__ == {"img2img": "QwenImageImg2ImgEnginePipeline",
+                                   "inpaint": "QwenImageInpaintEnginePipeline"}[kind]
+    kw = dict(EDIT_KW, num_inference_steps=4, image=RED.resize((64, 64)), **extra)
+    want = _assert_equal_to_stock(pipe, load_stock_pipeline(tiny_checkpoint, pipeline=kind), **kw)
+    _, other = _run(pipe, **dict(kw, image=BLUE.resize((64, 64))))
+    assert _rel(other, want) >= 1e-3  # the input image is encoded (by the VAE encoder engine) and used
+
+
+def test_the_class_comes_from_the_checkpoint_and_pipeline_picks_a_member(tiny_checkpoint, edit_plus):
+    from qwen_image_trt.models.pipelines import pipeline_kind
+
+    assert pipeline_kind(tiny_checkpoint) == "text-to-image" and pipeline_kind(edit_plus[0]) == "edit-plus"
+    assert pipeline_kind(tiny_checkpoint, "inpaint") == "inpaint"
+    with pytest.raises(InputError) as e:
+        pipeline_kind(edit_plus[0], "img2img")
+    assert str(e.value) == ("pipeline='img2img' is not allowed: one of edit-plus for a QwenImageEditPlusPipeline "
+                            "checkpoint")
+    with pytest.raises(InputError, match="batch_cfg"):
+        load_pipeline(tiny_checkpoint, pipeline="img2img")(prompt="x", image=RED, batch_cfg=True)
+
+
+def test_generate_with_images_from_python(edit_plus, tmp_path):
+    from qwen_image_trt.runtime.generate import generate_image
+
+    root, engines = edit_plus
+    RED.save(tmp_path / "red.png")
+    out = generate_image(root, tmp_path / "out.png", prompt="a hat", image=[tmp_path / "red.png", BLUE],
+                         engines=engines, backend="onnxruntime", steps=2)
+    assert Image.open(out).size == (64, 64)
+    with pytest.raises(InputError, match=r"^image='4 image\(s\)' is not allowed: 1 to 3 image\(s\) for edit-plus"):
+        generate_image(root, tmp_path / "x.png", prompt="a hat", image=[RED] * 4, engines=engines,
+                       backend="onnxruntime")
+    assert not (tmp_path / "x.png").exists()
+
+
+# -- export refuses what it does not model ------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [("zero_cond_t", True), ("use_layer3d_rope", True),
+                                          ("use_additional_t_cond", True), ("guidance_embeds", True)])
+def test_export_refuses_unmodelled_config_fields_by_name(field, value):
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+    from qwen_image_trt.models.transformer_export import check_modeled_config
+
+    check_modeled_config(dict(TRANSFORMER_CONFIG))  # the plain config passes
+    with pytest.raises(NotImplementedError, match=f"transformer config {field}={value!r} is not supported"):
+        check_modeled_config({**TRANSFORMER_CONFIG, field: value})
+
+
+def test_a_field_a_later_diffusers_adds_is_refused_until_modelled(monkeypatch):
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+    from qwen_image_trt.models.transformer_export import check_modeled_config
+
+    stock_init = QwenImageTransformer2DModel.__init__
+
+    def future_init(self, patch_size=2, in_channels=64, use_new_trick: bool = False):  # noqa: ARG001
+        stock_init(self)
+
+    monkeypatch.setattr(QwenImageTransformer2DModel, "__init__", future_init)
+    check_modeled_config({**TRANSFORMER_CONFIG, "use_new_trick": False})
+    with pytest.raises(NotImplementedError, match="use_new_trick=True.*does not model this field"):
+        check_modeled_config({**TRANSFORMER_CONFIG, "use_new_trick": True})
+
+
+# -- image inputs: decoded safely, named when wrong ---------------------------------------------------------------
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make, field, allowed", [
+    (lambda: _png(RED)[:70], "image", "a complete image file"),
+    (lambda: b"%PDF-1.4 not an image", "image", "a PNG, JPEG or WebP image"),
+    # 6000 x 6000 one-bit pixels: a few KB on the wire, 36 M pixels (108 MB as RGB) if decoded
+    (lambda: _png(Image.new("1", (6000, 6000))), "image", "an image of at most 16777216 pixels"),
+    (lambda: _png(Image.new("RGB", (8, 64))), "image", "an image at least 16 pixels on each side"),
+    (lambda: b"", "image", "an image: PNG, JPEG or WebP bytes or a file path"),
+])
+def test_bad_images_are_refused_naming_the_field(make, field, allowed):
+    from qwen_image_trt.runtime.images import check_image_inputs
+
+    data = make()
+    with pytest.raises(InputError) as e:
+        check_image_inputs("img2img", [data])
+    assert e.value.field == field and e.value.allowed.startswith(allowed)
+
+
+@pytest.mark.parametrize("kind, kwargs, field", [
+    ("edit-plus", dict(images=[]), "image"),
+    ("edit", dict(images=[RED, RED]), "image"),
+    ("text-to-image", dict(images=[RED]), "image"),
+    ("edit", dict(images=[RED], mask=RED), "mask"),
+    ("inpaint", dict(images=[RED]), "mask"),
+    ("inpaint", dict(images=[RED], mask=Image.new("L", (10 * 8, 10 * 8))), "mask"),
+    ("img2img", dict(images=[RED], strength=0), "strength"),
+    ("img2img", dict(images=[RED], strength=1.5), "strength"),
+    ("edit", dict(images=[RED], strength=0.5), "strength"),
+])
+def test_image_inputs_must_fit_the_member(kind, kwargs, field):
+    from qwen_image_trt.runtime.images import check_image_inputs
+
+    with pytest.raises(InputError) as e:
+        check_image_inputs(kind, **kwargs)
+    assert e.value.field == field
+    ok = check_image_inputs("inpaint", [RED], mask=Image.new("L", RED.size), strength=0.5)
+    assert ok["image"].mode == "RGB" and ok["mask_image"].mode == "L" and ok["strength"] == 0.5
+    assert len(check_image_inputs("edit-plus", [RED, BLUE, RED])["image"]) == 3
