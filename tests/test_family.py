@@ -34,14 +34,29 @@ def _export(kind, tmp_path_factory):
     return root, engines
 
 
-@pytest.fixture(scope="module")
-def edit_plus(tmp_path_factory):
-    return _export("edit-plus", tmp_path_factory)
+_EXPORTS: dict = {}
 
 
 @pytest.fixture(scope="module")
-def edit(tmp_path_factory):
-    return _export("edit", tmp_path_factory)
+def exported(tmp_path_factory):
+    """kind -> (checkpoint, fp32 engines), each exported once per module (~45 s)."""
+    def get(kind):
+        if kind not in _EXPORTS:
+            _EXPORTS[kind] = _export(kind, tmp_path_factory)
+        return _EXPORTS[kind]
+
+    yield get
+    _EXPORTS.clear()
+
+
+@pytest.fixture(scope="module")
+def edit_plus(exported):
+    return exported("edit-2511")
+
+
+@pytest.fixture(scope="module")
+def edit(exported):
+    return exported("edit")
 
 
 def _run(pipe, seed=0, **kw):
@@ -96,23 +111,14 @@ def test_tiny_edit_checkpoints_are_what_their_index_says(kind, cls, zero_cond_t,
     assert n_pad == int(out["image_grid_thw"].prod()) // 4 >= 1
 
 
-def test_edit_2511_runs_eagerly_and_its_export_is_refused_by_name(tmp_path):
-    from qwen_image_trt.compile.export import export_onnx
-    from qwen_image_trt.models.tiny import make_tiny_checkpoint
-
-    root = make_tiny_checkpoint(tmp_path / "e2511", pipeline="edit-2511")
-    pipe = load_pipeline(root, backend="torch")
-    assert type(pipe).__name__ == "QwenImageEditPlusEnginePipeline"
-    image = pipe(**dict(EDIT_KW, num_inference_steps=2), image=[RED], generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
-    with pytest.raises(NotImplementedError, match="zero_cond_t=True"):
-        export_onnx(root, tmp_path / "engines", precision="fp32", components=["transformer"], progress=False)
-
-
 # -- every pipeline on engines equals diffusers' own -------------------------------------------------------------
-def test_edit_plus_with_condition_images_of_two_sizes_equals_stock(edit_plus):
-    root, engines = edit_plus
+@pytest.mark.parametrize("kind", ["edit-2511", pytest.param("edit-plus", marks=pytest.mark.slow)])
+def test_edit_plus_with_condition_images_of_two_sizes_equals_stock(exported, kind):
+    """2511 (zero_cond_t: modulate_index is a graph input) by default; 2509's graph is the plain one, which the
+    single-image Edit test runs with two grids of different sizes (target and condition)."""
+    root, engines = exported(kind)
     pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
+    assert ("modulate_index" in pipe.transformer.runner.input_metadata()) is (kind == "edit-2511")
     assert type(pipe).__name__ == "QwenImageEditPlusEnginePipeline" and pipe.vae.encoder_runner is not None
     stock = load_stock_pipeline(root)
     want = _assert_equal_to_stock(pipe, stock, image=[RED, BLUE], **EDIT_KW)
@@ -172,7 +178,7 @@ def test_generate_with_images_from_python(edit_plus, tmp_path):
 
 
 # -- export refuses what it does not model ------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [("zero_cond_t", True), ("use_layer3d_rope", True),
+@pytest.mark.parametrize("field, value", [("use_layer3d_rope", True),
                                           ("use_additional_t_cond", True), ("guidance_embeds", True)])
 def test_export_refuses_unmodelled_config_fields_by_name(field, value):
     from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
@@ -246,3 +252,48 @@ def test_image_inputs_must_fit_the_member(kind, kwargs, field):
     ok = check_image_inputs("inpaint", [RED], mask=Image.new("L", RED.size), strength=0.5)
     assert ok["image"].mode == "RGB" and ok["mask_image"].mode == "L" and ok["strength"] == 0.5
     assert len(check_image_inputs("edit-plus", [RED, BLUE, RED])["image"]) == 3
+
+
+def test_zero_cond_t_graph_module_equals_the_stock_transformer():
+    """Edit-2511's forward as exported (timestep 0 for condition tokens through modulate_index, the block's chunk
+    written as a slice) equals diffusers' own, for two condition layouts in one batch."""
+    import copy
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+    from qwen_image_trt.models.transformer_export import OUTPUT_NAMES, ExportableTransformer, input_names
+    from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
+    from qwen_image_trt.runtime.transformer import EngineTransformer
+
+    torch.manual_seed(0)
+    config = {**TRANSFORMER_CONFIG, "num_layers": 2, "zero_cond_t": True}
+    stock = QwenImageTransformer2DModel(**config).eval()
+    assert input_names(dict(stock.config))[-1] == "modulate_index"
+    runner = TorchRunner("transformer", lambda: ExportableTransformer(copy.deepcopy(stock)),
+                         input_names(dict(stock.config)), OUTPUT_NAMES)
+    dropin = EngineTransformer(runner, dict(stock.config), text_bucket=8)
+    g = torch.Generator().manual_seed(3)
+    layouts = [[(1, 2, 3), (1, 4, 2), (1, 1, 3)], [(1, 2, 3), (1, 2, 4), (1, 3, 1)]]
+    hidden, text = torch.randn(2, 17, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        got = dropin(hidden, text, None, t, img_shapes=layouts, return_dict=False)[0]
+        for row, layout in enumerate(layouts):
+            want = stock(hidden[row:row + 1], text[row:row + 1], None, t[row:row + 1], img_shapes=[layout],
+                         return_dict=False)[0]
+            assert (got[row:row + 1] - want).abs().max().item() <= 1e-5
+        plain = copy.deepcopy(stock)  # without zero_cond_t the condition tokens see the step's t: another result
+        plain.zero_cond_t = False
+        for b in plain.transformer_blocks:
+            b.zero_cond_t = False
+        other = plain(hidden[:1], text[:1], None, t[:1], img_shapes=[layouts[0]], return_dict=False)[0]
+        assert (other - got[:1]).abs().max().item() > 1e-3
+
+
+def test_calibration_refuses_edit_checkpoints_by_name(edit, tmp_path):
+    from qwen_image_trt.calibration.capture import calibrate
+
+    with pytest.raises(InputError, match="calibration does not drive the edit pipeline yet"):
+        calibrate(edit[0], tmp_path / "calib", progress=False)
+    assert not (tmp_path / "calib" / "manifest.json").exists()

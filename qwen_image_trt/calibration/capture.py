@@ -38,7 +38,7 @@ from qwen_image_trt.core.manifest import (
 )
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, MAX_STEPS, padded_text_len, parse_sizes
 from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models.pipelines import load_stock_pipeline
+from qwen_image_trt.models.pipelines import load_stock_pipeline, pipeline_kind
 from qwen_image_trt.models.transformer_export import RopeTables
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,12 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
     from tqdm.auto import tqdm
 
     root = ckpt.validate_checkpoint(checkpoint)
+    kind = pipeline_kind(root)
+    if kind != "text-to-image":
+        # The recorded calls keep one image grid; condition images (and Edit-2511's modulate_index) are not
+        # recorded yet, so a quantized edit engine would be calibrated on what it never sees.
+        raise InputError("checkpoint", str(root), f"a text-to-image checkpoint: calibration does not drive the {kind} "
+                         "pipeline yet (its fp32/bf16/fp16 exports and parity work; INT8/FP8 need calibration)")
     settings = make_settings(root, num_prompts, steps, sizes, seed, holdout, record_every)
     identity = ckpt.checkpoint_identity(root)
     out = Path(out_dir)

@@ -35,7 +35,7 @@ from qwen_image_trt.core.manifest import (
 )
 from qwen_image_trt.core.resources import PeakRSS, free_disk_bytes
 from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models.specs import SPECS, ExportSpec
+from qwen_image_trt.models.specs import SPECS, ExportSpec, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(S
         if name not in todo:
             log.info("export: %s unchanged, skipped", name)
             continue
-        manifest.components[name] = export_component(SPECS[name], root, out, precision, opset,
+        spec = spec_for(name, ckpt.read_config(root, SPECS[name].part))
+        manifest.components[name] = export_component(spec, root, out, precision, opset,
                                                      _source(identity, precision, opset))
         write_manifest(out, manifest)  # after every graph: an interrupted export resumes where it stopped
     if not todo:

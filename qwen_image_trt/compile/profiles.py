@@ -77,6 +77,7 @@ def transformer_profile(sizes, max_batch: int, text_len_range: tuple[int, int] =
         "img_rope_sin": tuple((img[i], half_head) for i in range(3)),
         "txt_rope_cos": tuple((txt[i], half_head) for i in range(3)),
         "txt_rope_sin": tuple((txt[i], half_head) for i in range(3)),
+        **({"modulate_index": tuple((b[i], img[i]) for i in range(3))} if c.get("zero_cond_t") else {}),
     }
 
 

@@ -92,3 +92,14 @@ VAE_ENCODER = ExportSpec(
     sample_inputs=_vae_images, test_shapes=[dict(batch=1, height=64, width=32)],
 )
 SPECS = {s.name: s for s in (TRANSFORMER, VAE_DECODER, VAE_ENCODER)}
+
+
+def spec_for(name: str, config: dict | None = None) -> ExportSpec:
+    """The spec of component `name` for a checkpoint part's config: Edit-2511's transformer (`zero_cond_t`) takes
+    one more input than every other."""
+    spec = SPECS[name]
+    if name == "transformer" and config and config.get("zero_cond_t"):
+        from dataclasses import replace
+
+        spec = replace(spec, input_names=tx.input_names(config), dynamic_axes=tx.dynamic_axes(config))
+    return spec

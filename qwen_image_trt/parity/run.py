@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qwen_image_trt.calibration.images import sample_image_inputs
 from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import parse_size as _size, torch_dtype
 from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config, validate_checkpoint
-from qwen_image_trt.models.specs import SPECS, TRANSFORMER
+from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.models.specs import SPECS, TRANSFORMER, spec_for
 from qwen_image_trt.parity import metrics
 from qwen_image_trt.parity.gates import Gates, apply_gates, gates_for
 from qwen_image_trt.parity.report import write_html
@@ -142,8 +144,8 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
 def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
     rows = []
     for component in ("transformer", "vae_decoder"):
-        spec = SPECS[component]
-        config = read_config(cfg.checkpoint, spec.part)
+        config = read_config(cfg.checkpoint, SPECS[component].part)
+        spec = spec_for(component, config)
         ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
                           precision=cfg.reference_dtype)
         got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device,
@@ -176,7 +178,9 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], li
                            trt_options=cfg.trt_options)
     width, height = cfg.image_size
     steps, images = [], []
+    kind = pipeline_kind(cfg.checkpoint)
     for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):
+        inputs = sample_image_inputs(kind, seed=cfg.seed + k)  # edit members: shipped condition images
         runs = {}
         for name, pipe in (("eager", eager), ("engine", engine)):
             latents = []
@@ -187,7 +191,7 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], li
 
             img = pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, height=height, width=width,
                        num_inference_steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed + k),
-                       output_type="np", callback_on_step_end=keep).images[0]
+                       output_type="np", callback_on_step_end=keep, **inputs).images[0]
             runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents)
         (ref_img, ref_lat), (got_img, got_lat) = runs["eager"], runs["engine"]
         for i, (a, b) in enumerate(zip(ref_lat, got_lat)):
@@ -199,10 +203,15 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], li
             files[name] = f"prompt{k}_{name}.png"
             Image.fromarray(arr).save(cfg.out / files[name])
         images.append({"prompt": prompt, "negative_prompt": negative, "seed": cfg.seed + k, "size": [width, height],
+                       "pipeline": kind, "input_images": [list(im.size) for im in _as_list(inputs.get("image"))],
                        "psnr_db": metrics.psnr(ref_img, got_img), "ssim": metrics.ssim(ref_img, got_img),
                        "max_abs_levels": int(np.abs(ref_img.astype(int) - got_img.astype(int)).max()),
                        "files": files})
     return steps, images
+
+
+def _as_list(image) -> list:
+    return [] if image is None else image if isinstance(image, list) else [image]
 
 
 def _quantization(cfg: ParityConfig, manifest) -> dict | None:

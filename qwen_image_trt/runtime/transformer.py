@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, padded_text_len
-from qwen_image_trt.models.transformer_export import RopeTables
+from qwen_image_trt.models.transformer_export import MODULATE_INDEX, RopeTables, modulate_index
 from qwen_image_trt.runtime.backends.base import Runner
 
 
@@ -30,6 +30,7 @@ class EngineTransformer(nn.Module):
         self._device = torch.device(device)
         self._rope = RopeTables(config["axes_dims_rope"])
         self._text_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._modulate: dict[tuple, torch.Tensor] = {}
 
     # What QwenImagePipeline reads from its transformer.
     @property
@@ -98,6 +99,11 @@ class EngineTransformer(nn.Module):
             "timestep": timestep.float().contiguous(),
             "img_rope_cos": img_cos, "img_rope_sin": img_sin, "txt_rope_cos": txt_cos, "txt_rope_sin": txt_sin,
         }
+        if self.config.get("zero_cond_t"):
+            key = (grids, hidden_states.shape[0], hidden_states.device)
+            if key not in self._modulate:
+                self._modulate[key] = modulate_index(grids, hidden_states.shape[0], hidden_states.device)
+            feeds[MODULATE_INDEX] = self._modulate[key]
         return self.runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
 
 

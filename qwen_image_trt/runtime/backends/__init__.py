@@ -8,7 +8,7 @@ from pathlib import Path
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.core.shapes import torch_dtype
-from qwen_image_trt.models.specs import SPECS
+from qwen_image_trt.models.specs import SPECS, spec_for
 from qwen_image_trt.runtime.backends.base import Runner
 from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
 from qwen_image_trt.runtime.backends.tensorrt_memory import check_budget_value
@@ -52,7 +52,9 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
     """
     check_backend(backend)
     if backend == "torch":
-        spec = SPECS[component]
+        from qwen_image_trt.models.checkpoint import read_config
+
+        spec = spec_for(component, read_config(checkpoint, SPECS[component].part))
         return TorchRunner(component, lambda: spec.build_module(Path(checkpoint), torch_dtype(precision)),
                            spec.input_names, spec.output_names, device=device)
     if engines_dir is None:
