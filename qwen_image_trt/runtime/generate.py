@@ -44,12 +44,6 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
     image_kwargs = check_image_inputs(kind, image, mask, strength)
-    if "strength" in image_kwargs or kind in ("img2img", "inpaint", "edit-inpaint"):
-        # diffusers keeps int(steps * strength) of the schedule's steps (strength 0.6 when not given)
-        kept = steps - int(max(steps - steps * image_kwargs.get("strength", 0.6), 0))
-        if kept < 1:
-            raise InputError("strength", image_kwargs.get("strength", 0.6),
-                             f"large enough that steps x strength >= 1 (steps={steps})")
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")

@@ -184,7 +184,7 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype, kind))
     pipe.batch_cfg = batch_cfg
     pipe.set_progress_bar_config(disable=not progress)
-    pipe.backend, pipe.engines = backend, engines
+    pipe.backend, pipe.engines, pipe.pipeline_kind = backend, engines, kind
     return pipe
 
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError
@@ -29,6 +30,7 @@ from qwen_image_trt.serve.protocol import (
     JobList,
     JobStatus,
     check_params,
+    edits_body,
     error_body,
     error_responses,
     json_body,
@@ -80,7 +82,8 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         from qwen_image_trt.serve.ui import mount_ui
 
         mount_ui(app, cfg, limits, lambda: app.state.engine)
-    app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=http.count_path)
+    app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=http.count_path,
+                       cors_origins=(cfg.cors_origins or "").split(",") if cfg.cors_origins else ())
     if cfg.cors_origins:  # outside the guard: a preflight carries no API key
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -95,6 +98,7 @@ class _Http:
 
     def __init__(self, app: FastAPI, cfg: ServerConfig, limits: Limits):
         self.app, self.cfg, self.limits = app, cfg, limits
+        self.kind = pipeline_kind(cfg.checkpoint)  # the member this checkpoint runs; edits map onto its family
 
     @property
     def engine(self) -> Engine:
@@ -111,9 +115,9 @@ class _Http:
         self.count(endpoint, status)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, limit: int | None = None) -> bytes:
         """The body, bounded in size while it is read (413) and in time (408)."""
-        limit = self.cfg.max_body_bytes
+        limit = limit or self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise _Refused(413, f"the body is over {limit} bytes", "body", f"at most {limit} bytes")
@@ -130,9 +134,11 @@ class _Http:
                            f"a body sent within {self.cfg.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
-    async def parse(self, request: Request) -> ImageRequest:
+    async def parse(self, request: Request, limit: int | None = None) -> ImageRequest:
         """Body -> ImageRequest: 400 not JSON (nesting included), 422 wrong fields or types."""
-        raw = await self.read_body(request)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data":
+            return await self.parse_form(request, limit)
+        raw = await self.read_body(request, limit)
         try:
             data = json.loads(raw)
         except RecursionError:
@@ -143,11 +149,37 @@ class _Http:
             raise InputError("body", type(data).__name__, "a JSON object")
         return ImageRequest.model_validate(data)
 
-    async def accept(self, endpoint: str, request: Request, job: bool):
-        """(RequestState, None) or (None, error response)."""
+    async def parse_form(self, request: Request, limit: int | None) -> ImageRequest:
+        """OpenAI's multipart edits form -> ImageRequest: files `image` (or `image[]`, repeatable) and `mask`, every
+        other field a string converted as JSON would type it (422 when it cannot be)."""
+        raw = await self.read_body(request, limit)
+        request._body = raw  # starlette parses the form from the cached body: read once, bounded above
         try:
-            req = await self.parse(request)
-            params = check_params(req, self.cfg, self.limits, self.engine.max_images)
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=64)
+        except Exception as e:  # noqa: BLE001 - starlette raises its own MultiPartException/HTTPException
+            raise InputError("body", f"<{len(raw)} bytes>", f"a multipart/form-data body ({e})") from None
+        data: dict = {}
+        images = []
+        for name, value in form.multi_items():
+            if name in ("image", "image[]"):
+                images.append(await _file_b64(name, value))
+            elif name == "mask":
+                data["mask"] = await _file_b64(name, value)
+            elif name in data:
+                raise InputError(name, "given twice", "one value per field (repeat only image)")
+            else:
+                data[name] = value if isinstance(value, str) else await _file_text(name, value)
+        if images:
+            data["image"] = images if len(images) > 1 else images[0]
+        return ImageRequest.model_validate(data, strict=False)
+
+    async def accept(self, endpoint: str, request: Request, job: bool, edit: bool | None = False):
+        """(RequestState, None) or (None, error response). `edit`: True on the edits endpoint, None for jobs (an
+        edit when the job carries an image)."""
+        try:
+            limit = self.cfg.max_image_body_bytes if edit is not False else self.cfg.max_body_bytes
+            req = await self.parse(request, limit)
+            params = check_params(req, self.cfg, self.limits, self.engine.max_images, self.kind, edit)
         except _Refused as e:  # the rest of the body is unread: this connection cannot carry another request
             return None, self.fail(endpoint, e.status, error_body(e.message, "invalid_request_error", param=e.param,
                                                                    allowed=e.allowed), {"Connection": "close"})
@@ -193,21 +225,34 @@ def _add_image_routes(app: FastAPI, http: _Http) -> None:
     async def generations(request: Request):
         """Generate images (OpenAI images API). Waits for the images; a client that disconnects first is dropped
         from the queue, or from its batch."""
-        endpoint = "/v1/images/generations"
-        t0 = time.perf_counter()
-        st, error = await http.accept(endpoint, request, job=False)
-        if error:
-            return error
-        if not await _until_done_or_gone(http.engine, st, request):
-            http.count(endpoint, 499)
-            return Response(status_code=499)  # nobody reads it; uvicorn drops it with the closed socket
-        if st.error:
-            raise st.error
-        body = {"created": int(st.created),
-                "data": [{"b64_json": base64.b64encode(png).decode(), "seed": st.params.seed + i,
-                          "revised_prompt": None} for i, png in enumerate(st.images)]}
-        http.count(endpoint, 200)
-        return JSONResponse(body, headers=timing_headers(st, time.perf_counter() - t0))
+        return await _respond(http, "/v1/images/generations", request, edit=False)
+
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=edits_body(),
+              responses=error_responses(400, 401, 403, 408, 413, 415, 422, 429, 500, 503, 504))
+    async def edits(request: Request):
+        """Edit images (OpenAI images API, multipart: `image` one or several files, `mask`, `prompt`, `n`, `size`,
+        plus this server's extra fields; or the same as JSON with base64 images). A text-to-image checkpoint runs
+        img2img (inpaint with a mask), an Edit checkpoint edits (edit-inpaint with a mask), Edit-Plus takes 1-3
+        images."""
+        return await _respond(http, "/v1/images/edits", request, edit=True)
+
+
+async def _respond(http: "_Http", endpoint: str, request: Request, edit: bool):
+    t0 = time.perf_counter()
+    st, error = await http.accept(endpoint, request, job=False, edit=edit)
+    if error:
+        return error
+    if not await _until_done_or_gone(http.engine, st, request):
+        http.count(endpoint, 499)
+        return Response(status_code=499)  # nobody reads it; uvicorn drops it with the closed socket
+    if st.error:
+        raise st.error
+    body = {"created": int(st.created),
+            "data": [{"b64_json": base64.b64encode(png).decode(), "seed": st.params.seed + i,
+                      "revised_prompt": None} for i, png in enumerate(st.images)]}
+    http.count(endpoint, 200)
+    return JSONResponse(body, headers=timing_headers(st, time.perf_counter() - t0))
 
 
 async def _until_done_or_gone(engine: Engine, st, request: Request) -> bool:
@@ -233,7 +278,7 @@ def _add_job_routes(app: FastAPI, http: _Http) -> None:
               responses=error_responses(400, 401, 408, 413, 415, 422, 429, 503))
     async def create_job(request: Request):
         """Submit a job: answered at once (202) with its id. Jobs are durable: they survive a restart."""
-        st, error = await http.accept("/v1/jobs", request, job=True)
+        st, error = await http.accept("/v1/jobs", request, job=True, edit=None)
         if error:
             return error
         http.count("/v1/jobs", 202)
@@ -281,6 +326,25 @@ def _add_ops_routes(app: FastAPI, http: _Http) -> None:
                                     **error_responses(401)})
     async def metrics():
         return Response(http.engine.metrics.render(http.engine), media_type="text/plain; version=0.0.4")
+
+
+MAX_FORM_FILES = 4  # Edit-Plus's three condition images and a mask
+
+
+async def _file_b64(name: str, value) -> str:
+    if isinstance(value, str):  # a client that sent the field as text: base64 as in JSON
+        return value
+    return base64.b64encode(await value.read()).decode()
+
+
+async def _file_text(name: str, value) -> str:
+    data = await value.read(64 * 1024 + 1)
+    try:
+        if len(data) > 64 * 1024:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "too long")
+        return data.decode()
+    except UnicodeDecodeError:
+        raise InputError(name, "<a file>", "a text field (only image, image[] and mask are files)") from None
 
 
 class _Refused(Exception):

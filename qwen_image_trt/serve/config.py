@@ -40,7 +40,11 @@ class ServerConfig:
     max_steps: int = doc(100, "most denoising steps per request")
     default_size: str = doc("1024x1024", "image size when the request names none")
     default_steps: int = doc(20, "denoising steps when the request names none")
-    max_body_bytes: int = doc(1 << 20, "largest request body (413 beyond)")
+    max_body_bytes: int = doc(1 << 20, "largest request body without images (413 beyond)")
+    max_image_body_bytes: int = doc(64 << 20, "largest body of an edit request or a job with images (413 beyond)")
+    max_image_bytes: int = doc(20 << 20, "largest input image file (400 beyond)")
+    max_image_pixels: int = doc(4096 * 4096, "most pixels (width x height) of an input image, read from its header "
+                                "before decoding (400 beyond: decompression bombs stop there)")
     max_retries: int = doc(1, "times a request whose worker died is re-queued before it fails")
     shutdown_grace_s: float = doc(30.0, "on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     threads_per_worker: int | None = doc(None, "torch and ONNX Runtime CPU threads per worker (default: cores / "
@@ -78,6 +82,7 @@ class ServerConfig:
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes",
+                     "max_image_body_bytes", "max_image_bytes", "max_image_pixels",
                      "max_connections", "jobs_max_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an integer >= 1")

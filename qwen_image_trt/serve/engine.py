@@ -189,7 +189,8 @@ class Engine:
             if r.job:
                 self.jobs.moved(r)
         payload = [{"request_id": r.id, "prompt": r.params.prompt, "negative_prompt": r.params.negative_prompt,
-                    "n": r.params.n, "seed": r.params.seed, "true_cfg_scale": r.params.true_cfg_scale}
+                    "n": r.params.n, "seed": r.params.seed, "true_cfg_scale": r.params.true_cfg_scale,
+                    "images": r.params.images, "mask": r.params.mask}
                    for r in reqs]
         try:
             self.executor.send(w, batch, batch.id, batch.key, payload, images)

@@ -7,7 +7,9 @@ behind it like everything else.
   `X-API-Key`; a wrong one is 401 with `WWW-Authenticate`, never overridden by the other header.
 - Content type: a body must be `application/json`. Browsers send text/plain cross-site without a preflight (a
   "simple request"), so accepting it would let any page submit work (CSRF). The web UI's uploads (under /ui/) may
-  be multipart.
+  be multipart, and so may POST /v1/images/edits (OpenAI's edits API is multipart), but a multipart request that
+  a browser sent from another origin (an `Origin` header naming another host, not in --cors-origins) is refused:
+  SDKs send no Origin, a cross-site form always does.
 - The web UI (/ui) cannot send headers from a link: `/ui?key=KEY` once sets an HttpOnly, SameSite=Strict cookie
   that carries the key for /ui only (a cross-site page cannot make the browser send it).
 """
@@ -25,6 +27,7 @@ from qwen_image_trt.serve.protocol import error_body
 OPEN_PATHS = {"/health"}
 BODY_TYPES = {"application/json"}
 UI_PREFIX, UI_BODY_TYPES, KEY_COOKIE = "/ui", {"application/json", "multipart/form-data"}, "qitrt_key"
+MULTIPART_PATHS = {"/v1/images/edits"}
 
 
 def _host_name(host: str) -> str:
@@ -36,8 +39,9 @@ def _host_name(host: str) -> str:
 
 class Guard:
     def __init__(self, app, api_key: str | None, allowed_hosts: list[str] | None,
-                 count: Callable[[str, int], None] = lambda path, status: None):
+                 count: Callable[[str, int], None] = lambda path, status: None, cors_origins=()):
         self.app, self.api_key, self.allowed_hosts, self.count = app, api_key, allowed_hosts, count
+        self.cors_origins = {o.strip().rstrip("/").lower() for o in cors_origins}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -82,12 +86,25 @@ class Guard:
                                        code="unauthorized"), {"www-authenticate": 'Bearer realm="qitrt"'}
         if method in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            allowed = UI_BODY_TYPES if ui else BODY_TYPES
+            allowed = UI_BODY_TYPES if ui or path in MULTIPART_PATHS else BODY_TYPES
+            if ctype == "multipart/form-data" and not ui and self._cross_site(headers):
+                return 403, error_body(f"a multipart form from origin {headers['origin']!r} is refused (cross-site "
+                                       "request guard)", "invalid_request_error", param="Origin",
+                                       code="cross_site_form", allowed="no Origin header (API clients), this "
+                                       "server's own origin, or one in --cors-origins"), {}
             if ctype not in allowed:
                 return 415, error_body(f"content-type {ctype or '(none)'!r} is not accepted", "invalid_request_error",
                                        param="Content-Type", code="unsupported_media_type",
                                        allowed=" or ".join(sorted(allowed))), {}
         return None
+
+    def _cross_site(self, headers: dict) -> bool:
+        origin = headers.get("origin")
+        if origin is None:
+            return False
+        origin = origin.strip().rstrip("/").lower()
+        host = origin.split("://", 1)[-1]
+        return origin not in self.cors_origins and host != headers.get("host", "").strip().lower()
 
     def _is_key(self, given: str) -> bool:
         return hmac.compare_digest(given.encode(), self.api_key.encode())

@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.models.pipelines import IMAGE_MEMBERS
+from qwen_image_trt.runtime.images import ImageLimits, check_image_inputs
 from qwen_image_trt.runtime.limits import Limits, check_size
 from qwen_image_trt.serve.config import ServerConfig, parse_size
 
 
 class ImageRequest(BaseModel):
-    """POST /v1/images/generations and POST /v1/jobs. Unknown fields are refused (422) so a typo is not ignored."""
+    """POST /v1/images/generations, /v1/images/edits and /v1/jobs. Unknown fields are refused (422) so a typo is not
+    ignored. `image` (one or several), `mask` and `strength` make an edit: base64 in JSON, files in multipart."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -27,6 +33,9 @@ class ImageRequest(BaseModel):
     seed: int | None = None
     num_inference_steps: int | None = None
     true_cfg_scale: float = 4.0
+    image: str | list[str] | None = None
+    mask: str | None = None
+    strength: float | None = None
     priority: int | None = None
     timeout: float | None = None
     # accepted for OpenAI compatibility, no effect on this model
@@ -53,6 +62,11 @@ class GenParams:
     seed: int
     priority: int
     timeout_s: float
+    kind: str = "text-to-image"  # the family member that runs it (models.pipelines.FAMILY)
+    images: list[str] = field(default_factory=list)  # input images, base64 of the file as sent (checked)
+    mask: str | None = None
+    strength: float | None = None
+    group: str = ""  # edit members: the input images' digest (their pipelines take one prompt per call)
 
     @property
     def cfg(self) -> bool:
@@ -60,8 +74,9 @@ class GenParams:
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.cfg)
+        """Requests with equal keys can share one pipeline call: same size, steps, CFG on/off, member, strength;
+        img2img and inpaint requests with different images batch (the pipelines take one image per prompt)."""
+        return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group)
 
 
 def check_text(name: str, text: str) -> None:
@@ -74,8 +89,50 @@ def check_text(name: str, text: str) -> None:
                          "valid Unicode text (no lone surrogates)") from None
 
 
-def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images) -> GenParams:
-    """Range checks of a well-typed request; raises InputError naming the field and the allowed values."""
+def request_kind(server_kind: str, edit: bool, has_mask: bool) -> str:
+    """The member a request runs as. A text-to-image server edits with img2img (inpaint with a mask); an Edit server
+    edits (edit-inpaint with a mask); an Edit-Plus server takes 1-3 images and no mask."""
+    if not edit:
+        if server_kind != "text-to-image":
+            raise InputError("image", None, f"one or more input images: this server runs the {server_kind} model "
+                             "(POST /v1/images/edits, or a job with `image`)")
+        return server_kind
+    if server_kind == "text-to-image":
+        return "inpaint" if has_mask else "img2img"
+    if server_kind == "edit":
+        return "edit-inpaint" if has_mask else "edit"
+    return server_kind
+
+
+def _b64(field_name: str, text: str, max_bytes: int) -> bytes:
+    if len(text) > (max_bytes + 2) // 3 * 4 + 4:  # bounded before decoding
+        raise InputError(field_name, f"<{len(text)} base64 characters>", f"an image of at most {max_bytes} bytes")
+    try:
+        return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(field_name, f"<{len(text)} characters>", "base64 of a PNG, JPEG or WebP file") from None
+
+
+def check_images(req: ImageRequest, kind: str, cfg: ServerConfig) -> dict:
+    """Decode (bounded) and check the request's images for `kind`; {images, mask, strength, group} for GenParams."""
+    raw = req.image if isinstance(req.image, list) else [] if req.image is None else [req.image]
+    names = [f"image[{i}]" if len(raw) > 1 else "image" for i in range(len(raw))]
+    files = [_b64(n, t, cfg.max_image_bytes) for n, t in zip(names, raw)]
+    mask = _b64("mask", req.mask, cfg.max_image_bytes) if req.mask is not None else None
+    limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+    check_image_inputs(kind, files, mask, req.strength, limits)  # decodes each: bombs and truncation stop here
+    group = ""
+    if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint"):
+        group = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in files + [mask or b""])).hexdigest()[:16]
+    return {"images": [base64.b64encode(f).decode() for f in files],
+            "mask": base64.b64encode(mask).decode() if mask is not None else None,
+            "strength": req.strength, "group": group}
+
+
+def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images, server_kind: str = "text-to-image",
+                 edit: bool | None = None) -> GenParams:
+    """Range checks of a well-typed request; raises InputError naming the field and the allowed values.
+    `edit`: the request came to the edits endpoint (None: an edit when it carries an image, as a job may)."""
     for name in ALLOWED_FIELDS:
         if isinstance(getattr(req, name), str):
             check_text(name, getattr(req, name))
@@ -101,10 +158,18 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
     if not 0 < req.true_cfg_scale <= 100:
         raise InputError("true_cfg_scale", req.true_cfg_scale, "a number in (0, 100] (> 1 with a negative_prompt "
                                                                "turns CFG on)")
+    edit = req.image is not None if edit is None else edit
+    if not edit:
+        for name in ("image", "mask", "strength"):
+            if getattr(req, name) is not None:
+                raise InputError(name, "given", "only on POST /v1/images/edits or a job (this endpoint generates "
+                                 "from text)")
+    kind = request_kind(server_kind, edit, req.mask is not None)
     p = GenParams(req.prompt, req.negative_prompt, req.n, width, height, steps, req.true_cfg_scale,
                   random.randrange(2**31) if req.seed is None else req.seed,
                   cfg.priority_levels // 2 if req.priority is None else req.priority,
-                  cfg.default_timeout_s if req.timeout is None else req.timeout)
+                  cfg.default_timeout_s if req.timeout is None else req.timeout, kind=kind,
+                  **(check_images(req, kind, cfg) if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:
         raise InputError("n", p.n, f"an integer in [1, {top}]")
@@ -197,6 +262,7 @@ class JobList(BaseModel):
 
 
 ERRORS = {400: "a value out of range, a bad Host header or a body that is not JSON", 401: "missing or wrong API key",
+          403: "a multipart form sent by a browser from another origin",
           404: "no such job", 408: "the body did not arrive in time", 409: "the job is not finished, or cancelled",
           413: "the body is too large", 415: "the body is not application/json",
           422: "a wrong type or an unknown field", 429: "the queue is full (Retry-After)",
@@ -212,3 +278,19 @@ def error_responses(*codes: int) -> dict:
 def json_body(model: type[BaseModel]) -> dict:
     """`openapi_extra` for a route that reads its body itself (to bound its size while reading)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def edits_body() -> dict:
+    """`openapi_extra` for POST /v1/images/edits: OpenAI's multipart form, or the JSON request with base64 images."""
+    props = {name: {"type": "string"} for name in ImageRequest.model_fields if name not in ("image", "mask")}
+    for name, typ in (("n", "integer"), ("seed", "integer"), ("num_inference_steps", "integer"),
+                      ("priority", "integer"), ("true_cfg_scale", "number"), ("strength", "number"),
+                      ("timeout", "number")):
+        props[name] = {"type": typ}
+    props["image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "1-3 image files (field `image` or `image[]`, repeated)"}
+    props["mask"] = {"type": "string", "format": "binary", "description": "white = repaint"}
+    form = {"type": "object", "properties": props, "required": ["image", "prompt"]}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form},
+        "application/json": {"schema": ImageRequest.model_json_schema()}}}}

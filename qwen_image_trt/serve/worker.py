@@ -3,7 +3,10 @@
 Messages to the parent: ("ready", pid), ("fatal", text), ("progress", batch_id, step, total),
 ("done", batch_id, {request_id: [png bytes, ...]}, compute_s), ("failed", batch_id, kind, text), and ("heartbeat",)
 every `heartbeat_s` from a thread of its own, so a stopped or wedged process is told from a busy one.
-A batch is a list of dicts (request_id, prompt, negative_prompt, n, seed, true_cfg_scale) sharing one key.
+A batch is a list of dicts (request_id, prompt, negative_prompt, n, seed, true_cfg_scale, images, mask) sharing one
+key (width, height, steps, cfg, member, strength, group): text-to-image, img2img and inpaint batch across requests
+(one prompt and one input image per output image); the edit members take one prompt per call, so an edit batch is
+one request, its n images through num_images_per_prompt.
 This is the only place the server touches torch or CUDA (spawned process, so CUDA starts here, not in the parent).
 """
 
@@ -75,8 +78,8 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
-        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, dtype=torch_dtype,
-                             threads=threads, trt_options=trt_options)
+        pipe = Pipelines(load_pipeline(checkpoint, engines=engines, backend=backend, device=device,
+                                       dtype=torch_dtype, threads=threads, trt_options=trt_options))
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return
@@ -100,22 +103,55 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
         conn.send(("done", batch_id, images, compute_s))
 
 
-def run_batch(pipe, batch_id: int, key: tuple, items: list[dict], conn, cancel) -> tuple[dict, float]:
+class Pipelines:
+    """The checkpoint's own pipeline and, made on first use from the same modules (no second copy of any weight),
+    the other members it runs: img2img and inpaint for a text-to-image checkpoint, edit-inpaint for Edit."""
+
+    def __init__(self, pipe):
+        self.own = pipe
+        self.by_kind = {pipe.pipeline_kind: pipe}
+
+    def get(self, kind: str):
+        if kind not in self.by_kind:
+            from qwen_image_trt.runtime.pipeline import engine_pipeline_class
+
+            cls = engine_pipeline_class(kind)
+            accepted = set(cls._get_signature_keys(cls)[0])
+            made = cls(**{k: v for k, v in self.own.components.items() if k in accepted})
+            made.set_progress_bar_config(disable=True)
+            self.by_kind[kind] = made
+        return self.by_kind[kind]
+
+
+def _decode(b64: str, mode: str = "RGB"):
+    import base64
+
+    from qwen_image_trt.runtime.images import decode_image
+
+    return decode_image(base64.b64decode(b64), "image", mode=mode)  # checked by the server; decoded again here
+
+
+def run_batch(pipes, batch_id: int, key: tuple, items: list[dict], conn, cancel) -> tuple[dict, float]:
     """One pipeline call for the whole batch; one generator per image so each equals its unbatched twin."""
     import torch
 
-    width, height, steps, cfg = key
+    width, height, steps, cfg, kind, strength, _group = key
+    pipe = pipes.get(kind) if isinstance(pipes, Pipelines) else pipes
     fault = os.environ.get(FAULT_PROMPT_ENV)
     if fault and any(fault in it["prompt"] for it in items):
         raise InjectedFault(f"injected fault: a prompt contains {fault!r} (${FAULT_PROMPT_ENV})")
-    prompts, negs, scales, gens, owners = [], [], [], [], []
+    prompts, negs, scales, gens, owners, images, masks = [], [], [], [], [], [], []
     for it in items:
+        decoded = [_decode(b) for b in it.get("images") or []]
+        mask = _decode(it["mask"], "L") if it.get("mask") else None
         for k in range(it["n"]):
             prompts.append(it["prompt"])
             negs.append(it["negative_prompt"])
             scales.append(it["true_cfg_scale"])
             gens.append(torch.Generator("cpu").manual_seed(it["seed"] + k))
             owners.append(it["request_id"])
+            images.append(decoded)
+            masks.append(mask)
 
     last_sent = [0.0]
     hang = os.environ.get(HANG_PROMPT_ENV)
@@ -140,6 +176,21 @@ def run_batch(pipe, batch_id: int, key: tuple, items: list[dict], conn, cancel) 
         kwargs.update(negative_prompt=negs, true_cfg_scale=scales)
     else:
         kwargs.update(true_cfg_scale=1.0)
+    if kind in ("img2img", "inpaint"):  # one input image (and mask) per output image
+        kwargs["image"] = [im[0] for im in images]
+        if kind == "inpaint":
+            kwargs["mask_image"] = masks
+    elif kind != "text-to-image":  # edit members: one request per call, its images shared by its n outputs
+        if len(items) != 1:
+            raise ValueError(f"{kind} takes one request per pipeline call, got {len(items)}")
+        kwargs.update(prompt=prompts[0], num_images_per_prompt=len(prompts),
+                      image=images[0] if kind == "edit-plus" else images[0][0])
+        if cfg:
+            kwargs.update(negative_prompt=negs[0], true_cfg_scale=scales[0])
+        if kind == "edit-inpaint":
+            kwargs["mask_image"] = masks[0]
+    if strength is not None:
+        kwargs["strength"] = strength
     t0 = time.perf_counter()
     out = pipe(**kwargs).images
     compute_s = time.perf_counter() - t0
