@@ -39,6 +39,19 @@ def tiny_engines(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_edit_2511(tmp_path_factory):
+    """A tiny Edit-2511 checkpoint (Edit-Plus with zero_cond_t) and its fp32 export: (checkpoint, engines)."""
+    from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
+
+    root = make_tiny_checkpoint(tmp_path_factory.mktemp("edit-2511") / "qwen-image-edit-2511-tiny",
+                                pipeline="edit-2511")
+    engines = root.parent / "engines-fp32"
+    export_onnx(root, engines, precision="fp32", progress=False)
+    return root, engines
+
+
+@pytest.fixture(scope="session")
 def tiny_engines_bf16(tiny_checkpoint, tmp_path_factory):
     """bf16 export (the real model's precision): transformer in bf16, the VAE graphs kept in fp32."""
     from qwen_image_trt.compile.export import export_onnx

@@ -38,9 +38,11 @@ _EXPORTS: dict = {}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """kind -> (checkpoint, fp32 engines), each exported once per module (~45 s)."""
+def exported(tmp_path_factory, request):
+    """kind -> (checkpoint, fp32 engines), each exported once per module (~45 s); Edit-2511 once per session."""
     def get(kind):
+        if kind == "edit-2511":
+            return request.getfixturevalue("tiny_edit_2511")
         if kind not in _EXPORTS:
             _EXPORTS[kind] = _export(kind, tmp_path_factory)
         return _EXPORTS[kind]
@@ -128,11 +130,34 @@ def test_edit_plus_with_condition_images_of_two_sizes_equals_stock(exported, kin
     assert _rel(swapped, want) >= 1e-4
 
 
+@pytest.mark.slow  # its own export (~45 s); the graph with condition grids is in the default suite just below
 def test_edit_single_image_equals_stock(edit):
     root, engines = edit
     pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
     assert type(pipe).__name__ == "QwenImageEditEnginePipeline"
     _assert_equal_to_stock(pipe, load_stock_pipeline(root), image=BLUE, **EDIT_KW)
+
+
+def test_the_text_to_image_graph_with_condition_grids_equals_stock(tiny_checkpoint, tiny_engines):
+    """The plain exported graph (Edit and Edit-2509 share it with text-to-image: the condition grids only change its
+    RoPE inputs) in ONNX Runtime, fed a target and two condition grids of other sizes, equals the stock model."""
+    from qwen_image_trt.models.checkpoint import load_transformer
+    from qwen_image_trt.runtime.backends import make_runner
+    from qwen_image_trt.runtime.transformer import EngineTransformer
+
+    stock = load_transformer(tiny_checkpoint)
+    dropin = EngineTransformer(make_runner("onnxruntime", "transformer", engines_dir=tiny_engines),
+                               dict(stock.config))
+    g = torch.Generator().manual_seed(4)
+    layout = [(1, 4, 4), (1, 3, 5), (1, 6, 2)]
+    hidden, text = torch.randn(2, 43, 64, generator=g), torch.randn(2, 9, 64, generator=g)
+    t = torch.tensor([0.9, 0.9])
+    with torch.no_grad():
+        want = stock(hidden, text, None, t, img_shapes=[layout] * 2, return_dict=False)[0]
+        got = dropin(hidden, text, None, t, img_shapes=[layout] * 2, return_dict=False)[0]
+        single = dropin(hidden, text, None, t, img_shapes=[[(1, 43, 1)]] * 2, return_dict=False)[0]
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert (single - want).abs().max().item() > 1e-2 * want.abs().max().item()  # the layout matters
 
 
 @pytest.mark.parametrize("kind, extra", [
@@ -168,7 +193,7 @@ def test_generate_with_images_from_python(edit_plus, tmp_path):
 
     root, engines = edit_plus
     RED.save(tmp_path / "red.png")
-    out = generate_image(root, tmp_path / "out.png", prompt="a hat", image=[tmp_path / "red.png", BLUE],
+    out = generate_image(root, tmp_path / "out.png", prompt="a hat", image=[tmp_path / "red.png"],
                          engines=engines, backend="onnxruntime", steps=2)
     assert Image.open(out).size == (64, 64)
     with pytest.raises(InputError, match=r"^image='4 image\(s\)' is not allowed: 1 to 3 image\(s\) for edit-plus"):
@@ -291,9 +316,66 @@ def test_zero_cond_t_graph_module_equals_the_stock_transformer():
         assert (other - got[:1]).abs().max().item() > 1e-3
 
 
-def test_calibration_refuses_edit_checkpoints_by_name(edit, tmp_path):
+def test_calibration_refuses_edit_checkpoints_by_name(tmp_path):
     from qwen_image_trt.calibration.capture import calibrate
+    from qwen_image_trt.models.tiny import make_tiny_checkpoint
 
+    root = make_tiny_checkpoint(tmp_path / "edit", pipeline="edit")
     with pytest.raises(InputError, match="calibration does not drive the edit pipeline yet"):
-        calibrate(edit[0], tmp_path / "calib", progress=False)
+        calibrate(root, tmp_path / "calib", progress=False)
     assert not (tmp_path / "calib" / "manifest.json").exists()
+
+
+# -- engine profiles cover what condition images add ---------------------------------------------------------------
+def test_condition_geometry_is_diffusers_own():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    from qwen_image_trt.compile.profiles import condition_dimensions
+
+    for ratio in np.geomspace(0.2, 5.0, 301):
+        assert condition_dimensions(1024 * 1024, float(ratio)) == tuple(calculate_dimensions(1024 * 1024, ratio))
+
+
+def test_edit_profiles_and_limits_cover_condition_images():
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    from qwen_image_trt.compile.profiles import (
+        component_profile,
+        condition_bounds,
+        limits_from_sizes,
+        transformer_profile,
+    )
+    from qwen_image_trt.core.shapes import check_shape_in_profile
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+    from qwen_image_trt.runtime.limits import Limits
+
+    config = {**TRANSFORMER_CONFIG, "zero_cond_t": True}
+    t2i = transformer_profile([(1024, 1024)], 1, config=config)
+    plus = transformer_profile([(1024, 1024)], 1, config=config, kind="edit-plus")
+    bound = condition_bounds("edit-plus")
+    assert plus["hidden_states"][2][1] == 4096 + 3 * bound["image_tokens"] > t2i["hidden_states"][2][1]
+    assert plus["encoder_hidden_states"][2][1] > t2i["encoder_hidden_states"][2][1]
+    assert plus["modulate_index"][2] == (2, plus["hidden_states"][2][1])
+    # the most extreme condition images within the aspect bound fit; a 5:1 one would not
+    for ratio in (4.0, 0.25, 1.0):
+        w, h = calculate_dimensions(1024 * 1024, ratio)
+        tokens = 4096 + 3 * (w // 16) * (h // 16)
+        check_shape_in_profile("hidden_states", (2, tokens, 64), plus)
+        enc = component_profile("vae_encoder", [(1024, 1024)], 1, kind="edit-plus")
+        check_shape_in_profile("images", (1, 3, 1, h, w), enc)
+    w, h = calculate_dimensions(1024 * 1024, 8.0)
+    with pytest.raises(InputError):
+        check_shape_in_profile("images", (1, 3, 1, h, w), enc)
+    limits = limits_from_sizes([(1024, 1024)], 1, "edit-plus")
+    assert limits["condition_aspect"] == 4.0 and "condition_aspect" not in limits_from_sizes([(1024, 1024)], 1)
+    assert Limits.from_json(limits).condition_aspect == 4.0
+
+
+def test_condition_images_beyond_the_profile_aspect_are_refused_by_name():
+    from qwen_image_trt.runtime.images import check_image_inputs
+
+    wide = Image.new("RGB", (500, 100))
+    with pytest.raises(InputError) as e:
+        check_image_inputs("edit-plus", [RED, wide], max_aspect=4.0)
+    assert e.value.field == "image[1]" and "1:4 and 4:1" in e.value.allowed
+    assert check_image_inputs("edit-plus", [RED, wide])["image"][1].size == (500, 100)  # ONNX graphs: any aspect

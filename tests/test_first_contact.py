@@ -79,8 +79,9 @@ def test_report_says_na_with_its_reason_and_identical_not_a_cap(tmp_path):
     assert ">None<" not in page and "200.00 dB" not in page
 
 
-def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tmp_path):
-    """Every ```python block of README.md, run in a folder laid out as `qitrt quickstart` leaves it."""
+def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tiny_edit_2511, tmp_path):
+    """Every ```python block of README.md, run in a folder laid out as `qitrt quickstart` and README's editing
+    commands leave it."""
     import re
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
@@ -89,6 +90,12 @@ def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tm
     runs.mkdir(parents=True)
     (runs / "qwen-image-tiny").symlink_to(tiny_checkpoint)
     (runs / "engines-fp32").symlink_to(tiny_engines)
+    (tmp_path / "runs" / "tiny-edit-2511").symlink_to(tiny_edit_2511[0])
+    (tmp_path / "runs" / "engines-edit-2511").symlink_to(tiny_edit_2511[1])
+    from qwen_image_trt.calibration.images import condition_image
+
+    condition_image(0).save(tmp_path / "cat.png")  # as README's editing commands make them
+    condition_image(1).save(tmp_path / "hat.png")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for i, code in enumerate(blocks):
         r = subprocess.run([sys.executable, "-c", code + "\nprint('snippet ok')"], cwd=tmp_path, env=env,

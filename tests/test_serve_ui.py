@@ -59,6 +59,29 @@ def test_the_page_generates_through_the_servers_engine(ui_server):
         client.predict("   ", "", "64x64", 3, 1, 4.0, 1, api_name="/generate")
 
 
+def test_the_edit_tab_runs_img2img_and_inpaint_through_the_same_engine(ui_server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (80, 48), (220, 30, 30)).save(red)
+    client = Client(ui_server.url + "/ui/", headers=AUTH, verbose=False)
+    gallery, info = client.predict([handle_file(str(red))], None, 0.8, "a red hat", "", "64x64", 3, 5, 4.0, 1,
+                                   api_name="/edit")
+    assert "img2img of 1 image(s), strength 0.8" in gallery[0]["caption"] and "seed 5" in gallery[0]["caption"]
+    r = httpx.post(ui_server.url + "/v1/images/edits", headers=AUTH, timeout=60, files={"image": red.read_bytes()},
+                   data={"prompt": "a red hat", "size": "64x64", "num_inference_steps": "3", "seed": "5",
+                         "strength": "0.8"})
+    want = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(gallery[0]["image"]).convert("RGB")), want)  # the API's own result
+    mask = tmp_path / "mask.png"
+    Image.new("L", (80, 48), 255).save(mask)
+    gallery, _ = client.predict([handle_file(str(red))], handle_file(str(mask)), 0.9, "a hat", "", "64x64", 3, 1,
+                                4.0, 1, api_name="/edit")
+    assert "inpaint of 1 image(s)" in gallery[0]["caption"]
+    with pytest.raises(Exception, match="image: 1 image"):  # no image: the server's own check, field named
+        client.predict([], None, 0.8, "a hat", "", "64x64", 3, 1, 4.0, 1, api_name="/edit")
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt install chromium)")
 def test_a_person_generates_an_image_in_a_real_browser(ui_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (uses the system chromium)")
@@ -79,5 +102,32 @@ def test_a_person_generates_an_image_in_a_real_browser(ui_server, tmp_path):
         browser.close()
     assert Image.open(shot).size[0] >= 1000
     docs_shot = ROOT / "docs" / "ui.png"
+    if not docs_shot.exists():  # the committed screenshot is this test's; delete it to take a new one
+        shutil.copy(shot, docs_shot)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt install chromium)")
+def test_a_person_edits_an_uploaded_image_in_a_real_browser(ui_server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (uses the system chromium)")
+    from qwen_image_trt.calibration.images import condition_image
+
+    upload = tmp_path / "photo.png"
+    condition_image(3).save(upload)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(ui_server.url + f"/ui?key={KEY}")
+        page.get_by_role("tab", name="Edit").click()
+        page.set_input_files("#qitrt-edit-images input[type=file]", str(upload))
+        page.wait_for_selector("#qitrt-edit-images :text('photo.png')", timeout=30_000)
+        page.fill("#qitrt-edit-prompt textarea", "the same scene in winter")
+        page.click("#qitrt-edit-run")
+        page.wait_for_selector("#qitrt-edit-gallery img", timeout=90_000)
+        caption = page.inner_text("#qitrt-edit-gallery")
+        assert "the same scene in winter" in caption and "img2img of 1 image(s)" in caption
+        shot = tmp_path / "ui-edit.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    docs_shot = ROOT / "docs" / "ui-edit.png"
     if not docs_shot.exists():  # the committed screenshot is this test's; delete it to take a new one
         shutil.copy(shot, docs_shot)

@@ -27,6 +27,7 @@ from qwen_image_trt.compile.lint import lint_onnx
 from qwen_image_trt.compile.ort_engine import LEVELS, build_ort_engine, ort_engine_intact
 from qwen_image_trt.compile.plan import plan_build
 from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
+from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.compile.quantize import _require_modelopt, quantize_onnx
 from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
 from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
@@ -305,12 +306,13 @@ def _ort_engine(ctx: _Context, graphs_dir: Path, name: str, entry: Component, ol
 def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Component):
     o = ctx.o
     cfg = ckpt.read_config(ctx.root, "transformer" if name == "transformer" else "vae")
-    profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg)
+    kind = pipeline_kind(ctx.root)  # edit members: condition images lengthen the sequences
+    profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg, kind=kind)
     engine = build_tensorrt_engine(
         graphs_dir, source, ctx.out, name, profiles, precision=source.precision, recipe=ctx.recipe,
         timing_cache=Path(o.timing_cache) if o.timing_cache else ctx.out / "timing.cache", opt_level=o.opt_level,
         tf32=o.tf32, weight_streaming=o.weight_streaming, device=_cuda_index(o.device), progress=o.progress,
-        limits=limits_from_sizes(ctx.sizes, o.max_batch), force=o.force)
+        limits=limits_from_sizes(ctx.sizes, o.max_batch, kind), force=o.force)
     return engine, engine.seconds is not None  # seconds is None when an engine with the same key was reused
 
 
@@ -323,7 +325,8 @@ def _build_manifest(ctx: _Context, graphs_dir: Path, graphs: Manifest, component
     return Manifest(stage="build", checkpoint=graphs.checkpoint, precision=o.precision, opset=graphs.opset,
                     exporter=graphs.exporter, versions=graphs.versions, components=components,
                     quantization=quantization, target=o.target,
-                    limits=limits_from_sizes(ctx.sizes, o.max_batch) if o.target == "tensorrt" else None,
+                    limits=limits_from_sizes(ctx.sizes, o.max_batch, pipeline_kind(ctx.root))
+                    if o.target == "tensorrt" else None,
                     sizes=[list(s) for s in ctx.sizes], max_batch=o.max_batch,
                     calibration=str(Path(o.calibration or ctx.out / "calibration").resolve()) if ctx.quantized
                     else None, stages=ctx.stages)

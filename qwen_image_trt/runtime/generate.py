@@ -43,7 +43,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     steps = d_steps if steps is None else steps
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
-    image_kwargs = check_image_inputs(kind, image, mask, strength)
+    image_kwargs = check_image_inputs(kind, image, mask, strength, max_aspect=limits.condition_aspect)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")

@@ -61,9 +61,11 @@ def decode_image(data, field: str, limits: ImageLimits = ImageLimits(), mode: st
     return image.convert(mode)
 
 
-def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits: ImageLimits = ImageLimits()):
+def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits: ImageLimits = ImageLimits(),
+                       max_aspect: float | None = None):
     """Decode and check what `kind` takes. Returns the pipeline keyword arguments for them
-    ({"image": ..., "mask_image": ..., "strength": ...}); raises InputError naming the field otherwise."""
+    ({"image": ..., "mask_image": ..., "strength": ...}); raises InputError naming the field otherwise.
+    `max_aspect`: the engine profile's bound on a condition image's aspect ratio (edit members; None: any)."""
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
     if kind not in IMAGE_MEMBERS:
         for field, given in (("image", images), ("mask", mask), ("strength", strength)):
@@ -75,7 +77,14 @@ def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits:
     if not 1 <= len(images) <= most:
         raise InputError("image", f"{len(images)} image(s)", f"{'1' if most == 1 else f'1 to {most}'} image(s) "
                          f"for {kind}")
-    decoded = [decode_image(im, f"image[{i}]" if most > 1 else "image", limits) for i, im in enumerate(images)]
+    names = [f"image[{i}]" if most > 1 else "image" for i in range(len(images))]
+    decoded = [decode_image(im, name, limits) for name, im in zip(names, images)]
+    if max_aspect is not None and kind.startswith("edit"):
+        for name, im in zip(names, decoded):
+            w, h = im.size
+            if max(w / h, h / w) > max_aspect:
+                raise InputError(name, f"{w}x{h}", f"an aspect ratio within 1:{max_aspect:g} and {max_aspect:g}:1 "
+                                 "(the engine profile's condition-image range)")
     kwargs = {"image": decoded if kind == "edit-plus" else decoded[0]}
     if kind in MASK_MEMBERS:
         if mask is None:

@@ -23,12 +23,16 @@ class Limits:
     steps: tuple[int, int] = (1, MAX_STEPS)
     # A TensorRT profile bounds tokens, not sides: 1664x928 and 928x1664 share one range.
     image_tokens: tuple[int, int] = (1, (DEFAULT_SIZE_RANGE[1] // SIZE_MULTIPLE) ** 2)
+    # Edit engines: condition images' aspect ratio (width/height or its inverse) the profile covers; None: any.
+    condition_aspect: float | None = None
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "Limits":
         """{"height": [min, max], ...} as an engine manifest records it (unknown keys ignored)."""
-        return cls(**{k: tuple(v) for k, v in (raw or {}).items()
-                      if k in ("height", "width", "batch", "steps", "image_tokens")})
+        raw = raw or {}
+        aspect = raw.get("condition_aspect")
+        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")},
+                   condition_aspect=float(aspect) if aspect is not None else None)
 
     @classmethod
     def from_manifest(cls, manifest) -> "Limits":

@@ -113,14 +113,14 @@ def _b64(field_name: str, text: str, max_bytes: int) -> bytes:
         raise InputError(field_name, f"<{len(text)} characters>", "base64 of a PNG, JPEG or WebP file") from None
 
 
-def check_images(req: ImageRequest, kind: str, cfg: ServerConfig) -> dict:
+def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: float | None = None) -> dict:
     """Decode (bounded) and check the request's images for `kind`; {images, mask, strength, group} for GenParams."""
     raw = req.image if isinstance(req.image, list) else [] if req.image is None else [req.image]
     names = [f"image[{i}]" if len(raw) > 1 else "image" for i in range(len(raw))]
     files = [_b64(n, t, cfg.max_image_bytes) for n, t in zip(names, raw)]
     mask = _b64("mask", req.mask, cfg.max_image_bytes) if req.mask is not None else None
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
-    check_image_inputs(kind, files, mask, req.strength, limits)  # decodes each: bombs and truncation stop here
+    check_image_inputs(kind, files, mask, req.strength, limits, max_aspect)  # decodes: bombs, truncation stop here
     group = ""
     if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint"):
         group = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in files + [mask or b""])).hexdigest()[:16]
@@ -169,7 +169,7 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
                   random.randrange(2**31) if req.seed is None else req.seed,
                   cfg.priority_levels // 2 if req.priority is None else req.priority,
                   cfg.default_timeout_s if req.timeout is None else req.timeout, kind=kind,
-                  **(check_images(req, kind, cfg) if edit else {}))
+                  **(check_images(req, kind, cfg, limits.condition_aspect) if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:
         raise InputError("n", p.n, f"an integer in [1, {top}]")

@@ -1,18 +1,23 @@
 """`qitrt serve --ui`: a Gradio page at /ui on the same server, through the same engine and batcher (no second
 model copy): a request from the page is one more request in the queue, batched with API traffic.
 
-Text to image only for now: the edit tab needs the Edit pipelines in the engine (the family issue), the LoRA
-picker served adapters (the LoRA issue). The API key, when set, protects the page too: open /ui?key=KEY once and a
-same-site cookie carries it (serve/guard.py).
+Two tabs: text to image (on a text-to-image checkpoint) and edit (upload one or several images, a mask for
+inpaint, strength): what an edit runs as follows from the checkpoint as on POST /v1/images/edits (img2img or
+inpaint on Qwen-Image, edit on Qwen-Image-Edit, 1-3 images on Edit-Plus). The LoRA picker waits for served
+adapters (the LoRA issue). The API key, when set, protects the page too: open /ui?key=KEY once and a same-site
+cookie carries it (serve/guard.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
+from pathlib import Path
 
 from qwen_image_trt.core.errors import InputError, QitrtError
+from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.serve.protocol import ImageRequest, check_params
 from qwen_image_trt.serve.state import ServeError
 
@@ -35,8 +40,15 @@ def size_choices(cfg, limits) -> list[str]:
 
 def caption(p) -> str:
     neg = f" | negative: {p.negative_prompt}" if p.negative_prompt else ""
-    return (f"{p.prompt}{neg} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}, CFG {p.true_cfg_scale:g}"
-            if p.cfg else f"{p.prompt} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}")
+    edit = ""
+    if p.kind != "text-to-image":
+        edit = f" | {p.kind} of {len(p.images)} image(s)" + (f", strength {p.strength:g}" if p.strength else "")
+    return (f"{p.prompt}{neg}{edit} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}, CFG {p.true_cfg_scale:g}"
+            if p.cfg else f"{p.prompt}{edit} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}")
+
+
+def _b64_file(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def health_text(engine) -> str:
@@ -54,12 +66,13 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
         raise QitrtError(f"--ui needs gradio: pip install 'qwen-image-trt[ui]' ({e})") from None
     from PIL import Image
 
-    async def generate(prompt, negative, size, steps, seed, scale, n, history, progress=gr.Progress()):
+    server_kind = pipeline_kind(cfg.checkpoint)
+
+    async def run_request(fields: dict, edit: bool, history, progress):
         engine = engine_of()
         try:
-            req = ImageRequest(prompt=prompt or "", negative_prompt=negative or None, size=size,
-                               num_inference_steps=int(steps), seed=int(seed), true_cfg_scale=float(scale), n=int(n))
-            params = check_params(req, cfg, limits, engine.max_images)
+            req = ImageRequest(**fields)
+            params = check_params(req, cfg, limits, engine.max_images, server_kind, edit)
             st = engine.accept(params)
         except InputError as e:
             raise gr.Error(f"{e.field}: {e.allowed} (got {e.value!r})") from None
@@ -78,26 +91,66 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
                f"{st.batch_images} on worker {st.worker})"
         return history, history, done
 
+    def common(prompt, negative, size, steps, seed, scale, n) -> dict:
+        return dict(prompt=prompt or "", negative_prompt=negative or None, size=size, num_inference_steps=int(steps),
+                    seed=int(seed), true_cfg_scale=float(scale), n=int(n))
+
+    async def generate(prompt, negative, size, steps, seed, scale, n, history, progress=gr.Progress()):
+        return await run_request(common(prompt, negative, size, steps, seed, scale, n), False, history, progress)
+
+    async def edit(files, mask, strength, prompt, negative, size, steps, seed, scale, n, history,
+                   progress=gr.Progress()):
+        paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
+        fields = common(prompt, negative, size, steps, seed, scale, n)
+        fields["image"] = [_b64_file(p) for p in paths]
+        if mask:
+            fields["mask"] = _b64_file(mask)
+        if server_kind == "text-to-image" or mask:  # img2img / inpaint / edit-inpaint take a strength
+            fields["strength"] = float(strength)
+        return await run_request(fields, True, history, progress)
+
     sizes = size_choices(cfg, limits)
     lo, hi = limits.steps[0], min(limits.steps[1], cfg.max_steps)
+    def settings(prefix: str):
+        """The fields both tabs share; element ids prefixed per tab."""
+        prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{prefix}-prompt")
+        negative = gr.Textbox(label="Negative prompt (turns CFG on)", elem_id=f"{prefix}-negative")
+        with gr.Row():
+            size = gr.Dropdown(sizes, value=sizes[0], label="Size (WxH)")
+            steps = gr.Slider(lo, hi, value=min(max(cfg.default_steps, lo), hi), step=1, label="Steps")
+            seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+            scale = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="CFG scale")
+            n = gr.Slider(1, max(1, min(cfg.max_n, 4)), value=1, step=1, label="Images")
+        return [prompt, negative, size, steps, seed, scale, n]
+
+    what_edit = {"text-to-image": "img2img, or inpaint with a mask", "edit": "Qwen-Image-Edit (edit-inpaint with a "
+                 "mask)", "edit-plus": "Qwen-Image-Edit-Plus: 1 to 3 images"}.get(server_kind, server_kind)
     with gr.Blocks(title="qitrt serve") as page:
         gr.Markdown("## Qwen-Image on qitrt")
         status = gr.Markdown(elem_id="qitrt-health")
-        with gr.Tab("Text to image"):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="qitrt-prompt")
-            negative = gr.Textbox(label="Negative prompt (turns CFG on)", elem_id="qitrt-negative")
-            with gr.Row():
-                size = gr.Dropdown(sizes, value=sizes[0], label="Size (WxH)")
-                steps = gr.Slider(lo, hi, value=min(max(cfg.default_steps, lo), hi), step=1, label="Steps")
-                seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                scale = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="CFG scale")
-                n = gr.Slider(1, max(1, min(cfg.max_n, 4)), value=1, step=1, label="Images")
+        history = gr.State([])
+        with gr.Tab("Text to image", visible=server_kind == "text-to-image"):
+            fields = settings("qitrt")
             run = gr.Button("Generate", variant="primary", elem_id="qitrt-generate")
             info = gr.Markdown(elem_id="qitrt-info")
             gallery = gr.Gallery(label="Gallery (newest first)", columns=4, format="png", elem_id="qitrt-gallery")
-        history = gr.State([])
-        run.click(generate, [prompt, negative, size, steps, seed, scale, n, history], [gallery, history, info],
-                  api_name="generate")
+        with gr.Tab("Edit", elem_id="qitrt-edit-tab"):
+            gr.Markdown(f"Runs as {what_edit}.")
+            with gr.Row():
+                files = gr.File(label="Input image(s)", file_count="multiple", file_types=["image"],
+                                elem_id="qitrt-edit-images")
+                mask = gr.Image(label="Mask (white = repaint; optional)", type="filepath", image_mode="L",
+                                elem_id="qitrt-edit-mask", visible=server_kind != "edit-plus")
+            strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (img2img, inpaint)",
+                                 visible=server_kind != "edit-plus")
+            edit_fields = settings("qitrt-edit")
+            edit_run = gr.Button("Edit", variant="primary", elem_id="qitrt-edit-run")
+            edit_info = gr.Markdown(elem_id="qitrt-edit-info")
+            edit_gallery = gr.Gallery(label="Gallery (newest first)", columns=4, format="png",
+                                      elem_id="qitrt-edit-gallery")
+        run.click(generate, [*fields, history], [gallery, history, info], api_name="generate")
+        edit_run.click(edit, [files, mask, strength, *edit_fields, history], [edit_gallery, history, edit_info],
+                       api_name="edit")
         gr.Timer(2.0).tick(lambda: health_text(engine_of()), None, status)
         page.load(lambda: health_text(engine_of()), None, status)
     gr.mount_gradio_app(app, page, path=UI_PATH, footer_links=["api"])
