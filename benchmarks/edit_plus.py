@@ -52,7 +52,7 @@ def measured_rows(repeat: int) -> tuple[list[dict], dict]:
     import torch
 
     from qwen_image_trt import load_pipeline
-    from qwen_image_trt.calibration.images import condition_image
+    from qwen_image_trt.models.condition_images import condition_image
     from qwen_image_trt.compile.export import export_onnx
     from qwen_image_trt.models.tiny import make_tiny_checkpoint
 

@@ -41,7 +41,10 @@ def test_generate_with_engines_matches_eager(tiny_checkpoint, tiny_engines, tmp_
     (["--backend", "tensorflow"], "backend="),
     (["--engines", "/nonexistent"], "engines="),
 ])
-def test_generate_bad_input_names_the_field(tiny_checkpoint, tmp_path, args, field):
+def test_generate_bad_input_names_the_field(tiny_checkpoint, tmp_path, capsys, args, field):
+    """In process (the CLI's own main, exit code and stderr): a subprocess per case would cost its imports."""
+    from qwen_image_trt.cli import main
+
     base = {"--prompt": "a cat", "--height": 64, "--width": 64, "--steps": 2}
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
@@ -49,9 +52,10 @@ def test_generate_bad_input_names_the_field(tiny_checkpoint, tmp_path, args, fie
     extra = [a for a in args if args.index(a) % 2 == 0 and a in ("--backend", "--engines")]
     for flag in extra:
         flat += [flag, base[flag]]
-    r = qitrt("generate", tiny_checkpoint, *flat, "--out", tmp_path / "x.png")
-    assert r.returncode == 2
-    assert field in r.stderr and "allowed" in r.stderr
+    code = main(["generate", tiny_checkpoint, *flat, "--out", tmp_path / "x.png"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert field in err and "allowed" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
 
 

@@ -92,7 +92,7 @@ def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, ti
     (runs / "engines-fp32").symlink_to(tiny_engines)
     (tmp_path / "runs" / "tiny-edit-2511").symlink_to(tiny_edit_2511[0])
     (tmp_path / "runs" / "engines-edit-2511").symlink_to(tiny_edit_2511[1])
-    from qwen_image_trt.calibration.images import condition_image
+    from qwen_image_trt.models.condition_images import condition_image
 
     condition_image(0).save(tmp_path / "cat.png")  # as README's editing commands make them
     condition_image(1).save(tmp_path / "hat.png")

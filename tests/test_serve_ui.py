@@ -109,7 +109,7 @@ def test_a_person_generates_an_image_in_a_real_browser(ui_server, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt install chromium)")
 def test_a_person_edits_an_uploaded_image_in_a_real_browser(ui_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (uses the system chromium)")
-    from qwen_image_trt.calibration.images import condition_image
+    from qwen_image_trt.models.condition_images import condition_image
 
     upload = tmp_path / "photo.png"
     condition_image(3).save(upload)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qwen_image_trt.calibration.images import sample_image_inputs
+from qwen_image_trt.models.condition_images import sample_image_inputs
 from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest

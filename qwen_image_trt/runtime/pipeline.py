@@ -25,7 +25,45 @@ from qwen_image_trt.runtime.vae import EngineVAE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class QwenImageEnginePipeline(QwenImagePipeline):
+def _with_batch_cfg(call, stock_call):
+    """`call` with the stock __call__'s signature plus `batch_cfg`: help(), IDEs and diffusers' own signature
+    inspection see every stock argument, not (*args, **kwargs)."""
+    import inspect
+
+    sig = inspect.signature(stock_call)
+    extra = inspect.Parameter("batch_cfg", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="bool | None")
+    params = list(sig.parameters.values())
+    call.__signature__ = sig.replace(parameters=params + [extra] if params[-1].kind != params[-1].VAR_KEYWORD
+                                     else params[:-1] + [extra, params[-1]])
+    call.__doc__ = (stock_call.__doc__ or "") + "\n\n        batch_cfg: run both true-CFG branches as one engine call " \
+                   "(text-to-image only; None: the pipeline's default)."
+    return call
+
+
+class EngineContract:
+    """What the diffusers pipeline API means for engine drop-ins: offloading moves torch modules between devices,
+    and an engine holds its own device memory, so it is refused by name (the torch backend offloads as stock)."""
+
+    def _on_engines(self) -> bool:
+        return getattr(self, "backend", "torch") != "torch"
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        if self._on_engines():
+            raise NotImplementedError(
+                "enable_model_cpu_offload: the transformer and VAE are engines that hold their own device memory and "
+                "cannot be moved by accelerate hooks; offload the torch backend (load_pipeline(backend='torch')), or "
+                "stream a large TensorRT engine's weights (`qitrt build --weight-streaming`, "
+                "trt_options={'weight_streaming_budget': ...})")
+        return super().enable_model_cpu_offload(*args, **kwargs)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        if self._on_engines():
+            raise NotImplementedError("enable_sequential_cpu_offload: engines cannot be offloaded layer by layer; "
+                                      "see enable_model_cpu_offload's message")
+        return super().enable_sequential_cpu_offload(*args, **kwargs)
+
+
+class QwenImageEnginePipeline(EngineContract, QwenImagePipeline):
     """QwenImagePipeline with CFG batching. `pipe(..., batch_cfg=False)` is the stock two-call loop.
 
     Extras over the stock call: `true_cfg_scale` may be a list (one per prompt) and `generator` a list,
@@ -52,6 +90,8 @@ class QwenImageEnginePipeline(QwenImagePipeline):
                 raise InputError("true_cfg_scale", scale, "a single float when batch_cfg=False")
             return super().__call__(**kwargs)
         return self._call_batched_cfg(**kwargs)
+
+    __call__ = _with_batch_cfg(__call__, QwenImagePipeline.__call__)
 
     @torch.no_grad()
     def _call_batched_cfg(self, prompt=None, negative_prompt=None, true_cfg_scale=4.0, height=None, width=None,
@@ -116,6 +156,10 @@ class QwenImageEnginePipeline(QwenImagePipeline):
                     local = {"latents": latents, "prompt_embeds": cond}
                     outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                     latents = outputs.pop("latents", latents)
+                    changed = outputs.pop("prompt_embeds", cond)
+                    if changed is not cond:  # as the stock loop: later conditional calls see the new embeddings
+                        cond = changed
+                        text, text_mask = stack_cfg_text(cond, cond_mask, uncond, uncond_mask)
                 progress.update()
         self._current_timestep = None
         image = latents if output_type == "latent" else self.decode_latents(latents, height, width, output_type)
@@ -203,8 +247,8 @@ def engine_pipeline_class(kind: str) -> type:
                 raise InputError("batch_cfg", batch_cfg, f"False or None for {kind}: batched CFG is text-to-image only")
             return base.__call__(self, *args, **kwargs)
 
-        __call__.__doc__, __call__.__wrapped__ = base.__call__.__doc__, base.__call__  # help() shows the stock call
-        _ENGINE_CLASSES[kind] = type(base.__name__.replace("Pipeline", "EnginePipeline"), (base,),
+        _with_batch_cfg(__call__, base.__call__)  # help() shows the stock call
+        _ENGINE_CLASSES[kind] = type(base.__name__.replace("Pipeline", "EnginePipeline"), (EngineContract, base),
                                      {"__call__": __call__, "batch_cfg": False, "__module__": __name__,
                                       "__doc__": f"{base.__name__} with engine drop-ins ({kind})."})
     return _ENGINE_CLASSES[kind]

@@ -39,7 +39,13 @@ class EngineTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32  # graph I/O is float32 whatever the engine computes in
+        """The dtype the pipeline works in around this module (float32 unless `pipe.to(dtype)` said otherwise). The
+        graph's own I/O is float32 whatever the engine computes in: inputs are cast in, outputs back to this."""
+        return getattr(self, "_io_dtype", torch.float32)
+
+    def to(self, *args, **kwargs):
+        move_dropin(self, "transformer", *args, **kwargs)
+        return self
 
     def cache_context(self, name: str):
         return contextlib.nullcontext()
@@ -105,6 +111,23 @@ class EngineTransformer(nn.Module):
                 self._modulate[key] = modulate_index(grids, hidden_states.shape[0], hidden_states.device)
             feeds[MODULATE_INDEX] = self._modulate[key]
         return self.runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
+
+
+def move_dropin(module, what: str, *args, **kwargs) -> None:
+    """`.to(device, dtype)` of a drop-in: an engine stays on the device it was loaded on (moving it means loading it
+    again), a floating dtype becomes the pipeline-side I/O dtype (the engine keeps its built precision)."""
+    from qwen_image_trt.core.errors import InputError
+
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    if device is not None:
+        want, have = torch.device(device), module.device
+        if want.type != have.type or (want.index is not None and want.index != (have.index or 0)):
+            raise InputError("device", str(want), f"{have}: the {what} engine was loaded there; load the pipeline "
+                             "again with load_pipeline(device=...) to run it elsewhere")
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise InputError("dtype", str(dtype), f"a floating dtype (the {what} engine's I/O is float32, cast to it)")
+        module._io_dtype = dtype
 
 
 def image_grid_groups(img_shapes, hidden_shape) -> dict[tuple, list[int]]:

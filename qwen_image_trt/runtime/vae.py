@@ -9,6 +9,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from torch import nn
 
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.transformer import move_dropin
 
 
 class EngineVAE(nn.Module):
@@ -28,17 +29,42 @@ class EngineVAE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32
+        return getattr(self, "_io_dtype", torch.float32)  # see EngineTransformer.dtype
+
+    def to(self, *args, **kwargs):
+        move_dropin(self, "VAE", *args, **kwargs)
+        return self
+
+    # diffusers' AutoencoderKL switches, with the same meaning where an engine can honour them.
+    use_slicing = False
+
+    def enable_slicing(self):
+        """Decode (and encode) one sample at a time: less activation memory, as the stock VAE's slicing."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, *args, **kwargs):
+        raise NotImplementedError("enable_tiling: the VAE engine decodes whole frames (its profile bounds the size); "
+                                  "tiled decoding needs the torch backend's VAE (load_pipeline(backend='torch'))")
+
+    def disable_tiling(self):
+        pass
 
     def decode(self, z: torch.Tensor, return_dict: bool = True):
         if z.dim() != 5 or z.shape[2] != 1:
             raise ValueError(f"EngineVAE decodes one frame: expected latents [B, C, 1, h, w], got {list(z.shape)}")
-        images = self.decoder_runner.infer({"latents": z.float().contiguous()})["images"].to(z.dtype)
+        parts = z.split(1) if self.use_slicing and z.shape[0] > 1 else (z,)
+        images = torch.cat([self.decoder_runner.infer({"latents": p.float().contiguous()})["images"]
+                            for p in parts]).to(z.dtype)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         if self.encoder_runner is None:
             raise RuntimeError("this engine folder has no vae_encoder graph; export it for the edit pipelines")
-        params = self.encoder_runner.infer({"images": x.float().contiguous()})["latent_params"].to(x.dtype)
+        parts = x.split(1) if self.use_slicing and x.shape[0] > 1 else (x,)
+        params = torch.cat([self.encoder_runner.infer({"images": p.float().contiguous()})["latent_params"]
+                            for p in parts]).to(x.dtype)
         dist = DiagonalGaussianDistribution(params)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)

@@ -1,5 +1,5 @@
-"""Input images for the image members of the family, shipped as code: calibration and parity drive the edit,
-img2img and inpaint pipelines with them.
+"""Input images for the image members of the family, shipped as code: parity (and later calibration) drives the
+edit, img2img and inpaint pipelines with them. In models/ so every later stage may read them.
 
 Each is drawn from its seed (a two-colour gradient and a few filled shapes) at its own size and aspect ratio, so
 condition images of different grids are exercised; the same seed gives the same pixels everywhere (PIL's drawing
