@@ -52,8 +52,8 @@ def measured_rows(repeat: int) -> tuple[list[dict], dict]:
     import torch
 
     from qwen_image_trt import load_pipeline
-    from qwen_image_trt.models.condition_images import condition_image
     from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.condition_images import condition_image
     from qwen_image_trt.models.tiny import make_tiny_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="qitrt-edit-bench-"))

@@ -170,7 +170,8 @@ def test_image_grid_groups_of_a_batch():
 
 
 # -- the same forward as diffusers' own transformer ----------------------------------------------------------------
-def test_dropin_over_the_torch_runner_equals_the_stock_transformer():
+def _stock_and_dropin():
+    """A 2-block stock transformer (seed 0) and the drop-in over the torch runner of its export wrapper."""
     from diffusers import QwenImageTransformer2DModel
 
     from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
@@ -181,7 +182,13 @@ def test_dropin_over_the_torch_runner_equals_the_stock_transformer():
     stock = QwenImageTransformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": 2}).eval()
     runner = TorchRunner("transformer", lambda: ExportableTransformer(copy.deepcopy(stock)), INPUT_NAMES,
                          OUTPUT_NAMES)
-    dropin = EngineTransformer(runner, dict(stock.config), text_bucket=8)
+    return stock, EngineTransformer(runner, dict(stock.config), text_bucket=8)
+
+
+def test_dropin_over_the_torch_runner_equals_the_stock_transformer():
+    from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
+
+    stock, dropin = _stock_and_dropin()
     g = torch.Generator().manual_seed(1)
     kw = dict(hidden_states=torch.randn(2, 6, 64, generator=g),
               encoder_hidden_states=torch.randn(2, 5, TRANSFORMER_CONFIG["joint_attention_dim"], generator=g),
@@ -198,17 +205,9 @@ def test_dropin_over_the_torch_runner_equals_the_stock_transformer():
 def test_dropin_equals_the_stock_transformer_with_condition_images():
     """Edit pipelines: the target grid then condition grids of other sizes, each numbered as its own frame by
     RoPE; two samples with different condition layouts in one batch go through one call per layout."""
-    from diffusers import QwenImageTransformer2DModel
-
     from qwen_image_trt.models.tiny import TRANSFORMER_CONFIG
-    from qwen_image_trt.models.transformer_export import OUTPUT_NAMES, ExportableTransformer
-    from qwen_image_trt.runtime.backends.torch_runner import TorchRunner
 
-    torch.manual_seed(0)
-    stock = QwenImageTransformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": 2}).eval()
-    runner = TorchRunner("transformer", lambda: ExportableTransformer(copy.deepcopy(stock)), INPUT_NAMES,
-                         OUTPUT_NAMES)
-    dropin = EngineTransformer(runner, dict(stock.config), text_bucket=8)
+    stock, dropin = _stock_and_dropin()
     g = torch.Generator().manual_seed(2)
     layouts = [[(1, 2, 3), (1, 4, 2), (1, 1, 3)], [(1, 2, 3), (1, 2, 4), (1, 3, 1)]]  # 6 + 8 + 3 tokens each
     hidden = torch.randn(2, 17, 64, generator=g)

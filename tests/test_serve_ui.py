@@ -82,13 +82,19 @@ def test_the_edit_tab_runs_img2img_and_inpaint_through_the_same_engine(ui_server
         client.predict([], None, 0.8, "a hat", "", "64x64", 3, 1, 4.0, 1, api_name="/edit")
 
 
+def _open_ui(playwright, server, height: int):
+    """The system chromium on the page, through the key link (it sets the cookie, then the page loads)."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    page.goto(server.url + f"/ui?key={KEY}")
+    return browser, page
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (Debian: apt install chromium)")
 def test_a_person_generates_an_image_in_a_real_browser(ui_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (uses the system chromium)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(ui_server.url + f"/ui?key={KEY}")  # the link sets the cookie, then the page loads
+        browser, page = _open_ui(p, ui_server, height=900)
         page.wait_for_selector("#qitrt-prompt textarea", timeout=60_000)
         page.fill("#qitrt-prompt textarea", "a lighthouse at dusk, oil painting")
         page.click("#qitrt-generate")
@@ -114,9 +120,7 @@ def test_a_person_edits_an_uploaded_image_in_a_real_browser(ui_server, tmp_path)
     upload = tmp_path / "photo.png"
     condition_image(3).save(upload)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.goto(ui_server.url + f"/ui?key={KEY}")
+        browser, page = _open_ui(p, ui_server, height=1100)
         page.get_by_role("tab", name="Edit").click()
         page.set_input_files("#qitrt-edit-images input[type=file]", str(upload))
         page.wait_for_selector("#qitrt-edit-images :text('photo.png')", timeout=30_000)

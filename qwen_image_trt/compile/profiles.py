@@ -186,6 +186,7 @@ def limits_from_sizes(sizes, max_batch: int, kind: str = "text-to-image") -> dic
     return limits
 
 
-__all__ = ["condition_bounds", "condition_dimensions", "CONDITION_IMAGES", "MAX_CONDITION_ASPECT", "parse_sizes", "image_tokens", "transformer_profile", "vae_decoder_profile", "vae_encoder_profile",
+__all__ = ["condition_bounds", "condition_dimensions", "CONDITION_IMAGES", "MAX_CONDITION_ASPECT",
+           "parse_sizes", "image_tokens", "transformer_profile", "vae_decoder_profile", "vae_encoder_profile",
            "component_profile", "limits_from_sizes", "profile_to_json", "profile_from_json", "normalize_profile",
            "check_shape_in_profile", "QWEN_IMAGE_TRANSFORMER"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from qwen_image_trt.calibration.capture import CalibrationSet, calibrate, make_settings
 from qwen_image_trt.compile.export import export_onnx
@@ -27,7 +27,6 @@ from qwen_image_trt.compile.lint import lint_onnx
 from qwen_image_trt.compile.ort_engine import LEVELS, build_ort_engine, ort_engine_intact
 from qwen_image_trt.compile.plan import plan_build
 from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
-from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.compile.quantize import _require_modelopt, quantize_onnx
 from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
 from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
@@ -37,6 +36,7 @@ from qwen_image_trt.core.resources import PeakRSS, default_device
 from qwen_image_trt.core.shapes import parse_sizes
 from qwen_image_trt.core.tensorrt import require_tensorrt
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.pipelines import pipeline_kind
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qwen_image_trt.models.condition_images import sample_image_inputs
 from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import parse_size as _size, torch_dtype
 from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config, validate_checkpoint
+from qwen_image_trt.models.condition_images import sample_image_inputs
 from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.models.specs import SPECS, TRANSFORMER, spec_for
 from qwen_image_trt.parity import metrics

@@ -31,7 +31,8 @@ class Limits:
         """{"height": [min, max], ...} as an engine manifest records it (unknown keys ignored)."""
         raw = raw or {}
         aspect = raw.get("condition_aspect")
-        return cls(**{k: tuple(v) for k, v in raw.items() if k in ("height", "width", "batch", "steps", "image_tokens")},
+        ranges = ("height", "width", "batch", "steps", "image_tokens")
+        return cls(**{k: tuple(v) for k, v in raw.items() if k in ranges},
                    condition_aspect=float(aspect) if aspect is not None else None)
 
     @classmethod

@@ -35,8 +35,8 @@ def _with_batch_cfg(call, stock_call):
     params = list(sig.parameters.values())
     call.__signature__ = sig.replace(parameters=params + [extra] if params[-1].kind != params[-1].VAR_KEYWORD
                                      else params[:-1] + [extra, params[-1]])
-    call.__doc__ = (stock_call.__doc__ or "") + "\n\n        batch_cfg: run both true-CFG branches as one engine call " \
-                   "(text-to-image only; None: the pipeline's default)."
+    call.__doc__ = (stock_call.__doc__ or "") + ("\n\n        batch_cfg: run both true-CFG branches as one engine "
+                                                 "call (text-to-image only; None: the pipeline's default).")
     return call
 
 
