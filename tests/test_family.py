@@ -122,12 +122,18 @@ def test_edit_plus_with_condition_images_of_two_sizes_equals_stock(exported, kin
     pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
     assert ("modulate_index" in pipe.transformer.runner.input_metadata()) is (kind == "edit-2511")
     assert type(pipe).__name__ == "QwenImageEditPlusEnginePipeline" and pipe.vae.encoder_runner is not None
-    stock = load_stock_pipeline(root)
-    want = _assert_equal_to_stock(pipe, stock, image=[RED, BLUE], **EDIT_KW)
-    # what was compared depends on the condition images and their order: a wrong RoPE frame or token layout for
-    # the condition grids would fail the 1e-5 gate above by two orders of magnitude
-    _, swapped = _run(stock, image=[BLUE, RED], **EDIT_KW)
-    assert _rel(swapped, want) >= 1e-4
+    _assert_equal_to_stock(pipe, load_stock_pipeline(root), image=[RED, BLUE], **EDIT_KW)
+    # what the gate compares depends on the layout: the same engine fed the condition grids in the other order (a
+    # wrong RoPE frame or token split) moves its output by far more than the gate's 1e-5 (the tiny model's images
+    # barely move with their inputs, so this is shown on the forward, where swapping the images moved the final
+    # latents by 1e-3 relative in a pipeline run)
+    g = torch.Generator().manual_seed(6)
+    right, wrong = [(1, 2, 2), (1, 3, 5), (1, 4, 4)], [(1, 2, 2), (1, 4, 4), (1, 3, 5)]
+    hidden, text = torch.randn(2, 35, 64, generator=g), torch.randn(2, 7, 64, generator=g)
+    with torch.no_grad():
+        a = pipe.transformer(hidden, text, None, torch.tensor([0.5, 0.5]), img_shapes=[right] * 2)[0]
+        b = pipe.transformer(hidden, text, None, torch.tensor([0.5, 0.5]), img_shapes=[wrong] * 2)[0]
+    assert _rel(b, a) >= 1e-3
 
 
 @pytest.mark.slow  # its own export (~45 s); the graph with condition grids is in the default suite just below

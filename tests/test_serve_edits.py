@@ -186,3 +186,40 @@ def test_openai_client_edit_with_two_images_on_edit_plus(edit_plus_checkpoint, t
     assert len(res.data) == 2
     for item, w in zip(res.data, want):
         assert np.abs(_img(item) - w).max() <= 1
+
+
+def _without_vae_encoder(engines, out):
+    """A copy of an engine folder whose manifest lists no vae_encoder (as `--components transformer,vae_decoder`)."""
+    import json
+    import shutil
+
+    shutil.copytree(engines, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_an_engine_folder_without_the_vae_encoder(tiny_checkpoint, tiny_engines, tiny_edit_2511, tmp_path):
+    from qwen_image_trt.core.errors import InputError
+    from qwen_image_trt.serve.app import check_start
+    from qwen_image_trt.serve.config import ServerConfig
+
+    # an edit checkpoint cannot serve a single request without it: refused at start, not per request
+    edit_root, edit_engines = tiny_edit_2511
+    bare = _without_vae_encoder(edit_engines, tmp_path / "edit-bare")
+    with pytest.raises(InputError) as e:
+        check_start(ServerConfig(checkpoint=str(edit_root), engines=str(bare)))
+    assert e.value.field == "engines" and "vae_encoder" in e.value.allowed
+    # a text-to-image server still generates, and answers an edit with a 400 naming why
+    server = Server(tiny_checkpoint, tmp_path / "jobs", "--engines", str(_without_vae_encoder(tiny_engines,
+                                                                                              tmp_path / "bare")),
+                    devices="cpu")
+    try:
+        r = httpx.post(server.url + "/v1/images/edits", headers=AUTH, timeout=30,
+                       files={"image": ("r.png", _png(RED), "image/png")}, data={"prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+        assert "vae_encoder" in r.json()["error"]["allowed"]
+        assert server.post({"prompt": "still fine", "size": "64x64"}).status_code == 200
+    finally:
+        server.kill()

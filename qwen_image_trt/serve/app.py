@@ -50,12 +50,22 @@ def server_limits(cfg: ServerConfig) -> Limits:
 
 def check_start(cfg: ServerConfig) -> None:
     """What would make every worker fail to load, refused before any starts (a crash loop answers 503 for ever):
-    a checkpoint that is not one, an engine folder built from another checkpoint."""
+    a checkpoint that is not one, an engine folder built from another checkpoint, an edit checkpoint's folder
+    without the VAE encoder its every request needs."""
     root = ckpt.validate_checkpoint(cfg.checkpoint)
     if cfg.engines:
         if not Path(cfg.engines).is_dir():
             raise InputError("engines", cfg.engines, "an existing engine folder made by `qitrt export`/`qitrt build`")
-        check_engines_match(read_manifest(cfg.engines), ckpt.checkpoint_identity(root), cfg.engines)
+        manifest = read_manifest(cfg.engines)
+        check_engines_match(manifest, ckpt.checkpoint_identity(root), cfg.engines)
+        kind = pipeline_kind(root)
+        if kind != "text-to-image" and "vae_encoder" not in manifest.components:
+            raise InputError("engines", cfg.engines, f"a folder with a vae_encoder graph: the {kind} pipeline encodes "
+                             "its input images (export with --components transformer,vae_decoder,vae_encoder)")
+
+
+def has_vae_encoder(cfg: ServerConfig) -> bool:
+    return not cfg.engines or "vae_encoder" in read_manifest(cfg.engines).components
 
 
 def create_app(cfg: ServerConfig) -> FastAPI:
@@ -99,6 +109,7 @@ class _Http:
     def __init__(self, app: FastAPI, cfg: ServerConfig, limits: Limits):
         self.app, self.cfg, self.limits = app, cfg, limits
         self.kind = pipeline_kind(cfg.checkpoint)  # the member this checkpoint runs; edits map onto its family
+        self.can_edit = has_vae_encoder(cfg)
 
     @property
     def engine(self) -> Engine:
@@ -179,6 +190,9 @@ class _Http:
         try:
             limit = self.cfg.max_image_body_bytes if edit is not False else self.cfg.max_body_bytes
             req = await self.parse(request, limit)
+            if (edit or (edit is None and req.image is not None)) and not self.can_edit:
+                raise InputError("image", "given", "no input images on this server: its engine folder has no "
+                                 "vae_encoder graph (export with --components transformer,vae_decoder,vae_encoder)")
             params = check_params(req, self.cfg, self.limits, self.engine.max_images, self.kind, edit)
         except _Refused as e:  # the rest of the body is unread: this connection cannot carry another request
             return None, self.fail(endpoint, e.status, error_body(e.message, "invalid_request_error", param=e.param,

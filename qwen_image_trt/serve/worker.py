@@ -78,8 +78,8 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
-        pipe = Pipelines(load_pipeline(checkpoint, engines=engines, backend=backend, device=device,
-                                       dtype=torch_dtype, threads=threads, trt_options=trt_options))
+        pipes = Pipelines(load_pipeline(checkpoint, engines=engines, backend=backend, device=device,
+                                        dtype=torch_dtype, threads=threads, trt_options=trt_options))
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return
@@ -93,7 +93,7 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             return
         batch_id, key, items = msg
         try:
-            images, compute_s = run_batch(pipe, batch_id, key, items, conn, cancel)
+            images, compute_s = run_batch(pipes, batch_id, key, items, conn, cancel)
         except BatchCancelled:
             conn.send(("failed", batch_id, "cancelled", "every request of the batch was cancelled"))
             continue
@@ -119,6 +119,7 @@ class Pipelines:
             accepted = set(cls._get_signature_keys(cls)[0])
             made = cls(**{k: v for k, v in self.own.components.items() if k in accepted})
             made.set_progress_bar_config(disable=True)
+            made.backend, made.engines, made.pipeline_kind = self.own.backend, self.own.engines, kind
             self.by_kind[kind] = made
         return self.by_kind[kind]
 
@@ -131,12 +132,12 @@ def _decode(b64: str, mode: str = "RGB"):
     return decode_image(base64.b64decode(b64), "image", mode=mode)  # checked by the server; decoded again here
 
 
-def run_batch(pipes, batch_id: int, key: tuple, items: list[dict], conn, cancel) -> tuple[dict, float]:
+def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], conn, cancel) -> tuple[dict, float]:
     """One pipeline call for the whole batch; one generator per image so each equals its unbatched twin."""
     import torch
 
     width, height, steps, cfg, kind, strength, _group = key
-    pipe = pipes.get(kind) if isinstance(pipes, Pipelines) else pipes
+    pipe = pipes.get(kind)
     fault = os.environ.get(FAULT_PROMPT_ENV)
     if fault and any(fault in it["prompt"] for it in items):
         raise InjectedFault(f"injected fault: a prompt contains {fault!r} (${FAULT_PROMPT_ENV})")
