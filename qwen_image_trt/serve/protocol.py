@@ -282,15 +282,11 @@ def json_body(model: type[BaseModel]) -> dict:
 
 def edits_body() -> dict:
     """`openapi_extra` for POST /v1/images/edits: OpenAI's multipart form, or the JSON request with base64 images."""
-    props = {name: {"type": "string"} for name in ImageRequest.model_fields if name not in ("image", "mask")}
-    for name, typ in (("n", "integer"), ("seed", "integer"), ("num_inference_steps", "integer"),
-                      ("priority", "integer"), ("true_cfg_scale", "number"), ("strength", "number"),
-                      ("timeout", "number")):
-        props[name] = {"type": typ}
+    schema = ImageRequest.model_json_schema()
+    props = dict(schema["properties"])  # every field as JSON types it; the form's text values are converted so
     props["image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
                       "description": "1-3 image files (field `image` or `image[]`, repeated)"}
     props["mask"] = {"type": "string", "format": "binary", "description": "white = repaint"}
     form = {"type": "object", "properties": props, "required": ["image", "prompt"]}
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form},
-        "application/json": {"schema": ImageRequest.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                          "application/json": {"schema": schema}}}}

@@ -72,7 +72,7 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
         engine = engine_of()
         try:
             req = ImageRequest(**fields)
-            params = check_params(req, cfg, limits, engine.max_images, server_kind, edit)
+            params = await asyncio.to_thread(check_params, req, cfg, limits, engine.max_images, server_kind, edit)
             st = engine.accept(params)
         except InputError as e:
             raise gr.Error(f"{e.field}: {e.allowed} (got {e.value!r})") from None
