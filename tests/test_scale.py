@@ -213,3 +213,21 @@ def test_real_width_two_blocks_fp32_export_runs_in_onnxruntime(tmp_path):
     err = float(np.abs(got - want).max())
     assert scale > 0.1 and np.isfinite(got).all()
     assert err <= 1e-4 * scale, (err, scale)
+
+
+@pytest.mark.slow
+def test_real_width_edit_2511_graph_over_2gb_keeps_a_dynamic_batch(tmp_path):
+    """Edit-2511 at real width (2 blocks, fp32, zero_cond_t): its graph (modulate_index input, the block's chunk
+    written as a slice) crosses 2 GB and runs in ONNX Runtime at batch 3, traced at 2, equal to eager."""
+    from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.tiny import make_real_width_checkpoint
+
+    root = make_real_width_checkpoint(tmp_path / "rw2511", 2, dtype="fp32")
+    config_file = root / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "zero_cond_t": True}))
+    m = export_onnx(root, tmp_path / "onnx", precision="fp32", components=("transformer",), progress=False)
+    c = m.components["transformer"]
+    assert [i.name for i in c.inputs][-1] == "modulate_index"
+    assert (tmp_path / "onnx" / c.graph.external_data).stat().st_size > 2**31
+    assert c.check["shape"]["batch"] == 3  # export's own ONNX Runtime run, at another batch than traced
+    assert c.check["max_abs_err_vs_eager"] <= 1e-4 * c.check["max_abs_eager"]
