@@ -61,6 +61,9 @@ def _add_core(sub) -> None:
     p.add_argument("--components", default="transformer,vae_decoder,vae_encoder")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--force", action="store_true", help="re-export even when nothing changed")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter PATH[:SCALE] (repeatable; diffusers/PEFT, kohya or Lightning .safetensors) "
+                   "merged into the transformer's weights before export; the manifest records each file's hash and "
+                   "scale")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate one image, eager or with exported engines")
@@ -78,7 +81,20 @@ def _add_core(sub) -> None:
                    "edit-inpaint)")
     p.add_argument("--strength", type=float, default=None, help="how far from the input image, in (0, 1] "
                    "(img2img, inpaint; diffusers' default 0.6)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter PATH[:SCALE] (repeatable; diffusers/PEFT, kohya or Lightning .safetensors) "
+                   "loaded at run time (engines: weights swapped by name, no rebuild; torch: diffusers' PEFT path)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("tiny-lora", help="write a random LoRA for a (tiny) checkpoint's transformer in a release "
+                       "format diffusers reads: peft (diffusers' save_lora_weights), kohya, lightning")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help=".safetensors file to write")
+    p.add_argument("--format", default="peft", choices=("peft", "kohya", "lightning"), help="(default: peft)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank, 1-64 (default: 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float, default=0.5, help="how far the adapter moves each weight, relative "
+                   "to the weight's scale, in (0, 4] (default: 0.5)")
+    p.set_defaults(func=_cmd_tiny_lora)
 
     p = sub.add_parser("parity", help="compare a backend's engines with eager torch; exits 1 if a gate fails")
     p.add_argument("checkpoint")
@@ -162,11 +178,25 @@ def _cmd_tiny(a) -> int:
     return 0
 
 
+def _cmd_tiny_lora(a) -> None:
+    from qwen_image_trt.models.checkpoint import validate_checkpoint
+    from qwen_image_trt.models.tiny import make_tiny_lora
+
+    if not 1 <= a.rank <= 64:
+        raise InputError("rank", a.rank, "an integer in [1, 64]")
+    if not 0 < a.strength <= 4:
+        raise InputError("strength", a.strength, "a number in (0, 4]")
+    if not str(a.out).endswith(".safetensors"):
+        raise InputError("out", a.out, "a .safetensors file path")
+    validate_checkpoint(a.checkpoint, parts=("transformer",))
+    print(make_tiny_lora(a.checkpoint, a.out, fmt=a.format, rank=a.rank, seed=a.seed, strength=a.strength))
+
+
 def _cmd_export(a) -> None:
     from qwen_image_trt.compile.export import DEFAULT_OPSET, export_onnx
 
     m = export_onnx(a.checkpoint, a.out, precision=a.precision, components=a.components.split(","),
-                    opset=a.opset or DEFAULT_OPSET, force=a.force)
+                    opset=a.opset or DEFAULT_OPSET, force=a.force, loras=a.lora)
     for name, c in m.components.items():
         check = c.check or {}
         ort = check.get("skipped") or f"ORT vs eager max|d|={check['max_abs_err_vs_eager']:.2e}"
@@ -182,7 +212,7 @@ def _cmd_generate(a) -> None:
     path = generate_image(a.checkpoint, a.out, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed,
                           steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
                           device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a),
-                          image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline)
+                          image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline, loras=a.lora)
     print(path)
 
 
@@ -205,7 +235,9 @@ def _cmd_quickstart(a) -> int:
 # One example per command, shown at the end of its --help (the quick start's folders where they fit).
 EXAMPLES = {
     "tiny": "qitrt tiny runs/tiny",
-    "export": "qitrt export runs/tiny --out runs/engines-fp32 --precision fp32",
+    "export": "qitrt export runs/tiny --out runs/engines-fp32 --precision fp32\n"
+              "  qitrt export runs/tiny --out runs/engines-style --precision fp32 --lora runs/style.safetensors:0.8",
+    "tiny-lora": "qitrt tiny-lora runs/tiny runs/style.safetensors --format kohya",
     "generate": "qitrt generate runs/tiny --engines runs/engines-fp32 --prompt 'a red fox' --out fox.png\n"
                 "  qitrt generate runs/tiny-edit-plus --engines runs/engines-edit-plus --prompt 'the cat wears a hat' "
                 "--image cat.png --image hat.png --out edit.png",

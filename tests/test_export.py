@@ -195,3 +195,36 @@ def test_a_full_disk_leaves_no_graph_a_later_run_would_trust(tiny_checkpoint, tm
     assert "Traceback" not in proc.stderr
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert "vae_decoder.onnx" not in left and not [n for n in left if n.endswith(".partial")], left
+
+
+def test_the_skipped_rewrite_is_the_only_change_to_the_exporters_optimizer():
+    """`without_rewrites` drops exactly the named onnxscript rules for the duration of an export, then restores them
+    (the optimizer of every other caller in the process is untouched)."""
+    from onnxscript import rewriter
+
+    from qwen_image_trt.compile.onnx_io import SKIPPED_REWRITES, without_rewrites
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    names = [getattr(r, "name", None) for r in before]
+    assert set(SKIPPED_REWRITES) <= set(names)  # an onnxscript without the rule would make this a no-op: say so
+    with without_rewrites():
+        inside = [getattr(r, "name", None) for r in rewriter._DEFAULT_REWRITE_RULES]
+    assert inside == [n for n in names if n not in SKIPPED_REWRITES]
+    assert rewriter._DEFAULT_REWRITE_RULES is before
+
+
+@pytest.mark.slow  # two transformer traces (~75 s)
+def test_the_transformer_graph_is_the_same_without_the_skipped_rewrite(tiny_checkpoint):
+    import collections
+
+    from qwen_image_trt.compile import onnx_io
+    from qwen_image_trt.models.checkpoint import read_config
+    from qwen_image_trt.models.specs import spec_for
+
+    config = read_config(tiny_checkpoint, "transformer")
+    spec = spec_for("transformer", config)
+    module = spec.build_module(tiny_checkpoint, torch.float32)
+    ops = [collections.Counter(n.op_type for n in onnx_io.trace(module, spec.sample_inputs(config), spec, 19,
+                                                                skip_rewrites=skip).graph.all_nodes())
+           for skip in ((), onnx_io.SKIPPED_REWRITES)]
+    assert ops[0] == ops[1]

@@ -38,6 +38,7 @@ from qwen_image_trt.core.manifest import (
 )
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, MAX_STEPS, padded_text_len, parse_sizes
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.lora import merge_into, read_loras
 from qwen_image_trt.models.pipelines import load_stock_pipeline, pipeline_kind
 from qwen_image_trt.models.transformer_export import RopeTables
 
@@ -145,8 +146,11 @@ class _Recorder:
 
 def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, seed: int = 0, holdout=None,
               record_every=None, device: str = "cpu", force: bool = False, progress: bool = True,
-              pipe=None) -> CalibrationManifest:
-    """Record a calibration set for `checkpoint` into `out_dir`; return its manifest."""
+              pipe=None, loras=()) -> CalibrationManifest:
+    """Record a calibration set for `checkpoint` into `out_dir`; return its manifest.
+
+    `loras` ("PATH[:SCALE]" or LoraSpec): merged into the transformer as `qitrt export --lora` merges them, so
+    a quantized LoRA engine is calibrated on the trajectories it will run."""
     from tqdm.auto import tqdm
 
     root = ckpt.validate_checkpoint(checkpoint)
@@ -157,10 +161,13 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
         raise InputError("checkpoint", str(root), f"a text-to-image checkpoint: calibration does not drive the {kind} "
                          "pipeline yet (its fp32/bf16/fp16 exports and parity work; INT8/FP8 need calibration)")
     settings = make_settings(root, num_prompts, steps, sizes, seed, holdout, record_every)
+    merged = read_loras(root, loras)
     identity = ckpt.checkpoint_identity(root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = {"checkpoint": identity, "settings": settings.as_dict(), "prompt_set": prompt_set_sha256()[:16]}
+    if merged:
+        source["loras"] = [adapter.record(scale) for adapter, scale in merged]
     old = try_read_manifest(out, CalibrationManifest)
     done = _intact_samples(out, old, source) if not force else {}
     manifest = CalibrationManifest(checkpoint=CheckpointId(path=str(root.resolve()), identity=identity),
@@ -180,6 +187,8 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
                 # On a GPU in bf16, the model's reference precision (fp32 Qwen-Image is ~115 GB with its encoder).
                 pipe = load_stock_pipeline(root, device=device,
                                            dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+            if merged and hook is None:
+                merge_into(pipe.transformer, merged)
             if hook is None:
                 hook = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
             manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out))

@@ -19,6 +19,9 @@ def register(sub) -> None:
                    help="record every k-th step (default 2 for real checkpoints, 1 for tiny) to bound the set's size")
     p.add_argument("--device", default=None, help="cuda when a GPU is visible, else cpu")
     p.add_argument("--force", action="store_true", help="re-record even when the set is complete and unchanged")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA merged into the transformer while recording (repeatable): the same --lora arguments "
+                   "as the export the quantized engine is made from")
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -28,7 +31,7 @@ def _cmd_calibrate(a) -> int:
 
     m = calibrate(a.checkpoint, a.out, num_prompts=a.num_prompts, steps=a.steps, sizes=a.sizes, seed=a.seed,
                   holdout=a.holdout, record_every=a.record_every, device=a.device or default_device(),
-                  force=a.force)
+                  force=a.force, loras=a.lora)
     t = m.totals
     state = f"{m.seconds:.1f}s" if m.ran else "unchanged, skipped"
     print(f"calibration set {m.set_id}: {t['prompts']} prompts, {t['calib_calls']} calibration + "

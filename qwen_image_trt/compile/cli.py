@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="device for calibration, quantization and TensorRT builds "
                    "(cuda[:N] or cpu; default: cuda when visible, else cpu)")
     p.add_argument("--force", action="store_true", help="re-run every stage")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA adapter merged into the transformer at export and calibrated with (repeatable; "
+                   "diffusers/PEFT, kohya or Lightning .safetensors)")
     p.set_defaults(func=_cmd_build)
 
     from qwen_image_trt.compile.lint import add_lint_parser
@@ -101,7 +104,7 @@ def _cmd_build(a) -> int:
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
                         device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
                         weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check,
-                        report=lambda text: print(text, flush=True), plan_only=a.plan)
+                        report=lambda text: print(text, flush=True), plan_only=a.plan, loras=tuple(a.lora))
     result = build(a.checkpoint, a.out, opts)
     if a.plan:
         problems = result.plan.problems()

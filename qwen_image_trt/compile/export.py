@@ -35,6 +35,7 @@ from qwen_image_trt.core.manifest import (
 )
 from qwen_image_trt.core.resources import PeakRSS, free_disk_bytes
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.lora import read_loras
 from qwen_image_trt.models.specs import SPECS, ExportSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,23 @@ def export_bytes(checkpoint, precision: str, components) -> int:
 
 
 def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(SPECS), opset: int = DEFAULT_OPSET,
-                force: bool = False, progress: bool = True) -> Manifest:
-    """Export `components` of `checkpoint` to `out_dir`; return the manifest (also written to out_dir)."""
+                force: bool = False, progress: bool = True, loras=()) -> Manifest:
+    """Export `components` of `checkpoint` to `out_dir`; return the manifest (also written to out_dir).
+
+    `loras`: LoraSpec (or "PATH[:SCALE]" strings) merged into the transformer's weights before it is traced; each
+    adapter's file hash and scale go into the transformer's source, so another adapter or scale re-exports it."""
     unknown = [c for c in components if c not in SPECS]
     if unknown:
         raise InputError("components", unknown, f"a subset of {', '.join(SPECS)}")
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
     precision = resolve_precision(root, precision)
+    merged = read_loras(root, loras)  # every adapter read and checked before anything is written
     out = _writable_folder(out_dir)
     identity = ckpt.checkpoint_identity(root)
     manifest = _load_or_new(out, root, identity, precision, opset)
-    todo = [c for c in components if force or not _up_to_date(out, manifest, c, _source(identity, precision, opset))]
+    manifest.loras = [adapter.record(scale) for adapter, scale in merged] or None
+    sources = {c: _source(identity, precision, opset, merged if c == "transformer" else ()) for c in components}
+    todo = [c for c in components if force or not _up_to_date(out, manifest, c, sources[c])]
     _check_disk(root, out, precision, todo)
     from tqdm.auto import tqdm
 
@@ -95,8 +102,8 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(S
             log.info("export: %s unchanged, skipped", name)
             continue
         spec = spec_for(name, ckpt.read_config(root, SPECS[name].part))
-        manifest.components[name] = export_component(spec, root, out, precision, opset,
-                                                     _source(identity, precision, opset))
+        manifest.components[name] = export_component(spec, root, out, precision, opset, sources[name],
+                                                     loras=merged if name == "transformer" else ())
         write_manifest(out, manifest)  # after every graph: an interrupted export resumes where it stopped
     if not todo:
         write_manifest(out, manifest)
@@ -115,8 +122,12 @@ def _writable_folder(out_dir) -> Path:
     return out
 
 
-def _source(identity: str, precision: str, opset: int) -> dict:
-    return {"checkpoint": identity, "precision": precision, "opset": opset, "exporter": EXPORTER}
+def _source(identity: str, precision: str, opset: int, loras=()) -> dict:
+    source = {"checkpoint": identity, "precision": precision, "opset": opset, "exporter": EXPORTER}
+    if loras:
+        source["loras"] = [{"sha256": a.sha256, "scale": scale} for a, scale in loras]
+    return source
+
 
 
 def _load_or_new(out: Path, root: Path, identity: str, precision: str, opset: int) -> Manifest:
@@ -151,13 +162,20 @@ def _check_disk(root: Path, out: Path, precision: str, components) -> None:
                          f"{out}, which has {free / 1e9:.1f} GB free: free space or pick another --out")
 
 
-def export_component(spec: ExportSpec, root: Path, out: Path, precision: str, opset: int, source: dict) -> Component:
-    """Trace, write, check and run one component; the module is freed before ONNX Runtime loads the graph."""
+def export_component(spec: ExportSpec, root: Path, out: Path, precision: str, opset: int, source: dict,
+                     loras=()) -> Component:
+    """Trace, write, check and run one component; the module is freed before ONNX Runtime loads the graph.
+    `loras` [(Adapter, scale)] are merged into the transformer first (the check then runs the merged module)."""
     precision = component_precision(spec.name, precision, opset)
     config = ckpt.read_config(root, spec.part)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         module = spec.build_module(root, PRECISIONS[precision])
+        if loras:
+            from qwen_image_trt.models.lora import merge_into
+
+            changed = merge_into(module.transformer, loras)
+            log.info("export: %d LoRA adapter(s) merged into %d Linear weights", len(loras), changed)
         model = onnx_io.trace(module, spec.sample_inputs(config), spec, opset)
         onnx_io.name_linear_weights(model)
         graph = onnx_io.save(model, out / f"{spec.name}.onnx")

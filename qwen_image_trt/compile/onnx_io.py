@@ -19,6 +19,7 @@ import ast
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +37,36 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 TRANSPOSED_SUFFIX = ".weight.T"
 
 
-def trace(module, args, spec, opset: int):
+# onnxscript rewrite rules the exporter's optimizer runs that never match a Qwen-Image graph but cost the most:
+# SlicesSplit (two Slices covering a tensor -> one Split) is a two-output pattern, matched by scanning the graph
+# from every Slice, so its cost grows with the square of the graph: ~10 s per pass on the 6-block tiny transformer,
+# a third of the whole export, for no node changed (tests/test_export.py checks the graph is the same without it).
+SKIPPED_REWRITES = ("SlicesSplit",)
+
+
+@contextmanager
+def without_rewrites(names=SKIPPED_REWRITES):
+    """The exporter's optimizer, minus the rewrite rules in `names` (its rule list is read at each call)."""
+    try:
+        from onnxscript import rewriter
+        rules = rewriter._DEFAULT_REWRITE_RULES
+    except (ImportError, AttributeError):  # another onnxscript: optimize as it does
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+def trace(module, args, spec, opset: int, skip_rewrites=SKIPPED_REWRITES):
     """Trace `module` with the dynamo exporter; return the ONNX IR model (weights not copied)."""
     import torch
 
     for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-    with torch.no_grad():
+    with torch.no_grad(), without_rewrites(skip_rewrites):
         program = torch.onnx.export(module, tuple(args), input_names=spec.input_names,
                                     output_names=spec.output_names, dynamic_shapes=dynamic_shapes(spec),
                                     opset_version=opset, dynamo=True, optimize=True, verbose=False)

@@ -59,6 +59,18 @@ QUANT_OPSET = 19  # FP8 Q/DQ with a zero point needs opset >= 19
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 
 
+def check_same_loras(calibrated, exported, calibration, graphs) -> None:
+    """A quantized graph's scales must come from the model it quantizes: the calibration set has to be recorded
+    with the LoRAs (file hash and scale) that were merged into the exported graph."""
+    def key(records):
+        return [(r["sha256"], float(r["scale"])) for r in records or []]
+
+    if key(calibrated) != key(exported):
+        raise InputError("calibration", str(calibration), f"a set recorded with the LoRAs merged into {graphs} "
+                         f"({key(exported) or 'none'}); it was recorded with {key(calibrated) or 'none'}: "
+                         "run `qitrt calibrate` with the same --lora arguments")
+
+
 def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, recipe: dict | None = None, keep=(),
                   sizes=None, text_bucket: int | None = None, device: str = "cpu", force: bool = False,
                   progress: bool = True) -> Manifest:
@@ -82,6 +94,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     elif calib.num_calls("calib") < 1:
         raise InputError("calibration", str(calibration), "a set with calibration forwards")
     source_manifest, source_graph = _source_graph(graphs, identity)
+    check_same_loras(calib.manifest.source.get("loras"), source_manifest.loras, calibration, graphs)
     tconfig = ckpt.read_config(root, "transformer")
     recipe = make_recipe(precision, tconfig["num_layers"], overrides=recipe, keep=keep)
     bucket = int(text_bucket or DEFAULT_TEXT_BUCKET)
@@ -96,7 +109,8 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
               "text_bucket": bucket, "modelopt": modelopt.__version__}
     old = try_read_manifest(out)
     manifest = Manifest(stage="quantize", checkpoint=source_manifest.checkpoint, precision=precision,
-                        opset=QUANT_OPSET, exporter=f"{source_manifest.exporter} + {WRITER}", versions=tool_versions())
+                        opset=QUANT_OPSET, exporter=f"{source_manifest.exporter} + {WRITER}", versions=tool_versions(),
+                        loras=source_manifest.loras)
     entry = old.components.get("transformer") if old is not None and old.stage == "quantize" else None
     if not force and entry is not None and entry.source == source and entry.graph.intact(out):
         log.info("quantize: transformer unchanged (calibration %s, recipe %s), skipped", calib.set_id, source["recipe"])

@@ -72,6 +72,7 @@ class BuildOptions:
     report: Callable[[str], None] | None = None  # where the plan goes before any work (the CLI: print)
     plan_only: bool = False  # say what the build would need and stop
     components: tuple = COMPONENTS
+    loras: tuple = ()  # "PATH[:SCALE]" adapters merged into the transformer (export) and calibrated with
     extra: dict = field(default_factory=dict)
 
 
@@ -199,7 +200,7 @@ def _export_stage(ctx: _Context, bar) -> Path:
 
     def run():
         m = export_onnx(ctx.root, onnx_dir, precision=precision, components=ctx.o.components, force=ctx.o.force,
-                        progress=False)
+                        progress=False, loras=ctx.o.loras)
         return m.ran, f"{m.precision} -> {onnx_dir.name}/", m
 
     _run(ctx, "export", bar, run)
@@ -216,7 +217,7 @@ def _calibrate_stage(ctx: _Context, bar) -> Path:
     def run():
         o = ctx.o
         cm = calibrate(ctx.root, calib_dir, num_prompts=o.num_prompts, steps=o.steps, sizes=ctx.sizes, seed=o.seed,
-                       device=o.device, force=o.force, progress=o.progress)
+                       device=o.device, force=o.force, progress=o.progress, loras=o.loras)
         return cm.ran, f"set {cm.set_id}, {cm.totals['calib_calls']} forwards", cm
 
     _run(ctx, "calibrate", bar, run)
@@ -329,7 +330,7 @@ def _build_manifest(ctx: _Context, graphs_dir: Path, graphs: Manifest, component
                     if o.target == "tensorrt" else None,
                     sizes=[list(s) for s in ctx.sizes], max_batch=o.max_batch,
                     calibration=str(Path(o.calibration or ctx.out / "calibration").resolve()) if ctx.quantized
-                    else None, stages=ctx.stages)
+                    else None, stages=ctx.stages, loras=graphs.loras)
 
 
 def _progress(o: BuildOptions, total: int):

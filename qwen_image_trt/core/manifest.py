@@ -154,6 +154,7 @@ class Manifest(_Strict):
     max_batch: int | None = None
     calibration: str | None = None
     stages: list[StageRun] | None = None
+    loras: list[dict[str, Any]] | None = None  # adapters merged into the transformer at export (name, sha256, scale)
     updated: str | None = None
     # Not written: whether the call that returned this manifest did the work or found it done.
     ran: bool = Field(default=True, exclude=True)

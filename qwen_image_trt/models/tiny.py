@@ -400,3 +400,64 @@ def write_sparse_safetensors(path: str | Path, tensors: dict[str, tuple[str, tup
         fh.write(blob)
         fh.truncate(8 + len(blob) + offset)
     return 8 + len(blob) + offset
+
+
+# -- tiny LoRAs ----------------------------------------------------------------------------------------
+LORA_FORMATS = ("peft", "kohya", "lightning")
+# Modules a typical Qwen-Image LoRA adapts (attention of both streams and the image MLP), per block.
+TINY_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_v_proj",
+                     "img_mlp.net.0.proj", "img_mlp.net.2")
+
+
+def make_tiny_lora(checkpoint: str | Path, out_file: str | Path, fmt: str = "peft", rank: int = 4, seed: int = 0,
+                   strength: float = 0.5, targets=TINY_LORA_TARGETS, alpha: float | None = None) -> Path:
+    """Write a random LoRA for `checkpoint`'s transformer in one of the release formats diffusers reads:
+
+    - "peft": diffusers' own `save_lora_weights` (keys `transformer.<module>.lora_A.weight`);
+    - "kohya": `lora_unet_<module_with_underscores>.lora_down/.lora_up.weight` plus `.alpha`;
+    - "lightning": the Qwen-Image-Lightning release's layout, `<module>.lora_down/.lora_up.weight` plus `.alpha`.
+    `strength` sets how far the adapter moves each weight (relative to the weight's own scale)."""
+    from diffusers import QwenImagePipeline
+
+    if fmt not in LORA_FORMATS:
+        from qwen_image_trt.core.errors import InputError
+
+        raise InputError("format", fmt, f"one of {', '.join(LORA_FORMATS)}")
+    config = json.loads((Path(checkpoint) / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    shapes = {"attn.to_q": (inner, inner), "attn.to_k": (inner, inner), "attn.to_v": (inner, inner),
+              "attn.to_out.0": (inner, inner), "attn.add_q_proj": (inner, inner), "attn.add_k_proj": (inner, inner),
+              "attn.add_v_proj": (inner, inner), "attn.to_add_out": (inner, inner),
+              "img_mlp.net.0.proj": (4 * inner, inner), "img_mlp.net.2": (inner, 4 * inner),
+              "txt_mlp.net.0.proj": (4 * inner, inner), "txt_mlp.net.2": (inner, 4 * inner)}
+    g = torch.Generator().manual_seed(seed)
+    alpha = float(rank if alpha is None else alpha)
+    tensors: dict[str, torch.Tensor] = {}
+    for block in range(config["num_layers"]):
+        for target in targets:
+            out_f, in_f = shapes[target]
+            down = torch.randn(rank, in_f, generator=g) / in_f ** 0.5
+            # PEFT scales by alpha / rank at run time: undo it here so `strength` is what the weight moves by.
+            up = torch.randn(out_f, rank, generator=g) * strength / rank ** 0.5 * (rank / alpha)
+            module = f"transformer_blocks.{block}.{target}"
+            if fmt == "peft":
+                tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = down, up
+                continue
+            key = f"lora_unet_{module.replace('.', '_')}" if fmt == "kohya" else module
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "peft":
+        # diffusers writes the file (and its own metadata: ranks and alphas) exactly as a trained adapter's.
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets))
+        QwenImagePipeline.save_lora_weights(str(out_file.parent), transformer_lora_layers=tensors,
+                                            weight_name=out_file.name,
+                                            transformer_lora_adapter_metadata=config.to_dict())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file))
+    return out_file

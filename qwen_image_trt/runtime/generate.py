@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.models.lora import LoraSpec
 from qwen_image_trt.core.manifest import try_read_manifest
 from qwen_image_trt.models.checkpoint import generation_defaults, validate_checkpoint
 from qwen_image_trt.models.pipelines import pipeline_kind
@@ -29,11 +30,14 @@ def default_request(checkpoint, engines=None) -> tuple[int, int, int]:
 def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: int = 0, steps: int | None = None,
                    height: int | None = None, width: int | None = None, engines=None, backend: str = "torch",
                    device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None,
-                   image=None, mask=None, strength: float | None = None, pipeline: str | None = None) -> Path:
+                   image=None, mask=None, strength: float | None = None, pipeline: str | None = None,
+                   loras=()) -> Path:
     """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends.
 
     `image` (one, or a list of 1-3 for Edit-Plus), `mask` and `strength` go to the members that take them: the
-    checkpoint's own (model_index.json) or `pipeline` ("img2img", "inpaint", "edit-inpaint")."""
+    checkpoint's own (model_index.json) or `pipeline` ("img2img", "inpaint", "edit-inpaint").
+    `loras` ("PATH[:SCALE]" or LoraSpec) are loaded into the pipeline with diffusers' API (engines: weights swapped
+    by name) and set active together with their scales."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
     kind = pipeline_kind(checkpoint, pipeline)
@@ -47,9 +51,15 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")
+    specs = [x if isinstance(x, LoraSpec) else LoraSpec.parse(x) for x in loras or ()]
     if pipe is None:
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
                              trt_options=trt_options, pipeline=kind)
+    if specs:
+        names = [f"lora{i}" for i in range(len(specs))]
+        for name, spec in zip(names, specs):
+            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        pipe.set_adapters(names, [spec.scale for spec in specs])
     if negative_prompt is None:
         true_cfg_scale = 1.0  # CFG is off without a negative prompt; any other value only makes diffusers warn
     image = pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height,

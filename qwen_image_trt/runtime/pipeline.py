@@ -19,6 +19,7 @@ from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, stock_class
 from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
+from qwen_image_trt.runtime.lora import EngineLoraLoader
 from qwen_image_trt.runtime.transformer import EngineTransformer
 from qwen_image_trt.runtime.vae import EngineVAE
 
@@ -40,12 +41,10 @@ def _with_batch_cfg(call, stock_call):
     return call
 
 
-class EngineContract:
+class EngineContract(EngineLoraLoader):
     """What the diffusers pipeline API means for engine drop-ins: offloading moves torch modules between devices,
-    and an engine holds its own device memory, so it is refused by name (the torch backend offloads as stock)."""
-
-    def _on_engines(self) -> bool:
-        return getattr(self, "backend", "torch") != "torch"
+    and an engine holds its own device memory, so it is refused by name (the torch backend offloads as stock).
+    LoRA calls change the engine's weights by name (runtime.lora)."""
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         if self._on_engines():

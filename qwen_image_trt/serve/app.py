@@ -21,6 +21,7 @@ from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.runtime.limits import Limits, request_limits
+from qwen_image_trt.serve.adapters import AdapterCatalog, UnknownAdapter
 from qwen_image_trt.serve.config import ServerConfig
 from qwen_image_trt.serve.engine import Engine, ServeError
 from qwen_image_trt.serve.guard import Guard
@@ -110,6 +111,7 @@ class _Http:
         self.app, self.cfg, self.limits = app, cfg, limits
         self.kind = pipeline_kind(cfg.checkpoint)  # the member this checkpoint runs; edits map onto its family
         self.can_edit = has_vae_encoder(cfg)
+        self.adapters = AdapterCatalog(cfg.lora_dir, ckpt.read_config(cfg.checkpoint, "transformer"))
 
     @property
     def engine(self) -> Engine:
@@ -176,6 +178,8 @@ class _Http:
                 images.append(await _file_b64(name, value))
             elif name == "mask":
                 data["mask"] = await _file_b64(name, value)
+            elif name in ("lora", "lora[]"):  # repeatable, as image is
+                data.setdefault("lora", []).append(value if isinstance(value, str) else await _file_text(name, value))
             elif name in data:
                 raise InputError(name, "given twice", "one value per field (repeat only image)")
             else:
@@ -198,11 +202,17 @@ class _Http:
             # decode takes ~0.1 s, so off the event loop, which serves every other connection meanwhile.
             params = (await asyncio.to_thread(check_params, req, *check) if req.image is not None
                       else check_params(req, *check))
+            if params.loras:  # reads the adapter files once per version: off the event loop too
+                await asyncio.to_thread(self.adapters.check, params.loras)
         except _Refused as e:  # the rest of the body is unread: this connection cannot carry another request
             return None, self.fail(endpoint, e.status, error_body(e.message, "invalid_request_error", param=e.param,
                                                                    allowed=e.allowed), {"Connection": "close"})
         except ValidationError as e:
             return None, self.fail(endpoint, 422, validation_error_body(e))
+        except UnknownAdapter as e:
+            return None, self.fail(endpoint, 404, error_body(str(e), "invalid_request_error", param="lora",
+                                                             allowed=", ".join(e.available) or "none",
+                                                             code="adapter_not_found"))
         except InputError as e:
             return None, self.fail(endpoint, 400, error_body(str(e), "invalid_request_error", param=e.field,
                                                              allowed=e.allowed))
@@ -335,6 +345,17 @@ def _add_job_routes(app: FastAPI, http: _Http) -> None:
 
 
 def _add_ops_routes(app: FastAPI, http: _Http) -> None:
+    @app.get("/v1/models", responses=error_responses(401))
+    async def models():
+        """The base model and the LoRA adapters a request may name in `lora` (OpenAI's model list format)."""
+        created = int(Path(http.cfg.checkpoint).stat().st_mtime)
+        base = {"id": Path(http.cfg.checkpoint).name, "object": "model", "created": created, "owned_by": "qitrt",
+                "kind": "base", "pipeline": http.kind}
+        names = await asyncio.to_thread(http.adapters.names)
+        loras = [{"id": n, "object": "model", "created": int(http.adapters.path(n).stat().st_mtime),
+                  "owned_by": "qitrt", "kind": "lora", "parent": base["id"]} for n in names]
+        return {"object": "list", "data": [base, *loras]}
+
     @app.get("/health", responses={503: {"description": "no worker ready, or draining"}})
     async def health():
         h = http.engine.health()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 
 from qwen_image_trt.core.errors import InputError
@@ -77,13 +78,18 @@ class ServerConfig:
     trt_weight_streaming_budget: str | None = doc(None, "TensorRT engines built with --weight-streaming: weights "
                                                   "kept on each GPU, in bytes, a fraction (0.5) or auto")
     trt_cuda_graphs: bool = doc(False, "TensorRT: one CUDA graph per input shape, replayed")
+    lora_dir: str | None = doc(None, "folder of LoRA adapters served by name: NAME.safetensors (diffusers/PEFT, "
+                               "kohya or Lightning format); a request picks them with `lora`")
+    max_loras: int = doc(4, "most adapters one request may combine")
+    lora_cache_bytes: int = doc(4 << 30, "bytes of adapter files each worker keeps loaded; the least recently used "
+                                "adapter is unloaded first")
 
     def __post_init__(self):
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes",
                      "max_image_body_bytes", "max_image_bytes", "max_image_pixels",
-                     "max_connections", "jobs_max_bytes"):
+                     "max_connections", "jobs_max_bytes", "max_loras", "lora_cache_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an integer >= 1")
         if self.max_batch_size is not None and self.max_batch_size < 1:
@@ -97,6 +103,8 @@ class ServerConfig:
         if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
             raise InputError("heartbeat_timeout_s", self.heartbeat_timeout_s,
                              f"more than twice heartbeat_interval_s ({self.heartbeat_interval_s:g} s)")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise InputError("lora_dir", self.lora_dir, "an existing folder of NAME.safetensors LoRA files")
         if self.min_timeout_s > self.max_timeout_s:
             raise InputError("min_timeout_s", self.min_timeout_s, f"at most max_timeout_s ({self.max_timeout_s:g})")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

@@ -76,7 +76,8 @@ class Executor:
         w.proc = self.ctx.Process(target=worker_main, name=f"qitrt-worker-{w.index}", daemon=True,
                                   args=(child, w.device, str(self.cfg.checkpoint), self.cfg.engines,
                                         self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel,
-                                        self.cfg.dtype, self.cfg.trt_options(), self.cfg.heartbeat_interval_s))
+                                        self.cfg.dtype, self.cfg.trt_options(), self.cfg.heartbeat_interval_s,
+                                        self.cfg.lora_dir, self.cfg.lora_cache_bytes))
         w.proc.start()
         child.close()
         w.conn, w.pid, w.ready, w.generation = parent, w.proc.pid, False, w.generation + 1

@@ -16,6 +16,7 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.models.pipelines import IMAGE_MEMBERS
 from qwen_image_trt.runtime.images import ImageLimits, check_image_inputs
 from qwen_image_trt.runtime.limits import Limits, check_size
+from qwen_image_trt.serve.adapters import parse_lora_field
 from qwen_image_trt.serve.config import ServerConfig, parse_size
 
 
@@ -38,6 +39,7 @@ class ImageRequest(BaseModel):
     strength: float | None = None
     priority: int | None = None
     timeout: float | None = None
+    lora: str | list[str] | None = None  # "name" or "name:scale", or a list: adapters from GET /v1/models
     # accepted for OpenAI compatibility, no effect on this model
     model: str | None = None
     user: str | None = None
@@ -67,6 +69,7 @@ class GenParams:
     mask: str | None = None
     strength: float | None = None
     group: str = ""  # edit members: the input images' digest (their pipelines take one prompt per call)
+    loras: tuple = ()  # ((adapter name, scale), ...) sorted by name
 
     @property
     def cfg(self) -> bool:
@@ -74,9 +77,9 @@ class GenParams:
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call: same size, steps, CFG on/off, member, strength;
-        img2img and inpaint requests with different images batch (the pipelines take one image per prompt)."""
-        return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group)
+        """Requests with equal keys can share one pipeline call: same size, steps, CFG on/off, member, strength and
+        adapter set; img2img and inpaint requests with different images batch (one image per prompt)."""
+        return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group, self.loras)
 
 
 def check_text(name: str, text: str) -> None:
@@ -169,6 +172,7 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
                   random.randrange(2**31) if req.seed is None else req.seed,
                   cfg.priority_levels // 2 if req.priority is None else req.priority,
                   cfg.default_timeout_s if req.timeout is None else req.timeout, kind=kind,
+                  loras=parse_lora_field(req.lora, cfg.max_loras),
                   **(check_images(req, kind, cfg, limits.condition_aspect) if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:

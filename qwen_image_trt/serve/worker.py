@@ -19,6 +19,8 @@ import threading
 import time
 import traceback
 
+from qwen_image_trt.serve.adapters import WorkerAdapters
+
 PROGRESS_INTERVAL_S = 0.05
 # Fault injection for the chaos benchmark and the isolation tests: a batch holding a prompt that contains this
 # text fails inside the worker as a pipeline error would. Unset (the default), nothing is injected.
@@ -59,7 +61,8 @@ class BatchCancelled(Exception):
 
 
 def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_threads, cancel,
-                dtype: str = "auto", trt_options: dict | None = None, heartbeat_s: float = 1.0) -> None:
+                dtype: str = "auto", trt_options: dict | None = None, heartbeat_s: float = 1.0, lora_dir=None,
+                lora_cache_bytes: int = 4 << 30) -> None:
     # Ctrl-C reaches the whole process group: the server decides when its workers stop (after the drain), so
     # the worker must not die mid-batch on the terminal's SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -79,7 +82,8 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
         pipes = Pipelines(load_pipeline(checkpoint, engines=engines, backend=backend, device=device,
-                                        dtype=torch_dtype, threads=threads, trt_options=trt_options))
+                                        dtype=torch_dtype, threads=threads, trt_options=trt_options),
+                          WorkerAdapters(lora_dir, lora_cache_bytes))
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return
@@ -107,9 +111,10 @@ class Pipelines:
     """The checkpoint's own pipeline and, made on first use from the same modules (no second copy of any weight),
     the other members it runs: img2img and inpaint for a text-to-image checkpoint, edit-inpaint for Edit."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, adapters: WorkerAdapters | None = None):
         self.own = pipe
         self.by_kind = {pipe.pipeline_kind: pipe}
+        self.adapters = adapters or WorkerAdapters(None, 0)  # shared by the members: they share the transformer
 
     def get(self, kind: str):
         if kind not in self.by_kind:
@@ -136,8 +141,9 @@ def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], co
     """One pipeline call for the whole batch; one generator per image so each equals its unbatched twin."""
     import torch
 
-    width, height, steps, cfg, kind, strength, _group = key
+    width, height, steps, cfg, kind, strength, _group, loras = key
     pipe = pipes.get(kind)
+    pipes.adapters.activate(pipe, loras)  # before the fault check: a broken adapter fails its batch alone
     fault = os.environ.get(FAULT_PROMPT_ENV)
     if fault and any(fault in it["prompt"] for it in items):
         raise InjectedFault(f"injected fault: a prompt contains {fault!r} (${FAULT_PROMPT_ENV})")

@@ -60,6 +60,17 @@ class Runner(ABC):
             raise KeyError(f"{self.backend} runner {self.name!r}: missing input(s) {missing}; got {sorted(feeds)}")
         return self._infer_impl(feeds)
 
+    # -- weights -------------------------------------------------------------------------------
+    @property
+    def weights_source(self):
+        """The graph file whose initializer names `set_weights` takes (LoRA reads base values from it)."""
+        raise NotImplementedError(f"{self.backend} runner {self.name!r}: its weights cannot be changed at run time")
+
+    def set_weights(self, values: dict) -> None:
+        """Replace named weights: {initializer name: numpy array, or None for the graph's own value}."""
+        raise NotImplementedError(f"{self.backend} runner {self.name!r}: its weights cannot be changed at run time "
+                                  "(merge a LoRA at build with --lora)")
+
     @abstractmethod
     def _activate_impl(self) -> None: ...
 

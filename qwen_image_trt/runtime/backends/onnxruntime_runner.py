@@ -44,6 +44,24 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.optimized_model_path = optimized_model_path
         self.session = None
+        self._overrides: dict[str, object] = {}  # initializer name -> OrtValue (run-time LoRA)
+
+    @property
+    def weights_source(self) -> Path:
+        return self.model_path
+
+    def set_weights(self, values: dict) -> None:
+        """Override initializers by name (None: back to the graph's value). The session is made again on the next
+        run with the overrides in its options: ONNX Runtime never reads the replaced tensors, and nothing is
+        re-exported."""
+        import onnxruntime as ort
+
+        for name, value in values.items():
+            if value is None:
+                self._overrides.pop(name, None)
+            else:
+                self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+        self.deactivate()
 
     def _activate_impl(self):
         import onnxruntime as ort
@@ -57,6 +75,8 @@ class OnnxRuntimeRunner(Runner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.optimized_model_path:
             opts.optimized_model_filepath = str(self.optimized_model_path)
+        for name, value in self._overrides.items():
+            opts.add_initializer(name, value)  # the OrtValues outlive the session: this runner holds them
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._inputs = [i.name for i in self.session.get_inputs()]
