@@ -144,6 +144,9 @@ def test_runtime_lora_unload_gives_back_the_base_engine(tiny_checkpoint, tiny_en
     base = latents(engine)
     engine.load_lora_weights(str(loras["lightning"]), adapter_name="lightning")
     assert rel(latents(engine), base) > MOVES
+    session = engine.transformer.runner.session
+    engine.set_adapters(["lightning"], [1.0])  # the state it is in: no weight changes, the session stays
+    assert engine.transformer.runner.session is session
     with pytest.raises(InputError, match="adapter_name"):
         engine.load_lora_weights(str(loras["peft"]), adapter_name="lightning")  # the name is taken
     with pytest.raises(InputError, match="adapter_names"):

@@ -135,3 +135,15 @@ def test_worker_adapter_budget_unloads_the_least_recently_used(tiny_checkpoint, 
     assert set(pipe.get_active_adapters()) == {"detail", "style"}
     cache.activate(pipe, [])
     assert pipe.transformer.runner._overrides == {}  # no adapter: the graph's own weights
+
+
+def test_a_job_read_back_from_the_store_keeps_its_batch_key():
+    """Jobs persist their parameters as JSON (tuples come back as lists); a restored job must batch as it was."""
+    import dataclasses
+    import json
+
+    from qwen_image_trt.serve.protocol import GenParams
+
+    p = GenParams("a fox", None, 1, 64, 64, 2, 4.0, 7, 1, 60.0, loras=(("detail", -0.5), ("style", 0.8)))
+    back = GenParams(**json.loads(json.dumps(dataclasses.asdict(p))))
+    assert back.key == p.key and hash(back.key) == hash(p.key)

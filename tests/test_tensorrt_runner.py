@@ -541,3 +541,69 @@ def test_weight_streaming_log_is_in_gigabytes(caplog):
     with caplog.at_level(logging.INFO, logger=tm.log.name):
         assert tm.apply_weight_streaming_budget(engine, 1_995_000_001, True, "t") == 1_995_000_001
     assert caplog.records[0].getMessage() == "tensorrt: t keeps 2.00 of 4.00 GB of weights on the GPU"
+
+
+# -- refit (run-time LoRA) ----------------------------------------------------------------------------------
+class _Refitter:
+    """Records what a refit is given; refuses names the 'engine' does not have, as TensorRT's Refitter does."""
+
+    def __init__(self, engine, logger, known=("w.weight", "v.weight"), missing=()):
+        self.engine, self.known, self.missing, self.given, self.refitted = engine, known, list(missing), {}, 0
+        _Refitter.last = self
+
+    def set_named_weights(self, name, weights):
+        if name not in self.known:
+            return False
+        self.given[name] = weights.array.copy()
+        return True
+
+    def get_missing_weights(self):
+        return self.missing
+
+    def refit_cuda_engine(self):
+        self.refitted += 1
+        return True
+
+
+def _fake_trt(**refitter_kw):
+    return types.SimpleNamespace(Refitter=lambda e, lg: _Refitter(e, lg, **refitter_kw),
+                                 Weights=lambda a: types.SimpleNamespace(array=a),
+                                 Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}))
+
+
+def _refit_runner(tmp_path, refittable=True, graph_path=None):
+    entry = TensorRTEngine(file="t.plan", bytes=1, tensorrt="10.9.0", gpu="NVIDIA H100", compute_capability="9.0",
+                           profiles={}, cache_key="k", builder=builder_settings("fp16", refittable=refittable))
+    return tr.TensorRTRunner("transformer", tmp_path / "t.plan", entry=entry, graph_path=graph_path)
+
+
+def test_refit_needs_an_engine_built_refittable(tmp_path):
+    with pytest.raises(QitrtError, match="built without --refittable"):
+        _refit_runner(tmp_path, refittable=False).set_weights({"w.weight": None})
+    assert "refittable" not in builder_settings("fp16")  # old engines keep their cache keys
+
+
+def test_refit_gives_every_named_weight_and_drops_captured_graphs(tmp_path, monkeypatch, tiny_engines):
+    import numpy as np
+
+    graph = tiny_engines / "transformer.onnx"
+    runner = _refit_runner(tmp_path, graph_path=graph)
+    runner.set_weights({"w.weight": np.ones((2, 2), np.float16)})  # not active yet: kept for activation
+    assert set(runner._pending_weights) == {"w.weight"}
+
+    name = next(n for n in __import__("onnx_ir").load(str(graph)).graph.initializers if n.endswith(".weight.T"))
+    monkeypatch.setattr(tr, "require_tensorrt", lambda index=0: _fake_trt(known=("w.weight", name)))
+    runner.engine, runner.is_active, runner._graphs = object(), True, {("shape",): "graph"}
+    runner.stream = types.SimpleNamespace(synchronize=lambda: None)
+    runner.set_weights({"w.weight": np.full((2, 2), 3, np.float16), name: None})  # None: the graph's own value
+    rf = _Refitter.last
+    assert rf.refitted == 1 and runner._graphs == {}
+    assert rf.given["w.weight"].tolist() == [[3, 3], [3, 3]]
+    want = np.asarray(__import__("onnx_ir").load(str(graph)).graph.initializers[name].const_value.numpy())
+    assert np.array_equal(rf.given[name], want)
+
+    with pytest.raises(QitrtError, match="refused new weights for 'nope'"):
+        runner.set_weights({"nope": np.zeros(1, np.float16)})
+    monkeypatch.setattr(tr, "require_tensorrt", lambda index=0: _fake_trt(missing=("fused.bias",)))
+    with pytest.raises(QitrtError, match="also needs"):
+        runner.set_weights({"w.weight": np.zeros((2, 2), np.float16)})

@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--timing-cache", default=None, help="TensorRT timing cache file to reuse across builds")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="TensorRT: allow TF32 for fp32 layers (default: off for fp32 reference builds, on otherwise)")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: a transformer engine whose weights can be "
+                   "replaced at run time (LoRA loaded without a rebuild)")
     p.add_argument("--weight-streaming", action="store_true", help="TensorRT: build an engine that can stream "
                    "weights from host memory (set the budget at run time: --trt-weight-streaming-budget)")
     p.add_argument("--no-resource-check", action="store_true",
@@ -104,6 +106,7 @@ def _cmd_build(a) -> int:
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
                         device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
                         weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check,
+                        refittable=a.refittable,
                         report=lambda text: print(text, flush=True), plan_only=a.plan, loras=tuple(a.lora))
     result = build(a.checkpoint, a.out, opts)
     if a.plan:

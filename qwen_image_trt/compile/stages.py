@@ -65,6 +65,7 @@ class BuildOptions:
     timing_cache: str | None = None  # TensorRT timing cache to share across builds (default: in the engine folder)
     tf32: bool | None = None  # TensorRT: None = off for fp32 reference builds, allowed otherwise
     weight_streaming: bool = False  # TensorRT: stream weights from host memory when the GPU is short of it
+    refittable: bool = False  # TensorRT: weights replaceable by name at run time (LoRA without a rebuild)
     device: str | None = None  # calibration, quantization and TensorRT builds; None = cuda if visible, else cpu
     force: bool = False
     progress: bool = True
@@ -313,6 +314,7 @@ def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Compone
         graphs_dir, source, ctx.out, name, profiles, precision=source.precision, recipe=ctx.recipe,
         timing_cache=Path(o.timing_cache) if o.timing_cache else ctx.out / "timing.cache", opt_level=o.opt_level,
         tf32=o.tf32, weight_streaming=o.weight_streaming, device=_cuda_index(o.device), progress=o.progress,
+        refittable=o.refittable and name == "transformer",
         limits=limits_from_sizes(ctx.sizes, o.max_batch, kind), force=o.force)
     return engine, engine.seconds is not None  # seconds is None when an engine with the same key was reused
 

@@ -153,6 +153,8 @@ def configure_builder(trt, builder, network, profiles, settings: dict, *, timing
         config.clear_flag(trt.BuilderFlag.TF32)
     if settings["weight_streaming"]:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if settings.get("refittable"):  # every weight refittable by its ONNX initializer name (run-time LoRA)
+        config.set_flag(trt.BuilderFlag.REFIT)
     if settings.get("workspace_bytes"):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings["workspace_bytes"]))
     resolved = resolve_profile(network_inputs(network), profiles)
@@ -290,7 +292,7 @@ def build_tensorrt_engine(graphs_dir, source: Component, out_dir, name: str, pro
                           recipe=None, timing_cache=None, opt_level: int = 3, tf32: bool | None = None,
                           weight_streaming: bool = False, device: int = 0, progress: bool = True,
                           limits: dict | None = None, force: bool = False,
-                          workspace_bytes: int | None = None) -> TensorRTEngine:
+                          workspace_bytes: int | None = None, refittable: bool = False) -> TensorRTEngine:
     """Build `source`'s graph (in `graphs_dir`) into `out_dir` as component `name`; return its manifest entry.
 
     `profiles`: {input: (min, opt, max)} from `compile.profiles`. `timing_cache`: a file shared by builds.
@@ -300,7 +302,7 @@ def build_tensorrt_engine(graphs_dir, source: Component, out_dir, name: str, pro
     if precision not in PRECISIONS:
         raise InputError("precision", precision, f"one of {', '.join(PRECISIONS)}")
     settings = builder_settings(precision, opt_level=opt_level, tf32=tf32, weight_streaming=weight_streaming,
-                                workspace_bytes=workspace_bytes)
+                                workspace_bytes=workspace_bytes, refittable=refittable)
     profiles = normalize_profile(profiles)
     onnx_path, graph_sha, weights_sha = graph_identity(graphs_dir, source)
     trt = require_tensorrt(device)

@@ -69,7 +69,7 @@ def normalize_cc(compute_capability) -> str:
 
 
 def builder_settings(precision: str, *, opt_level: int = 3, tf32: bool | None = None, weight_streaming: bool = False,
-                     workspace_bytes: int | None = None) -> dict:
+                     workspace_bytes: int | None = None, refittable: bool = False) -> dict:
     """The builder flags an engine depends on, checked and resolved: what the cache key hashes and the manifest
     records under `builder`. `tf32=None` clears TF32 for fp32 reference builds (they are meant to be exact)
     and allows it otherwise."""
@@ -80,9 +80,12 @@ def builder_settings(precision: str, *, opt_level: int = 3, tf32: bool | None = 
     if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
                                         or workspace_bytes <= 0):
         raise InputError("workspace_bytes", workspace_bytes, "a positive number of bytes, or None (TensorRT's default)")
-    return {"strongly_typed": True, "optimization_level": opt_level,
-            "tf32": precision != "fp32" if tf32 is None else tf32,
-            "weight_streaming": bool(weight_streaming), "workspace_bytes": workspace_bytes}
+    settings = {"strongly_typed": True, "optimization_level": opt_level,
+                "tf32": precision != "fp32" if tf32 is None else tf32,
+                "weight_streaming": bool(weight_streaming), "workspace_bytes": workspace_bytes}
+    if refittable:  # only when set: the cache keys of engines built before this option stay what they were
+        settings["refittable"] = True
+    return settings
 
 
 def engine_cache_key(graph_sha: str, weights_sha: str | None, precision: str, recipe, profiles, trt_version: str,

@@ -18,6 +18,7 @@ With backend="torch" the pipeline's transformer is diffusers' own module and eve
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from contextlib import contextmanager
@@ -74,14 +75,18 @@ class AdapterState:
         self.enabled = True
         self.fused: dict[str, float] = {}  # adapter -> weight it was merged with
         self.baked: dict[str, torch.Tensor] = {}  # module -> delta left merged by an unload after a fuse
-        # What the runner holds now (not part of a snapshot): modules whose weights differ from the graph's.
-        self.touched: set[str] = set()
+        self.serials: dict[str, int] = {}  # adapter -> load number (a hot-swapped adapter is another one)
+        self.baked_serial = 0
+        self._next_serial = itertools.count(1)
+        # What the runner holds now (not part of a snapshot): per changed module, the signature of its delta.
+        self.applied: dict[str, tuple] = {}
         self.graph: GraphLinears | None = None
 
     def add(self, adapter: Adapter) -> None:
         if adapter.name in self.adapters:
             raise InputError("adapter_name", adapter.name, f"a name not already loaded ({sorted(self.adapters)})")
         self.adapters[adapter.name] = adapter
+        self.serials[adapter.name] = next(self._next_serial)
         self.weights[adapter.name] = 1.0
         self.active = [adapter.name]
 
@@ -106,34 +111,52 @@ class AdapterState:
 
     def remove(self, name: str) -> None:
         self.adapters.pop(name)
+        self.serials.pop(name)
         self.weights.pop(name)
         self.fused.pop(name, None)
         self.active = [n for n in self.active if n != name]
 
-    def deltas(self) -> dict[str, torch.Tensor]:
-        """module -> the total fp32 delta the current state adds to its weight."""
-        out: dict[str, torch.Tensor] = {m: d.clone() for m, d in self.baked.items()}
+    def contributions(self) -> dict[str, float]:
+        """adapter -> the weight it adds with now (besides what an unload left baked in)."""
         if self.fused:
-            contributing = dict(self.fused)
-        else:
-            contributing = {n: self.weights[n] for n in self.active} if self.enabled else {}
-        for name, weight in contributing.items():
-            for module, factors in self.adapters[name].modules.items():
+            return dict(self.fused)  # merged: the active adapters add nothing more
+        return {n: self.weights[n] for n in self.active} if self.enabled else {}
+
+    def signatures(self) -> dict[str, tuple]:
+        """module -> what its delta is made of; a module whose signature is unchanged keeps the weight it has."""
+        sig: dict[str, tuple] = {m: (("baked", self.baked_serial),) for m in self.baked}
+        for name, weight in self.contributions().items():
+            for module in self.adapters[name].modules:
+                sig[module] = sig.get(module, ()) + ((name, self.serials[name], weight),)
+        return sig
+
+    def delta(self, module: str) -> torch.Tensor | None:
+        """The total fp32 delta the current state adds to one module's weight (None: none)."""
+        out = self.baked[module].clone() if module in self.baked else None
+        for name, weight in self.contributions().items():
+            factors = self.adapters[name].modules.get(module)
+            if factors is not None:
                 d = factors.delta() * weight
-                out[module] = out[module] + d if module in out else d
+                out = d if out is None else out + d
         return out
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {m: self.delta(m) for m in self.signatures()}
 
     def snapshot(self) -> tuple:
         return (dict(self.adapters), dict(self.weights), list(self.active), self.enabled, dict(self.fused),
-                dict(self.baked))
+                dict(self.baked), dict(self.serials), self.baked_serial)
 
     def restore(self, saved: tuple) -> None:
-        (self.adapters, self.weights, self.active, self.enabled, self.fused, self.baked) = saved
+        (self.adapters, self.weights, self.active, self.enabled, self.fused, self.baked, self.serials,
+         self.baked_serial) = saved
 
     def unload(self) -> None:
         if self.fused:
             self.baked = self.deltas()  # the merged weights stay, as PEFT leaves them
+            self.baked_serial = next(self._next_serial)
         self.adapters, self.weights, self.active, self.fused, self.enabled = {}, {}, [], {}, True
+        self.serials = {}
 
 
 class EngineLoraLoader:
@@ -258,26 +281,29 @@ class EngineLoraLoader:
 
     # -- the one place weights change ----------------------------------------------------------------
     def _apply_lora(self) -> None:
-        """Give the runner the new value of every Linear weight whose delta changed; weights no adapter touches
-        any more go back to the graph's own values."""
+        """Give the runner the new value of every Linear weight whose delta changed (and only those); weights no
+        adapter touches any more go back to the graph's own values."""
         runner, state = self.transformer.runner, self._lora
         t0 = time.perf_counter()
         if state.graph is None or state.graph.path != Path(runner.weights_source):
             state.graph = GraphLinears(runner.weights_source)
         linears = state.graph
-        deltas = state.deltas()
+        signatures = state.signatures()
         values: dict[str, np.ndarray | None] = {}
-        for module in state.touched | set(deltas):
+        for module in set(signatures) | set(state.applied):
+            if signatures.get(module) == state.applied.get(module):
+                continue
             name, transposed = linears.locate(module)
-            if module not in deltas:
+            if module not in signatures:
                 values[name] = None
                 continue
             base = linears.read(name)
-            delta = deltas[module].numpy()
+            delta = state.delta(module).numpy()
             merged = base.astype(np.float32) + (delta.T if transposed else delta)
             values[name] = np.ascontiguousarray(merged.astype(base.dtype))
-        runner.set_weights(values)
-        state.touched = set(deltas)
+        if values:
+            runner.set_weights(values)
+        state.applied = signatures
         log.info("lora: %d weights set on %s in %.3f s", len(values), runner.name, time.perf_counter() - t0)
 
 

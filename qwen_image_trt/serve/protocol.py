@@ -71,6 +71,10 @@ class GenParams:
     group: str = ""  # edit members: the input images' digest (their pipelines take one prompt per call)
     loras: tuple = ()  # ((adapter name, scale), ...) sorted by name
 
+    def __post_init__(self):
+        # A job read back from the job store comes through JSON, where tuples became lists: the batch key hashes it.
+        self.loras = tuple((str(name), float(scale)) for name, scale in self.loras)
+
     @property
     def cfg(self) -> bool:
         return self.negative_prompt is not None and self.true_cfg_scale > 1

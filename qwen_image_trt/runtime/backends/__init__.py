@@ -72,4 +72,4 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
         raise InputError("engines", str(engines_dir), f"a folder with a TensorRT engine for {component!r} "
                          "(`qitrt build --target tensorrt`); this one holds ONNX graphs only")
     return TensorRTRunner(component, folder / entry.tensorrt.file, device=device, entry=entry.tensorrt,
-                          **(trt_options or {}))
+                          graph_path=entry.graph.path(folder), **(trt_options or {}))

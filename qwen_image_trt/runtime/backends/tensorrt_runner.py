@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_trt.core.errors import EngineMismatchError, InputError
+from qwen_image_trt.core.errors import EngineMismatchError, InputError, QitrtError
 from qwen_image_trt.core.manifest import TensorRTEngine
 from qwen_image_trt.core.shapes import check_shape_in_profile, profile_from_json
 from qwen_image_trt.core.tensorrt import check_engine_compatible, gpu_info, require_tensorrt
@@ -199,10 +199,12 @@ class TensorRTRunner(Runner):
     def __init__(self, name: str, engine_path, device="cuda", entry: TensorRTEngine | None = None, *,
                  cuda_graphs: bool = False, max_graphs: int = 4, cuda_graph_warmup: int = 1,
                  max_output_buffers: int = 8, copy_outputs: bool = True, strict_gpu: bool = False,
-                 weight_streaming_budget=None, share_memory: bool = True):
+                 weight_streaming_budget=None, share_memory: bool = True, graph_path=None):
         """`entry`: the engine's manifest entry (compatibility and profile checks). `copy_outputs`: return
         fresh tensors (default); with False, outputs are reused buffers, valid until the next `infer` of the
-        same shapes. `share_memory`: run in the device's shared activation arena (else a private one)."""
+        same shapes. `share_memory`: run in the device's shared activation arena (else a private one).
+        `graph_path`: the ONNX graph the engine was built from (its initializer names are the refittable weights'
+        names, and its values are what `set_weights(None)` restores)."""
         super().__init__(name, device)
         check_budget_value(weight_streaming_budget)
         built_with = None if entry is None else bool(entry.builder.get("weight_streaming"))
@@ -218,6 +220,59 @@ class TensorRTRunner(Runner):
         self._profile = profile_from_json(entry.profiles) if entry is not None else {}
         self._cuda = _TorchCuda
         self.engine = self.context = self.plan = self.stream = self._arena = None
+        self.graph_path = Path(graph_path) if graph_path is not None else None
+        self._pending_weights: dict = {}  # set before activation: refitted when the engine is loaded
+
+    # -- weights (refit) ------------------------------------------------------------------------------
+    @property
+    def weights_source(self) -> Path:
+        if self.graph_path is None:
+            raise NotImplementedError(f"tensorrt runner {self.name!r}: no source ONNX graph given, so its weights "
+                                      "cannot be named")
+        return self.graph_path
+
+    def set_weights(self, values: dict) -> None:
+        """Refit named weights (None: the source graph's value) of an engine built with --refittable."""
+        if self.entry is None or not self.entry.builder.get("refittable"):
+            raise QitrtError(f"tensorrt runner {self.name!r}: {self.engine_path.name} was built without --refittable, "
+                             "so its weights cannot change at run time: rebuild it with `qitrt build --target "
+                             "tensorrt --refittable`, or merge the LoRA at build with --lora")
+        if not self.is_active:
+            self._pending_weights.update(values)
+            return
+        self._refit(values)
+
+    def _refit(self, values: dict) -> None:
+        import numpy as np
+
+        trt = require_tensorrt(self.device.index or 0)
+        refitter = trt.Refitter(self.engine, trt.Logger(trt.Logger.WARNING))
+        keep = []  # trt.Weights points into these arrays until the refit has run
+        for name, value in values.items():
+            array = np.ascontiguousarray(self._graph_value(name) if value is None else value)
+            keep.append(array)
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise QitrtError(f"TensorRT refused new weights for {name!r} in {self.engine_path.name} (not a "
+                                 "refittable weight of this engine, or another shape or dtype)")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise QitrtError(f"refit of {self.engine_path.name} also needs {missing[:5]} (weights TensorRT fused "
+                             "with the changed ones): rebuild without that fusion or merge at build with --lora")
+        self.stream.synchronize()  # no launch in flight reads the weights being replaced
+        if not refitter.refit_cuda_engine():
+            raise QitrtError(f"TensorRT could not refit {self.engine_path.name}")
+        self._graphs = {}  # CUDA graphs captured before the refit replay launches made for the old weights
+
+    def _graph_value(self, name: str):
+        import numpy as np
+        import onnx_ir as ir
+
+        model = self.__dict__.get("_source_model")
+        if model is None:  # the structure once; each tensor is read from the data file only when asked
+            model = self._source_model = ir.load(str(self.weights_source))
+        if name not in model.graph.initializers:
+            raise QitrtError(f"{self.weights_source.name} has no initializer {name!r} to restore")
+        return np.asarray(model.graph.initializers[name].const_value.numpy())
 
     def _new_output(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
@@ -250,6 +305,9 @@ class TensorRTRunner(Runner):
         self.plan = binding_plan(engine, trt.TensorIOMode.INPUT)
         self._last_signature = self._memory_generation = None
         self._graphs: dict[tuple, _Graph] = {}
+        if self._pending_weights:  # set_weights before the engine was loaded
+            pending, self._pending_weights = self._pending_weights, {}
+            self._refit(pending)
 
     def _deactivate_impl(self):
         if self.stream is not None:
