@@ -135,3 +135,31 @@ def test_a_person_edits_an_uploaded_image_in_a_real_browser(ui_server, tmp_path)
     docs_shot = ROOT / "docs" / "ui-edit.png"
     if not docs_shot.exists():  # the committed screenshot is this test's; delete it to take a new one
         shutil.copy(shot, docs_shot)
+
+
+@pytest.fixture(scope="module")
+def lora_ui_server(tiny_checkpoint, tmp_path_factory):
+    from qwen_image_trt.models.tiny import make_tiny_lora
+
+    loras = tmp_path_factory.mktemp("loras")
+    make_tiny_lora(tiny_checkpoint, loras / "style.safetensors", fmt="kohya", seed=3)
+    s = Server(tiny_checkpoint, tmp_path_factory.mktemp("jobs"), "--ui", "--lora-dir", str(loras),
+               "--default-size", "64x64", "--default-steps", "3", devices="cpu")
+    yield s
+    s.kill()
+
+
+def test_the_lora_picker_sends_the_adapters_through_the_same_engine(lora_ui_server):
+    """With --lora-dir the page offers the served adapters; a picked one runs as the API's `lora` field does."""
+    from gradio_client import Client
+
+    client = Client(lora_ui_server.url + "/ui/", headers=AUTH, verbose=False)
+    gallery, _ = client.predict("a green ball", "", "64x64", 3, 11, 4.0, 1, ["style"], 0.8, api_name="/generate")
+    assert "LoRA style:0.8" in gallery[0]["caption"]
+    r = lora_ui_server.post({"prompt": "a green ball", "seed": 11, "size": "64x64", "num_inference_steps": 3,
+                             "lora": "style:0.8"})
+    want = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(gallery[0]["image"]).convert("RGB")), want)
+    plain, _ = client.predict("a green ball", "", "64x64", 3, 11, 4.0, 1, [], 0.8, api_name="/generate")
+    assert "LoRA" not in plain[0]["caption"]
+    assert not np.array_equal(np.asarray(Image.open(plain[0]["image"]).convert("RGB")), want)  # the adapter shows

@@ -60,8 +60,8 @@ def test_builder_settings_tf32_default_and_checks():
     for bad in (dict(opt_level=7), dict(opt_level=True), dict(tf32="yes"), dict(workspace_bytes=0)):
         with pytest.raises(InputError):
             builder_settings("fp16", **bad)
-    with pytest.raises(TypeError):
-        builder_settings("fp16", refittable=True)  # removed until LoRA refit lands
+    assert builder_settings("fp16", refittable=True)["refittable"] is True  # run-time LoRA: refit by name
+    assert "refittable" not in builder_settings("fp16")  # absent unless asked: older engines keep their cache key
 
 
 def test_engine_file_name_carries_version_and_cc():
@@ -219,7 +219,8 @@ def _fake_trt(log, *, strongly_typed=True, inputs=(("latents", (-1, 16, 1, -1, -
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=_Flag("STRONGLY_TYPED", 1))
-    trt.BuilderFlag = types.SimpleNamespace(TF32=_Flag("TF32", 7), WEIGHT_STREAMING=_Flag("WEIGHT_STREAMING", 21))
+    trt.BuilderFlag = types.SimpleNamespace(TF32=_Flag("TF32", 7), WEIGHT_STREAMING=_Flag("WEIGHT_STREAMING", 21),
+                                            REFIT=_Flag("REFIT", 1))
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=_Flag("WORKSPACE", 0))
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: log.append(("Logger", (level,), {}))})
 
@@ -356,6 +357,12 @@ def test_build_flags_follow_the_settings(tmp_path, fake_gpu):
     with pytest.raises(QitrtError, match="could not build"):
         _build(tmp_path, precision="fp32", tf32=True)  # forced on for an fp32 build
     assert ("config.set_flag", (trt.BuilderFlag.TF32,), {}) in log
+    assert ("config.set_flag", (trt.BuilderFlag.REFIT,), {}) not in log
+
+    log.clear()
+    with pytest.raises(QitrtError, match="could not build"):
+        _build(tmp_path, precision="fp16", refittable=True)  # run-time LoRA: every weight refittable by name
+    assert ("config.set_flag", (trt.BuilderFlag.REFIT,), {}) in log
 
 
 def test_not_strongly_typed_network_is_refused(tmp_path, fake_gpu):

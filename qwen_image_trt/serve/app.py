@@ -92,7 +92,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     if cfg.ui:
         from qwen_image_trt.serve.ui import mount_ui
 
-        mount_ui(app, cfg, limits, lambda: app.state.engine)
+        mount_ui(app, cfg, limits, lambda: app.state.engine, http.adapters)
     app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=http.count_path,
                        cors_origins=(cfg.cors_origins or "").split(",") if cfg.cors_origins else ())
     if cfg.cors_origins:  # outside the guard: a preflight carries no API key

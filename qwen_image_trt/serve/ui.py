@@ -3,8 +3,8 @@ model copy): a request from the page is one more request in the queue, batched w
 
 Two tabs: text to image (on a text-to-image checkpoint) and edit (upload one or several images, a mask for
 inpaint, strength): what an edit runs as follows from the checkpoint as on POST /v1/images/edits (img2img or
-inpaint on Qwen-Image, edit on Qwen-Image-Edit, 1-3 images on Edit-Plus). The LoRA picker waits for served
-adapters (the LoRA issue). The API key, when set, protects the page too: open /ui?key=KEY once and a same-site
+inpaint on Qwen-Image, edit on Qwen-Image-Edit, 1-3 images on Edit-Plus). With `--lora-dir`, both tabs have a LoRA
+picker (the served adapters, listed again each time the page loads) and one scale for the picked ones. The API key, when set, protects the page too: open /ui?key=KEY once and a same-site
 cookie carries it (serve/guard.py).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.serve.adapters import UnknownAdapter
 from qwen_image_trt.serve.protocol import ImageRequest, check_params
 from qwen_image_trt.serve.state import ServeError
 
@@ -43,6 +44,8 @@ def caption(p) -> str:
     edit = ""
     if p.kind != "text-to-image":
         edit = f" | {p.kind} of {len(p.images)} image(s)" + (f", strength {p.strength:g}" if p.strength else "")
+    if p.loras:
+        edit += " | LoRA " + ", ".join(f"{name}:{scale:g}" for name, scale in p.loras)
     return (f"{p.prompt}{neg}{edit} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}, CFG {p.true_cfg_scale:g}"
             if p.cfg else f"{p.prompt}{edit} | {p.width}x{p.height}, {p.steps} steps, seed {p.seed}")
 
@@ -58,8 +61,9 @@ def health_text(engine) -> str:
     return f"**Server:** {h['status']} · queue {h['queue_length']} · workers: {workers}"
 
 
-def mount_ui(app, cfg, limits, engine_of) -> None:
-    """Mount the page on `app`. `engine_of()` returns the running Engine (made at startup, after mounting)."""
+def mount_ui(app, cfg, limits, engine_of, adapters=None) -> None:
+    """Mount the page on `app`. `engine_of()` returns the running Engine (made at startup, after mounting);
+    `adapters`, the server's AdapterCatalog: with a --lora-dir, both tabs get a LoRA picker and a scale."""
     try:
         import gradio as gr
     except ImportError as e:
@@ -73,9 +77,13 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
         try:
             req = ImageRequest(**fields)
             params = await asyncio.to_thread(check_params, req, cfg, limits, engine.max_images, server_kind, edit)
+            if params.loras:
+                await asyncio.to_thread(adapters.check, params.loras)
             st = engine.accept(params)
         except InputError as e:
             raise gr.Error(f"{e.field}: {e.allowed} (got {e.value!r})") from None
+        except UnknownAdapter as e:
+            raise gr.Error(str(e)) from None
         except ServeError as e:
             raise gr.Error(e.message) from None
         t0 = time.monotonic()
@@ -91,17 +99,24 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
                f"{st.batch_images} on worker {st.worker})"
         return history, history, done
 
-    def common(prompt, negative, size, steps, seed, scale, n) -> dict:
-        return dict(prompt=prompt or "", negative_prompt=negative or None, size=size, num_inference_steps=int(steps),
-                    seed=int(seed), true_cfg_scale=float(scale), n=int(n))
+    has_loras = adapters is not None and adapters.folder is not None
 
-    async def generate(prompt, negative, size, steps, seed, scale, n, history, progress=gr.Progress()):
-        return await run_request(common(prompt, negative, size, steps, seed, scale, n), False, history, progress)
+    def common(prompt, negative, size, steps, seed, scale, n, loras=None, lora_scale=1.0) -> dict:
+        fields = dict(prompt=prompt or "", negative_prompt=negative or None, size=size, num_inference_steps=int(steps),
+                      seed=int(seed), true_cfg_scale=float(scale), n=int(n))
+        if loras:
+            fields["lora"] = [f"{name}:{float(lora_scale):g}" for name in loras]
+        return fields
 
-    async def edit(files, mask, strength, prompt, negative, size, steps, seed, scale, n, history,
+    async def generate(prompt, negative, size, steps, seed, scale, n, loras, lora_scale, history,
+                       progress=gr.Progress()):
+        return await run_request(common(prompt, negative, size, steps, seed, scale, n, loras, lora_scale), False,
+                                 history, progress)
+
+    async def edit(files, mask, strength, prompt, negative, size, steps, seed, scale, n, loras, lora_scale, history,
                    progress=gr.Progress()):
         paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
-        fields = common(prompt, negative, size, steps, seed, scale, n)
+        fields = common(prompt, negative, size, steps, seed, scale, n, loras, lora_scale)
         fields["image"] = [_b64_file(p) for p in paths]
         if mask:
             fields["mask"] = _b64_file(mask)
@@ -121,8 +136,16 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
             scale = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="CFG scale")
             n = gr.Slider(1, max(1, min(cfg.max_n, 4)), value=1, step=1, label="Images")
-        return [prompt, negative, size, steps, seed, scale, n]
+        if not has_loras:  # states are not API parameters: the page's API is the same as before adapters existed
+            return [prompt, negative, size, steps, seed, scale, n, gr.State([]), gr.State(1.0)]
+        with gr.Row():
+            loras = gr.Dropdown(adapters.names(), value=[], multiselect=True, label="LoRA adapters",
+                                elem_id=f"{prefix}-loras")
+            lora_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA scale")
+        pickers.append(loras)
+        return [prompt, negative, size, steps, seed, scale, n, loras, lora_scale]
 
+    pickers: list = []  # the LoRA dropdowns, refreshed when a page loads (files may have been added)
     what_edit = {"text-to-image": "img2img, or inpaint with a mask", "edit": "Qwen-Image-Edit (edit-inpaint with a "
                  "mask)", "edit-plus": "Qwen-Image-Edit-Plus: 1 to 3 images"}.get(server_kind, server_kind)
     with gr.Blocks(title="qitrt serve") as page:
@@ -153,4 +176,6 @@ def mount_ui(app, cfg, limits, engine_of) -> None:
                        api_name="edit")
         gr.Timer(2.0).tick(lambda: health_text(engine_of()), None, status)
         page.load(lambda: health_text(engine_of()), None, status)
+        for picker in pickers:
+            page.load(lambda: gr.update(choices=adapters.names()), None, picker)
     gr.mount_gradio_app(app, page, path=UI_PATH, footer_links=["api"])
