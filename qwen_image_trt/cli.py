@@ -64,6 +64,9 @@ def _add_core(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter PATH[:SCALE] (repeatable; diffusers/PEFT, kohya or Lightning .safetensors) "
                    "merged into the transformer's weights before export; the manifest records each file's hash and "
                    "scale")
+    p.add_argument("--scheduler-config", default=None, metavar="NAME|FILE", help="the sampling recipe the engines "
+                   "are made for, recorded in the manifest: lightning-4step | lightning-8step (Qwen-Image-Lightning's "
+                   "scheduler and steps) or a JSON file {\"scheduler\": {...}, \"num_inference_steps\": N}")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate one image, eager or with exported engines")
@@ -101,7 +104,8 @@ def _add_core(sub) -> None:
     p.add_argument("--engines", required=True)
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--out", required=True, help="report folder (report.json, report.html, images)")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the per-step and image checks, >= 2 "
+                   "(default: the steps of the recipe the engines were made for, else 4)")
     p.add_argument("--sizes", default=None, help="image sizes for the per-forward grid, e.g. 64x64,96x64")
     p.add_argument("--batches", default=None, help="batch sizes for the per-forward grid, e.g. 1,2")
     p.add_argument("--image-size", type=_size, default=None, help="WxH of the end-to-end images")
@@ -196,7 +200,7 @@ def _cmd_export(a) -> None:
     from qwen_image_trt.compile.export import DEFAULT_OPSET, export_onnx
 
     m = export_onnx(a.checkpoint, a.out, precision=a.precision, components=a.components.split(","),
-                    opset=a.opset or DEFAULT_OPSET, force=a.force, loras=a.lora)
+                    opset=a.opset or DEFAULT_OPSET, force=a.force, loras=a.lora, sampling=a.scheduler_config)
     for name, c in m.components.items():
         check = c.check or {}
         ort = check.get("skipped") or f"ORT vs eager max|d|={check['max_abs_err_vs_eager']:.2e}"

@@ -57,7 +57,7 @@ def test_short_run_writes_markdown_and_plots(short_run):
     _, out = short_run
     md = (out / "tiny.md").read_text()
     assert "| variant | size | batch |" in md and "onnxruntime:fp32" in md and "n/a (CPU)" in md
-    for name in ("tiny_latency_vs_batch.png", "tiny_speedup.png"):
+    for name in ("tiny_throughput_vs_batch.png", "tiny_speedup.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

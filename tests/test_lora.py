@@ -202,8 +202,14 @@ def test_graph_without_named_linears_is_refused(tiny_engines):
 
 # -- merged at export --------------------------------------------------------------------------------------
 def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_engines, loras, tmp_path):
-    """`export --lora F:0.8` re-exports the transformer only (the VAE graphs are unchanged), records the adapter,
-    and runs as stock diffusers does with that adapter at 0.8; the same call again is skipped."""
+    """`export --lora F:0.8 --scheduler-config lightning-4step` (a few-step LoRA as it is shipped) re-exports the
+    transformer only (the VAE graphs are unchanged), records the adapter and the recipe, and runs as stock diffusers
+    does with that adapter at 0.8 and Lightning's scheduler; the same call again is skipped."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from qwen_image_trt.models.sampling import LIGHTNING_SCHEDULER
+    from qwen_image_trt.runtime.generate import default_request
+
     from qwen_image_trt import load_pipeline
     from qwen_image_trt.compile.export import export_onnx
     from qwen_image_trt.models.pipelines import load_stock_pipeline
@@ -211,7 +217,8 @@ def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_
     out = tmp_path / "engines-style"
     shutil.copytree(tiny_engines, out)
     spec = f"{loras['kohya']}:0.8"
-    m = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[spec])
+    m = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[spec], sampling="lightning-4step")
+    assert m.sampling["steps"] == 4 and m.sampling["scheduler"]["time_shift_type"] == "exponential"
     assert m.loras[0]["sha256"] and m.loras[0]["scale"] == 0.8 and m.loras[0]["name"] == "kohya"
     assert m.components["transformer"].source["loras"] == [{"sha256": m.loras[0]["sha256"], "scale": 0.8}]
     assert "loras" not in m.components["vae_decoder"].source
@@ -222,13 +229,34 @@ def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_
     base = latents(stock)
     stock.load_lora_weights(str(loras["kohya"]), adapter_name="style")
     stock.set_adapters(["style"], [0.8])
+    with_default_scheduler = latents(stock)
+    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER)  # as Lightning's README
     want = latents(stock)
-    got = latents(load_pipeline(tiny_checkpoint, engines=out, backend="onnxruntime"))
-    assert rel(want, base) > MOVES
+    engine = load_pipeline(tiny_checkpoint, engines=out, backend="onnxruntime")
+    got = latents(engine)
+    assert rel(want, base) > MOVES and rel(want, with_default_scheduler) > MOVES  # both the LoRA and the schedule show
     assert rel(got, want) < SAME
+    assert default_request(tiny_checkpoint, out)[2] == 4  # generate's default steps: the recipe's
 
-    again = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[spec])
+    again = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[spec], sampling="lightning-4step")
     assert not again.ran
+
+    # parity compares the merged engine with eager running the same adapter (diffusers' PEFT path), so it passes;
+    # a changed adapter file is refused rather than compared with the wrong reference
+    from qwen_image_trt.parity.run import ParityConfig, run_parity
+
+    report = run_parity(ParityConfig(checkpoint=tiny_checkpoint, engines=out, out=tmp_path / "parity",
+                                     sizes=[(32, 32)], batches=[1], image_size=(64, 64), progress=False))
+    assert report.passed, report.summary()
+    assert report.data["loras"][0]["scale"] == 0.8 and report.data["steps"] == 4  # at the recipe's step count
+    moved = tmp_path / "moved.safetensors"
+    shutil.move(loras["kohya"], moved)
+    try:
+        with pytest.raises(InputError, match="missing or changed"):
+            run_parity(ParityConfig(checkpoint=tiny_checkpoint, engines=out, out=tmp_path / "p2", steps=2,
+                                    progress=False))
+    finally:
+        shutil.move(moved, loras["kohya"])
 
 
 def json_manifest(folder):
@@ -265,3 +293,44 @@ def test_generate_with_a_lora_on_engines_from_the_cli(tiny_checkpoint, tiny_engi
                 "--lora", tmp_path / "absent.safetensors", "--out", tmp_path / "x.png")
     assert bad.returncode != 0 and "lora=" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sampling_recipes_are_checked_by_name(tmp_path):
+    from qwen_image_trt.models.sampling import load_recipe
+
+    assert load_recipe("lightning-8step").steps == 8
+    with pytest.raises(InputError, match="steps=4 .*8: the step count lightning-8step is made for"):
+        load_recipe("lightning-8step", steps=4)
+    with pytest.raises(InputError, match="scheduler_config"):
+        load_recipe("lightning-2step")
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"scheduler": {"base_shfit": 1.1}, "num_inference_steps": 6}))
+    with pytest.raises(InputError, match="base_shfit"):
+        load_recipe(typo)
+    bare = tmp_path / "scheduler_config.json"
+    bare.write_text(json.dumps({"shift": 3.0, "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    with pytest.raises(InputError, match="--steps N"):
+        load_recipe(bare)
+    recipe = load_recipe(bare, steps=6)
+    assert recipe.steps == 6 and recipe.scheduler == {"shift": 3.0}
+
+
+def test_a_server_on_few_step_engines_defaults_to_their_steps(tiny_checkpoint, tiny_engines, tmp_path):
+    from qwen_image_trt.models.sampling import load_recipe
+    from qwen_image_trt.serve.app import create_app
+    from qwen_image_trt.serve.config import ServerConfig
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["sampling"] = load_recipe("lightning-8step").record()
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    cfg = ServerConfig(checkpoint=str(tiny_checkpoint), engines=str(engines))
+    create_app(cfg)
+    assert cfg.default_steps == 8
+    chosen = ServerConfig(checkpoint=str(tiny_checkpoint), engines=str(engines), default_steps=6)
+    create_app(chosen)
+    assert chosen.default_steps == 6  # what the operator said wins
+    plain = ServerConfig(checkpoint=str(tiny_checkpoint), engines=str(tiny_engines))
+    create_app(plain)
+    assert plain.default_steps == 20

@@ -157,19 +157,55 @@ def offline_plots(result: dict, out: Path, tag: str) -> dict[str, Path]:
     sizes = sorted({r["size"] for r in rows}, key=lambda s: [int(x) for x in s.split("x")])
     labels = list(dict.fromkeys(r["label"] for r in rows))
 
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    # Top row: what a user buys, images per second against batch, with the spread of the repeats (each run's
+    # batch / latency) and the physical ceiling where the device's peak is known. Bottom row: where one call's time
+    # goes at the largest batch measured, per variant.
+    parts = (("text_encoder_s", "text encoder"), ("transformer_total_s", "transformer"), ("vae_decode_s", "VAE decode"),
+             ("other_s", "other"))
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 7.5), squeeze=False)
+    for col, size in enumerate(sizes):
+        ax, parts_ax = axes[0][col], axes[1][col]
+        batches = sorted({r["batch"] for r in rows if r["size"] == size})
         for label in labels:
-            pts = sorted((r["batch"], r["latency_s"]) for r in rows if r["size"] == size and r["label"] == label)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+            pts = sorted((r for r in rows if r["size"] == size and r["label"] == label), key=lambda r: r["batch"])
+            if not pts:
+                continue
+            xs = [r["batch"] for r in pts]
+            ys = [r["batch"] / r["latency_s"] for r in pts]
+            runs = [[r["batch"] / t for t in (r.get("latency_all_s") or [r["latency_s"]])] for r in pts]
+            err = [[y - min(v) for y, v in zip(ys, runs)], [max(v) - y for y, v in zip(ys, runs)]]
+            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            ceiling = [r["batch"] / (r["floor_step_s"] * r["steps"]) for r in pts if r.get("floor_step_s")]
+            if len(ceiling) == len(pts):
+                ax.plot(xs, ceiling, ls=":", color=line[0].get_color(), label=f"{label} ceiling (peak FLOP/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_ylim(bottom=0)
         ax.set(title=f"{size}, {rows[0]['steps']} steps", xlabel="batch (images per call)",
-               ylabel="latency per call (s)")
+               ylabel="images / s (higher is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+
+        biggest = max(batches)
+        cell = [next((r for r in rows if r["size"] == size and r["label"] == lb and r["batch"] == biggest), None)
+                for lb in labels]
+        present = [(lb, r) for lb, r in zip(labels, cell) if r is not None]
+        left = [0.0] * len(present)
+        for key, name in parts:
+            vals = [r.get(key) or 0.0 for _, r in present]
+            parts_ax.barh(range(len(present)), vals, left=left, label=name)
+            left = [a + b for a, b in zip(left, vals)]
+        parts_ax.set_yticks(range(len(present)), [lb for lb, _ in present], fontsize=8)
+        parts_ax.invert_yaxis()
+        parts_ax.set(title=f"where one call's time goes (batch {biggest})", xlabel="seconds per call")
+        parts_ax.grid(alpha=0.3, axis="x")
+        parts_ax.legend(fontsize=8, ncols=len(parts), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ceiling = ("dotted: the ceiling at the device's peak FLOP/s" if any(r.get("floor_step_s") for r in rows)
+               else "no ceiling drawn: no peak FLOP/s known for this device")
+    fig.suptitle(f"Throughput against batch (error bars: fastest and slowest repeat; {ceiling})", fontsize=10)
     fig.tight_layout()
-    paths["latency_vs_batch"] = out / f"{tag}_latency_vs_batch.png"
-    fig.savefig(paths["latency_vs_batch"], dpi=100)
+    paths["throughput_vs_batch"] = out / f"{tag}_throughput_vs_batch.png"
+    fig.savefig(paths["throughput_vs_batch"], dpi=100)
     plt.close(fig)
 
     others = [lb for lb in labels if any(r.get("speedup_vs_eager") for r in rows if r["label"] == lb)]

@@ -39,6 +39,7 @@ from qwen_image_trt.core.manifest import (
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, MAX_STEPS, padded_text_len, parse_sizes
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.lora import merge_into, read_loras
+from qwen_image_trt.models.sampling import SamplingRecipe, load_recipe
 from qwen_image_trt.models.pipelines import load_stock_pipeline, pipeline_kind
 from qwen_image_trt.models.transformer_export import RopeTables
 
@@ -146,11 +147,12 @@ class _Recorder:
 
 def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, seed: int = 0, holdout=None,
               record_every=None, device: str = "cpu", force: bool = False, progress: bool = True,
-              pipe=None, loras=()) -> CalibrationManifest:
+              pipe=None, loras=(), sampling=None) -> CalibrationManifest:
     """Record a calibration set for `checkpoint` into `out_dir`; return its manifest.
 
     `loras` ("PATH[:SCALE]" or LoraSpec): merged into the transformer as `qitrt export --lora` merges them, so
-    a quantized LoRA engine is calibrated on the trajectories it will run."""
+    a quantized LoRA engine is calibrated on the trajectories it will run. `sampling` (a SamplingRecipe, name or
+    file): the scheduler and step count the engines are made for (a few-step LoRA's), used while recording."""
     from tqdm.auto import tqdm
 
     root = ckpt.validate_checkpoint(checkpoint)
@@ -160,6 +162,11 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
         # recorded yet, so a quantized edit engine would be calibrated on what it never sees.
         raise InputError("checkpoint", str(root), f"a text-to-image checkpoint: calibration does not drive the {kind} "
                          "pipeline yet (its fp32/bf16/fp16 exports and parity work; INT8/FP8 need calibration)")
+    recipe = sampling if sampling is None or isinstance(sampling, SamplingRecipe) else load_recipe(sampling, steps)
+    if recipe is not None:
+        steps = recipe.steps if steps is None else steps
+        if steps != recipe.steps:
+            raise InputError("steps", steps, f"{recipe.steps}: the step count {recipe.name} is made for")
     settings = make_settings(root, num_prompts, steps, sizes, seed, holdout, record_every)
     merged = read_loras(root, loras)
     identity = ckpt.checkpoint_identity(root)
@@ -168,6 +175,8 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
     source = {"checkpoint": identity, "settings": settings.as_dict(), "prompt_set": prompt_set_sha256()[:16]}
     if merged:
         source["loras"] = [adapter.record(scale) for adapter, scale in merged]
+    if recipe is not None:
+        source["sampling"] = recipe.record()
     old = try_read_manifest(out, CalibrationManifest)
     done = _intact_samples(out, old, source) if not force else {}
     manifest = CalibrationManifest(checkpoint=CheckpointId(path=str(root.resolve()), identity=identity),
@@ -189,6 +198,8 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
                                            dtype=torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
             if merged and hook is None:
                 merge_into(pipe.transformer, merged)
+            if recipe is not None and hook is None:
+                recipe.apply(pipe)
             if hook is None:
                 hook = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
             manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out))

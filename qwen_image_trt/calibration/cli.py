@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA merged into the transformer while recording (repeatable): the same --lora arguments "
                    "as the export the quantized engine is made from")
+    p.add_argument("--scheduler-config", default=None, metavar="NAME|FILE", help="sampling recipe to record with "
+                   "(lightning-4step | lightning-8step | JSON file): the one the quantized engines are made for")
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -31,7 +33,7 @@ def _cmd_calibrate(a) -> int:
 
     m = calibrate(a.checkpoint, a.out, num_prompts=a.num_prompts, steps=a.steps, sizes=a.sizes, seed=a.seed,
                   holdout=a.holdout, record_every=a.record_every, device=a.device or default_device(),
-                  force=a.force, loras=a.lora)
+                  force=a.force, loras=a.lora, sampling=a.scheduler_config)
     t = m.totals
     state = f"{m.seconds:.1f}s" if m.ran else "unchanged, skipped"
     print(f"calibration set {m.set_id}: {t['prompts']} prompts, {t['calib_calls']} calibration + "

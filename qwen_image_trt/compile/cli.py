@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter merged into the transformer at export and calibrated with (repeatable; "
                    "diffusers/PEFT, kohya or Lightning .safetensors)")
+    p.add_argument("--scheduler-config", default=None, metavar="NAME|FILE", help="sampling recipe the engines are "
+                   "made for (calibration runs it; the manifest records it): lightning-4step | lightning-8step or a "
+                   "JSON file {\"scheduler\": {...}, \"num_inference_steps\": N}")
     p.set_defaults(func=_cmd_build)
 
     from qwen_image_trt.compile.lint import add_lint_parser
@@ -106,7 +109,7 @@ def _cmd_build(a) -> int:
                         keep=_keep(a.keep), recipe=a.recipe, opt_level=a.opt_level, ort_level=a.ort_level,
                         device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
                         weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check,
-                        refittable=a.refittable,
+                        refittable=a.refittable, sampling=a.scheduler_config,
                         report=lambda text: print(text, flush=True), plan_only=a.plan, loras=tuple(a.lora))
     result = build(a.checkpoint, a.out, opts)
     if a.plan:

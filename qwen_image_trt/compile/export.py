@@ -36,6 +36,7 @@ from qwen_image_trt.core.manifest import (
 from qwen_image_trt.core.resources import PeakRSS, free_disk_bytes
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.lora import read_loras
+from qwen_image_trt.models.sampling import SamplingRecipe, load_recipe
 from qwen_image_trt.models.specs import SPECS, ExportSpec, spec_for
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,25 @@ def export_bytes(checkpoint, precision: str, components) -> int:
 
 
 def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(SPECS), opset: int = DEFAULT_OPSET,
-                force: bool = False, progress: bool = True, loras=()) -> Manifest:
+                force: bool = False, progress: bool = True, loras=(), sampling=None) -> Manifest:
     """Export `components` of `checkpoint` to `out_dir`; return the manifest (also written to out_dir).
 
     `loras`: LoraSpec (or "PATH[:SCALE]" strings) merged into the transformer's weights before it is traced; each
-    adapter's file hash and scale go into the transformer's source, so another adapter or scale re-exports it."""
+    adapter's file hash and scale go into the transformer's source, so another adapter or scale re-exports it.
+    `sampling`: a SamplingRecipe (or a recipe name / file) the engines are made for, recorded in the manifest (a
+    few-step LoRA's scheduler and step count); it changes no graph."""
     unknown = [c for c in components if c not in SPECS]
     if unknown:
         raise InputError("components", unknown, f"a subset of {', '.join(SPECS)}")
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
     precision = resolve_precision(root, precision)
     merged = read_loras(root, loras)  # every adapter read and checked before anything is written
+    recipe = sampling if sampling is None or isinstance(sampling, SamplingRecipe) else load_recipe(sampling)
     out = _writable_folder(out_dir)
     identity = ckpt.checkpoint_identity(root)
     manifest = _load_or_new(out, root, identity, precision, opset)
     manifest.loras = [adapter.record(scale) for adapter, scale in merged] or None
+    manifest.sampling = recipe.record() if recipe else None
     sources = {c: _source(identity, precision, opset, merged if c == "transformer" else ()) for c in components}
     todo = [c for c in components if force or not _up_to_date(out, manifest, c, sources[c])]
     _check_disk(root, out, precision, todo)

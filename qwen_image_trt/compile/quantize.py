@@ -110,7 +110,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     old = try_read_manifest(out)
     manifest = Manifest(stage="quantize", checkpoint=source_manifest.checkpoint, precision=precision,
                         opset=QUANT_OPSET, exporter=f"{source_manifest.exporter} + {WRITER}", versions=tool_versions(),
-                        loras=source_manifest.loras)
+                        loras=source_manifest.loras, sampling=source_manifest.sampling)
     entry = old.components.get("transformer") if old is not None and old.stage == "quantize" else None
     if not force and entry is not None and entry.source == source and entry.graph.intact(out):
         log.info("quantize: transformer unchanged (calibration %s, recipe %s), skipped", calib.set_id, source["recipe"])

@@ -74,6 +74,7 @@ class BuildOptions:
     plan_only: bool = False  # say what the build would need and stop
     components: tuple = COMPONENTS
     loras: tuple = ()  # "PATH[:SCALE]" adapters merged into the transformer (export) and calibrated with
+    sampling: str | None = None  # a recipe name or JSON file (models.sampling): scheduler + steps made for
     extra: dict = field(default_factory=dict)
 
 
@@ -104,6 +105,7 @@ class _Context:
     sizes: list
     recipe: dict | None
     recipe_overrides: dict | None
+    recipe_sampling: object = None  # models.sampling.SamplingRecipe, or None
     stages: list[StageRun] = field(default_factory=list)
 
     @property
@@ -173,7 +175,10 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
             log.warning("build: ONNX Runtime's CPU provider runs few bf16 kernels; bf16 graphs are meant for "
                         "TensorRT or the CUDA provider")
     limits_from_sizes(sizes, o.max_batch)  # checks max_batch
-    return _Context(root, Path(out_dir), o, identity, sizes, recipe, recipe_overrides)
+    from qwen_image_trt.models.sampling import load_recipe as load_sampling
+
+    sampling = load_sampling(o.sampling, o.steps) if o.sampling else None
+    return _Context(root, Path(out_dir), o, identity, sizes, recipe, recipe_overrides, sampling)
 
 
 def _cuda_index(device: str) -> int:
@@ -201,7 +206,7 @@ def _export_stage(ctx: _Context, bar) -> Path:
 
     def run():
         m = export_onnx(ctx.root, onnx_dir, precision=precision, components=ctx.o.components, force=ctx.o.force,
-                        progress=False, loras=ctx.o.loras)
+                        progress=False, loras=ctx.o.loras, sampling=ctx.recipe_sampling)
         return m.ran, f"{m.precision} -> {onnx_dir.name}/", m
 
     _run(ctx, "export", bar, run)
@@ -218,7 +223,8 @@ def _calibrate_stage(ctx: _Context, bar) -> Path:
     def run():
         o = ctx.o
         cm = calibrate(ctx.root, calib_dir, num_prompts=o.num_prompts, steps=o.steps, sizes=ctx.sizes, seed=o.seed,
-                       device=o.device, force=o.force, progress=o.progress, loras=o.loras)
+                       device=o.device, force=o.force, progress=o.progress, loras=o.loras,
+                       sampling=ctx.recipe_sampling)
         return cm.ran, f"set {cm.set_id}, {cm.totals['calib_calls']} forwards", cm
 
     _run(ctx, "calibrate", bar, run)
@@ -332,7 +338,7 @@ def _build_manifest(ctx: _Context, graphs_dir: Path, graphs: Manifest, component
                     if o.target == "tensorrt" else None,
                     sizes=[list(s) for s in ctx.sizes], max_batch=o.max_batch,
                     calibration=str(Path(o.calibration or ctx.out / "calibration").resolve()) if ctx.quantized
-                    else None, stages=ctx.stages, loras=graphs.loras)
+                    else None, stages=ctx.stages, loras=graphs.loras, sampling=graphs.sampling)
 
 
 def _progress(o: BuildOptions, total: int):

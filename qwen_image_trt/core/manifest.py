@@ -155,6 +155,7 @@ class Manifest(_Strict):
     calibration: str | None = None
     stages: list[StageRun] | None = None
     loras: list[dict[str, Any]] | None = None  # adapters merged into the transformer at export (name, sha256, scale)
+    sampling: dict[str, Any] | None = None  # the scheduler and step count the engines are made for (models.sampling)
     updated: str | None = None
     # Not written: whether the call that returned this manifest did the work or found it done.
     ran: bool = Field(default=True, exclude=True)

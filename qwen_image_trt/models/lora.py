@@ -86,6 +86,7 @@ class Adapter:
     def record(self, scale: float = 1.0) -> dict:
         """What a manifest says about this adapter: enough to tell two adapters (or two scales) apart."""
         return {"name": self.name, "file": Path(self.source).name if self.sha256 else self.source,
+                "path": str(Path(self.source).resolve()) if self.sha256 else None,
                 "sha256": self.sha256, "scale": scale, "modules": len(self.modules)}
 
 
@@ -200,6 +201,19 @@ def read_loras(checkpoint, loras) -> list:
     return merged
 
 
+def recorded_loras(records, where) -> list[LoraSpec]:
+    """The adapters a manifest says were merged into its graphs, as LoraSpec, each file checked against the hash
+    recorded (a reference built from another file would compare the engine with the wrong model)."""
+    specs = []
+    for r in records or ():
+        path = Path(r.get("path") or "")
+        if not path.is_file() or file_sha256(path) != r["sha256"]:
+            raise InputError("engines", str(where), f"its LoRA {r['file']} (sha256 {r['sha256'][:12]}...) at "
+                             f"{r.get('path')}, the file its graphs were merged with; it is missing or changed")
+        specs.append(LoraSpec(path, float(r["scale"])))
+    return specs
+
+
 def merge_into(transformer: torch.nn.Module, adapters) -> int:
     """Add scale * delta W of each (Adapter, scale) to the weights of a QwenImageTransformer2DModel, in fp32,
     rounded once to the weights' dtype. Returns the number of Linear weights changed."""
@@ -217,5 +231,5 @@ def merge_into(transformer: torch.nn.Module, adapters) -> int:
     return len(touched)
 
 
-__all__ = ["LoraSpec", "LoraFactors", "Adapter", "read_adapter", "read_loras", "merge_into", "adapter_name_for",
+__all__ = ["LoraSpec", "LoraFactors", "Adapter", "read_adapter", "read_loras", "recorded_loras", "merge_into", "adapter_name_for",
            "check_adapter_name"]

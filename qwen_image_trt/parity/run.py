@@ -21,6 +21,8 @@ from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import parse_size as _size, torch_dtype
 from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config, validate_checkpoint
 from qwen_image_trt.models.condition_images import sample_image_inputs
+from qwen_image_trt.models.lora import recorded_loras
+from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.models.pipelines import pipeline_kind
 from qwen_image_trt.models.specs import SPECS, TRANSFORMER, spec_for
 from qwen_image_trt.parity import metrics
@@ -43,7 +45,7 @@ class ParityConfig:
     engines: Path
     out: Path
     backend: str = "onnxruntime"
-    steps: int = 4
+    steps: int | None = None  # None: the steps of the recipe the engines were made for, else 4
     sizes: list[tuple[int, int]] = field(default_factory=lambda: list(DEFAULT_SIZES))
     batches: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
     text_lens: list[int] = field(default_factory=lambda: list(DEFAULT_TEXT_LENS))
@@ -94,7 +96,7 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
     check_backend(cfg.backend)
     if cfg.backend == "torch":
         raise InputError("backend", "torch", "an engine backend (onnxruntime or tensorrt): torch is the reference")
-    if cfg.steps < 2:
+    if cfg.steps is not None and cfg.steps < 2:
         raise InputError("steps", cfg.steps, "an integer >= 2 (Qwen-Image's scheduler needs two)")
     if cfg.reference_dtype not in ("fp32", "bf16", "fp16"):
         raise InputError("reference_dtype", cfg.reference_dtype, "one of fp32, bf16, fp16")
@@ -108,6 +110,8 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
         raise InputError("engines", str(cfg.engines), "an existing engine folder")
     manifest = read_manifest(cfg.engines)
     check_engines_match(manifest, checkpoint_identity(root), cfg.engines)
+    if cfg.steps is None:  # engines made for a few-step recipe are checked at its step count
+        cfg.steps = max(2, int(manifest.sampling["steps"])) if manifest.sampling else 4
     return manifest, gates_for(manifest.precision).override(cfg.gate_overrides)
 
 
@@ -119,11 +123,13 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     from safetensors.torch import save_file
 
     manifest, gates = _validate(cfg)  # everything cheap first: no model is loaded before this passes
+    # Engines with LoRAs merged at build are compared with eager running the same adapters.
+    loras = recorded_loras(manifest.loras, cfg.engines)
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     saved: dict[str, torch.Tensor] = {}
-    forward = _per_forward(cfg, saved)
-    steps, images = _per_step_and_images(cfg, saved)
+    forward = _per_forward(cfg, saved, loras)
+    steps, images = _per_step_and_images(cfg, saved, loras, SamplingRecipe.from_record(manifest.sampling))
     quantization = _quantization(cfg, manifest)
     save_file({k: v.detach().cpu().float().contiguous() for k, v in saved.items()}, str(cfg.out / OUTPUTS_FILE))
     data = {
@@ -132,6 +138,7 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
         "checkpoint_identity": manifest.checkpoint.identity, "seed": cfg.seed, "steps": cfg.steps,
         "device": cfg.device, "reference_dtype": cfg.reference_dtype,
         "forward": forward, "per_step": steps, "images": images, "quantization": quantization,
+        "loras": manifest.loras, "sampling": manifest.sampling,
         "outputs_file": OUTPUTS_FILE, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -141,13 +148,13 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     return ParityReport(data, write_html(data, cfg.out))
 
 
-def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
+def _per_forward(cfg: ParityConfig, saved: dict, loras=()) -> list[dict]:
     rows = []
     for component in ("transformer", "vae_decoder"):
         config = read_config(cfg.checkpoint, SPECS[component].part)
         spec = spec_for(component, config)
         ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
-                          precision=cfg.reference_dtype)
+                          precision=cfg.reference_dtype, loras=loras)
         got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device,
                           trt_options=cfg.trt_options)
         if component == "transformer":
@@ -169,11 +176,18 @@ def _per_forward(cfg: ParityConfig, saved: dict) -> list[dict]:
     return rows
 
 
-def _per_step_and_images(cfg: ParityConfig, saved: dict) -> tuple[list[dict], list[dict]]:
+def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) -> tuple[list[dict], list[dict]]:
     from PIL import Image
 
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
                           dtype=torch_dtype(cfg.reference_dtype))  # the stock two-call loop
+    if loras:  # diffusers' own LoRA path (PEFT layers): the reference for adapters merged at build
+        names = [f"lora{i}" for i in range(len(loras))]
+        for name, spec in zip(names, loras):
+            eager.load_lora_weights(str(spec.path), adapter_name=name)
+        eager.set_adapters(names, [spec.scale for spec in loras])
+    if recipe is not None:  # the engine pipeline has it from its manifest; the reference runs the same schedule
+        recipe.apply(eager)
     engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device,
                            trt_options=cfg.trt_options)
     width, height = cfg.image_size

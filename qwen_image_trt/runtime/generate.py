@@ -19,11 +19,14 @@ from qwen_image_trt.runtime.pipeline import load_pipeline
 
 def default_request(checkpoint, engines=None) -> tuple[int, int, int]:
     """(width, height, steps) when a call names none: the first size the engine folder was built for (a TensorRT
-    profile serves it best), else the checkpoint's own; the checkpoint's recommended steps."""
+    profile serves it best), else the checkpoint's own; the steps of the recipe the engines were made for, else the
+    checkpoint's recommended steps."""
     (width, height), steps = generation_defaults(checkpoint)
     manifest = try_read_manifest(engines) if engines is not None else None
     if manifest is not None and manifest.sizes:
         width, height = manifest.sizes[0]
+    if manifest is not None and manifest.sampling:  # engines made for a few-step recipe: its step count
+        steps = int(manifest.sampling["steps"])
     return width, height, steps
 
 

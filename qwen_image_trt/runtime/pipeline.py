@@ -17,6 +17,7 @@ from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, stock_class
+from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
 from qwen_image_trt.runtime.lora import EngineLoraLoader
@@ -225,6 +226,10 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
     pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype, kind))
+    recipe = SamplingRecipe.from_record(manifest.sampling) if engines is not None else None
+    if recipe is not None:  # the scheduler the engines were made for (a few-step LoRA merged at build)
+        recipe.apply(pipe)
+    pipe.sampling = recipe
     pipe.batch_cfg = batch_cfg
     pipe.set_progress_bar_config(disable=not progress)
     pipe.backend, pipe.engines, pipe.pipeline_kind = backend, engines, kind

@@ -73,6 +73,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     """The FastAPI app: an Engine started and stopped with the app, its routes in three groups, the guard
     in front."""
     check_start(cfg)
+    if cfg.default_steps is None:  # engines made for a few-step recipe default to its steps
+        sampling = read_manifest(cfg.engines).sampling if cfg.engines else None
+        cfg.default_steps = int(sampling["steps"]) if sampling else cfg.steps_default
     limits = server_limits(cfg)
 
     @asynccontextmanager

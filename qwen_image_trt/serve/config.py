@@ -40,7 +40,8 @@ class ServerConfig:
     max_n: int = doc(8, "most images per request (also capped by the batch size)")
     max_steps: int = doc(100, "most denoising steps per request")
     default_size: str = doc("1024x1024", "image size when the request names none")
-    default_steps: int = doc(20, "denoising steps when the request names none")
+    default_steps: int | None = doc(None, "denoising steps when the request names none (default: the steps of the "
+                                    "recipe the engines were made for, e.g. 8 for lightning-8step, else 20)")
     max_body_bytes: int = doc(1 << 20, "largest request body without images (413 beyond)")
     max_image_body_bytes: int = doc(64 << 20, "largest body of an edit request or a job with images (413 beyond)")
     max_image_bytes: int = doc(20 << 20, "largest input image file (400 beyond)")
@@ -112,6 +113,11 @@ class ServerConfig:
         self.device_list()
         parse_size(self.default_size, "default_size")
         self.trt_options()  # checks the budget's form before any worker starts
+
+    @property
+    def steps_default(self) -> int:
+        """default_steps, or 20 where neither it nor an engine recipe (create_app fills that in) says."""
+        return 20 if self.default_steps is None else self.default_steps
 
     def trt_options(self) -> dict:
         from qwen_image_trt.runtime.backends import trt_options

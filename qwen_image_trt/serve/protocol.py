@@ -158,7 +158,7 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
     lo, hi = limits.image_tokens
     if not lo <= (width // 16) * (height // 16) <= hi:
         raise InputError("size", req.size, f"'WxH' with (W/16)*(H/16) image tokens in [{lo}, {hi}] (engine profile)")
-    steps = cfg.default_steps if req.num_inference_steps is None else req.num_inference_steps
+    steps = cfg.steps_default if req.num_inference_steps is None else req.num_inference_steps
     lo, hi = limits.steps[0], min(limits.steps[1], cfg.max_steps)
     if not lo <= steps <= hi:
         raise InputError("num_inference_steps", steps, f"an integer in [{lo}, {hi}]")

@@ -132,7 +132,7 @@ def mount_ui(app, cfg, limits, engine_of, adapters=None) -> None:
         negative = gr.Textbox(label="Negative prompt (turns CFG on)", elem_id=f"{prefix}-negative")
         with gr.Row():
             size = gr.Dropdown(sizes, value=sizes[0], label="Size (WxH)")
-            steps = gr.Slider(lo, hi, value=min(max(cfg.default_steps, lo), hi), step=1, label="Steps")
+            steps = gr.Slider(lo, hi, value=min(max(cfg.steps_default, lo), hi), step=1, label="Steps")
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
             scale = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="CFG scale")
             n = gr.Slider(1, max(1, min(cfg.max_n, 4)), value=1, step=1, label="Images")

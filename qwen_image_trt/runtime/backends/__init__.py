@@ -44,10 +44,11 @@ def trt_options(weight_streaming_budget=None, cuda_graphs: bool = False) -> dict
 
 def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=None, device="cpu",
                 providers=None, precision: str = "fp32", threads: int | None = None,
-                trt_options: dict | None = None) -> Runner:
+                trt_options: dict | None = None, loras=()) -> Runner:
     """A runner for one exported component (`transformer`, `vae_decoder`, `vae_encoder`).
 
-    torch runs the export wrapper eagerly from the checkpoint; the others read `engines_dir`'s manifest.
+    torch runs the export wrapper eagerly from the checkpoint (with `loras`, LoraSpec, merged into the transformer as
+    the export merges them); the others read `engines_dir`'s manifest.
     `trt_options`: TensorRTRunner keyword options (cuda_graphs, weight_streaming_budget, ...).
     """
     check_backend(backend)
@@ -55,8 +56,16 @@ def make_runner(backend: str, component: str, *, engines_dir=None, checkpoint=No
         from qwen_image_trt.models.checkpoint import read_config
 
         spec = spec_for(component, read_config(checkpoint, SPECS[component].part))
-        return TorchRunner(component, lambda: spec.build_module(Path(checkpoint), torch_dtype(precision)),
-                           spec.input_names, spec.output_names, device=device)
+
+        def build():
+            module = spec.build_module(Path(checkpoint), torch_dtype(precision))
+            if loras and component == "transformer":
+                from qwen_image_trt.models.lora import merge_into, read_loras
+
+                merge_into(module.transformer, read_loras(checkpoint, loras))
+            return module
+
+        return TorchRunner(component, build, spec.input_names, spec.output_names, device=device)
     if engines_dir is None:
         raise InputError("engines", None, f"an engine folder (from `qitrt export`/`qitrt build`) for backend {backend}")
     manifest = read_manifest(engines_dir)
