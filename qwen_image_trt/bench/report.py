@@ -251,8 +251,10 @@ def serve_plots(result: dict, out: Path, tag: str) -> dict[str, Path]:
         for ax in (a, b):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+            ax.set_ylim(bottom=0)  # from zero: a small change must look small
             if mode == "closed" and len(xs) > 1:
                 ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the levels measured, not powers of two
         fig.tight_layout()
         paths[name] = out / f"{tag}_{name}.png"
         fig.savefig(paths[name], dpi=100)
