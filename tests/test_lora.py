@@ -190,18 +190,32 @@ def test_runners_that_cannot_change_weights_say_so():
 
 
 def test_graph_without_named_linears_is_refused(tiny_engines):
-    from qwen_image_trt.runtime.lora import GraphLinears
+    from qwen_image_trt.runtime.graph_weights import GraphLinears
 
     linears = GraphLinears(tiny_engines / "transformer.onnx")
-    name, transposed = linears.locate("transformer_blocks.0.attn.to_q")
-    assert name.startswith("transformer.transformer_blocks.0.attn.to_q.weight")
-    assert linears.read(name).shape == (64, 64)
+    ref = linears.locate("transformer_blocks.0.attn.to_q")
+    assert ref.weight.startswith("transformer.transformer_blocks.0.attn.to_q.weight") and not ref.quantized
+    assert linears.read(ref.weight).shape == (64, 64)
     with pytest.raises(QitrtError, match="no weight for transformer_blocks.9.attn.to_q"):
         linears.locate("transformer_blocks.9.attn.to_q")
 
 
 # -- merged at export --------------------------------------------------------------------------------------
-def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_engines, loras, tmp_path):
+@pytest.fixture(scope="module")
+def style_engines(tiny_checkpoint, tiny_engines, loras, tmp_path_factory):
+    """A copy of the fp32 export with the kohya adapter merged at 0.8 and made for lightning-4step: (folder,
+    the manifest the export returned)."""
+    from qwen_image_trt.compile.export import export_onnx
+
+    out = tmp_path_factory.mktemp("style") / "engines-style"
+    shutil.copytree(tiny_engines, out)
+    m = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[f"{loras['kohya']}:0.8"],
+                    sampling="lightning-4step")
+    return out, m
+
+
+def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_engines, loras, style_engines,
+                                                          tmp_path):
     """`export --lora F:0.8 --scheduler-config lightning-4step` (a few-step LoRA as it is shipped) re-exports the
     transformer only (the VAE graphs are unchanged), records the adapter and the recipe, and runs as stock diffusers
     does with that adapter at 0.8 and Lightning's scheduler; the same call again is skipped."""
@@ -214,10 +228,8 @@ def test_lora_merged_at_export_equals_stock_with_the_lora(tiny_checkpoint, tiny_
     from qwen_image_trt.compile.export import export_onnx
     from qwen_image_trt.models.pipelines import load_stock_pipeline
 
-    out = tmp_path / "engines-style"
-    shutil.copytree(tiny_engines, out)
+    out, m = style_engines
     spec = f"{loras['kohya']}:0.8"
-    m = export_onnx(tiny_checkpoint, out, precision="fp32", progress=False, loras=[spec], sampling="lightning-4step")
     assert m.sampling["steps"] == 4 and m.sampling["scheduler"]["time_shift_type"] == "exponential"
     assert m.loras[0]["sha256"] and m.loras[0]["scale"] == 0.8 and m.loras[0]["name"] == "kohya"
     assert m.components["transformer"].source["loras"] == [{"sha256": m.loras[0]["sha256"], "scale": 0.8}]
@@ -274,6 +286,24 @@ def test_quantize_refuses_a_calibration_set_recorded_without_the_graphs_lora():
         check_same_loras(None, [record], "calib", "graphs")
     with pytest.raises(InputError, match="same --lora"):
         check_same_loras([dict(record, scale=1.0)], [record], "calib", "graphs")
+
+
+def test_an_int8_build_of_a_merged_lora_quantizes_the_merged_model(tiny_checkpoint, loras, style_engines, tmp_path):
+    """Calibration records with the adapter merged, and ModelOpt calibrates the merged transformer the graph holds:
+    the quantized graph then agrees with ModelOpt's fake-quantized model (it did not when ModelOpt was given the
+    checkpoint's own weights: the stage's self-check stopped the build)."""
+    pytest.importorskip("modelopt", reason="quantization needs nvidia-modelopt")
+    from qwen_image_trt.calibration.capture import calibrate
+    from qwen_image_trt.compile.quantize import quantize_onnx
+
+    out, exported = style_engines
+    calib = tmp_path / "calib"
+    cm = calibrate(tiny_checkpoint, calib, num_prompts=2, steps=2, progress=False, loras=[f"{loras['kohya']}:0.8"])
+    assert cm.source["loras"][0]["sha256"] == exported.loras[0]["sha256"]
+    m = quantize_onnx(tiny_checkpoint, calib, tmp_path / "int8", "int8", graphs=out, progress=False)
+    assert m.loras == exported.loras and m.sampling == exported.sampling
+    check = m.components["transformer"].check
+    assert check["mismatch"] < 0.75, check  # the stage's own gate, passed with room
 
 
 # -- command line ------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from qwen_image_trt.core.manifest import (
 from qwen_image_trt.core.resources import PeakRSS
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, torch_dtype
 from qwen_image_trt.models import checkpoint as ckpt
+from qwen_image_trt.models.lora import merge_into, read_loras, recorded_loras
 from qwen_image_trt.models.specs import TRANSFORMER
 from qwen_image_trt.models.transformer_export import INPUT_NAMES
 
@@ -117,8 +118,9 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
         manifest.components["transformer"], manifest.quantization = entry, old.quantization
         manifest.ran = False
     else:
+        loras = recorded_loras(source_manifest.loras, graphs)  # merged into the graph: ModelOpt calibrates the same
         manifest.components["transformer"], manifest.quantization = _quantize_transformer(
-            root, calib, recipe, graphs, source_graph, out, source, bucket, device, progress)
+            root, calib, recipe, graphs, source_graph, out, source, bucket, device, progress, loras)
     manifest.components.update(_copy_components(Path(graphs), source_manifest, out, VAE_COMPONENTS))
     write_manifest(out, manifest)
     return manifest
@@ -191,11 +193,14 @@ def _copy_components(src: Path, src_manifest: Manifest, out: Path, names) -> dic
 
 
 def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: Path, stage_source: dict,
-                          bucket: int, device: str, progress: bool) -> tuple[Component, Quantization]:
+                          bucket: int, device: str, progress: bool, loras=()) -> tuple[Component, Quantization]:
     timings = {}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        module = TRANSFORMER.build_module(root, torch_dtype(source.precision)).to(device)
+        module = TRANSFORMER.build_module(root, torch_dtype(source.precision))
+        if loras:  # the graph holds the merged weights: ModelOpt must calibrate and quantize the same model
+            merge_into(module.transformer, read_loras(root, loras))
+        module = module.to(device)
         axes = module.transformer.config.axes_dims_rope
         split = "holdout" if calib.num_calls("holdout") else "calib"
         held_out = [args for _, args in zip(range(quant_evidence.CHECK_CALLS),

@@ -29,38 +29,9 @@ import torch
 
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.models.lora import Adapter, check_adapter_name, read_adapter
+from qwen_image_trt.runtime.graph_weights import GraphLinears
 
 log = logging.getLogger(__name__)
-
-
-class GraphLinears:
-    """Where each Linear weight of an exported transformer sits in a graph: initializer name, layout, dtype.
-    Export names them `<wrapper path>.weight` ([out, in]) or `.weight.T` ([in, out]); values are read from
-    the graph's data file only when asked, one tensor at a time."""
-
-    PREFIX = "transformer."  # the export wrapper's attribute holding QwenImageTransformer2DModel
-
-    def __init__(self, graph_path):
-        import onnx_ir as ir
-
-        self.path = Path(graph_path)
-        self._model = ir.load(str(self.path))
-        self._inits = self._model.graph.initializers
-
-    def locate(self, module: str) -> tuple[str, bool]:
-        for suffix, transposed in ((".weight.T", True), (".weight", False)):
-            name = f"{self.PREFIX}{module}{suffix}"
-            if name in self._inits:
-                dtype = self._inits[name].dtype
-                if dtype is None or dtype.name not in ("FLOAT", "FLOAT16"):
-                    raise QitrtError(f"{self.path.name}: {module}'s weight is {dtype}; run-time LoRA needs an fp32 or "
-                                     "fp16 graph (merge the LoRA at build with --lora for quantized engines)")
-                return name, transposed
-        raise QitrtError(f"{self.path.name} has no weight for {module} (looked for {self.PREFIX}{module}.weight[.T]); "
-                         "was it exported by this version of qitrt?")
-
-    def read(self, name: str) -> np.ndarray:
-        return np.asarray(self._inits[name].const_value.numpy())
 
 
 class AdapterState:
@@ -293,18 +264,15 @@ class EngineLoraLoader:
         for module in set(signatures) | set(state.applied):
             if signatures.get(module) == state.applied.get(module):
                 continue
-            name, transposed = linears.locate(module)
+            ref = linears.locate(module)
             if module not in signatures:
-                values[name] = None
+                values.update(linears.restored(ref))
                 continue
-            base = linears.read(name)
-            delta = state.delta(module).numpy()
-            merged = base.astype(np.float32) + (delta.T if transposed else delta)
-            values[name] = np.ascontiguousarray(merged.astype(base.dtype))
+            values.update(linears.merged(ref, state.delta(module).numpy()))
         if values:
             runner.set_weights(values)
         state.applied = signatures
         log.info("lora: %d weights set on %s in %.3f s", len(values), runner.name, time.perf_counter() - t0)
 
 
-__all__ = ["EngineLoraLoader", "AdapterState", "GraphLinears"]
+__all__ = ["EngineLoraLoader", "AdapterState"]
