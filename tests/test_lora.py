@@ -364,3 +364,23 @@ def test_a_server_on_few_step_engines_defaults_to_their_steps(tiny_checkpoint, t
     plain = ServerConfig(checkpoint=str(tiny_checkpoint), engines=str(tiny_engines))
     create_app(plain)
     assert plain.default_steps == 20
+
+
+def test_bf16_graphs_take_run_time_loras_by_name(tiny_engines_bf16, transformer_config, loras):
+    """The real model's precision: bf16 weights are merged in fp32 and rounded once to bf16, and reach ONNX Runtime
+    as bf16 initializers (its CPU provider has no bf16 kernels to run them: the TensorRT refit takes the same)."""
+    from qwen_image_trt.runtime.backends.onnxruntime_runner import OnnxRuntimeRunner
+    from qwen_image_trt.runtime.graph_weights import GraphLinears
+
+    linears = GraphLinears(tiny_engines_bf16 / "transformer.onnx")
+    ref = linears.locate("transformer_blocks.1.attn.to_k")
+    base = linears.read(ref.weight)
+    assert base.dtype.name == "bfloat16"
+    delta = read_adapter(loras["peft"], transformer_config).modules["transformer_blocks.1.attn.to_k"].delta().numpy()
+    merged = linears.merged(ref, delta)[ref.weight]
+    assert merged.dtype.name == "bfloat16" and merged.shape == base.shape
+    want = base.astype("float32") + (delta.T if ref.transposed else delta)
+    assert abs(merged.astype("float32") - want).max() <= abs(want).max() * 2 ** -7  # one bf16 rounding
+    runner = OnnxRuntimeRunner("transformer", tiny_engines_bf16 / "transformer.onnx")
+    runner.set_weights({ref.weight: merged})
+    assert runner._overrides[ref.weight].data_type() == "tensor(bfloat16)"

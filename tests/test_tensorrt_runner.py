@@ -549,12 +549,14 @@ class _Refitter:
 
     def __init__(self, engine, logger, known=("w.weight", "v.weight"), missing=()):
         self.engine, self.known, self.missing, self.given, self.refitted = engine, known, list(missing), {}, 0
+        self.types = {}
         _Refitter.last = self
 
     def set_named_weights(self, name, weights):
         if name not in self.known:
             return False
         self.given[name] = weights.array.copy()
+        self.types[name] = weights.type
         return True
 
     def get_missing_weights(self):
@@ -565,9 +567,26 @@ class _Refitter:
         return True
 
 
+def _weights(*args):
+    """tensorrt.Weights(array) or Weights(type, pointer, count): what the refit was given, readable back."""
+    if len(args) == 1:
+        return types.SimpleNamespace(array=args[0], type=None)
+    kind, pointer, count = args
+    return types.SimpleNamespace(array=_from_pointer(pointer, count, kind), type=kind)
+
+
+def _from_pointer(pointer, count, kind):
+    import ctypes
+
+    import numpy as np
+
+    width = {"BF16": 2, "FP8": 1}[kind]
+    return np.frombuffer((ctypes.c_byte * (count * width)).from_address(pointer), dtype=np.uint8).copy()
+
+
 def _fake_trt(**refitter_kw):
     return types.SimpleNamespace(Refitter=lambda e, lg: _Refitter(e, lg, **refitter_kw),
-                                 Weights=lambda a: types.SimpleNamespace(array=a),
+                                 Weights=_weights, DataType=types.SimpleNamespace(BF16="BF16", FP8="FP8"),
                                  Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}))
 
 
@@ -601,6 +620,13 @@ def test_refit_gives_every_named_weight_and_drops_captured_graphs(tmp_path, monk
     assert rf.given["w.weight"].tolist() == [[3, 3], [3, 3]]
     want = np.asarray(__import__("onnx_ir").load(str(graph)).graph.initializers[name].const_value.numpy())
     assert np.array_equal(rf.given[name], want)
+
+    import ml_dtypes
+
+    bf16 = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=ml_dtypes.bfloat16)  # the real model's weights
+    runner.set_weights({"w.weight": bf16})
+    given = _Refitter.last.given["w.weight"]
+    assert np.array_equal(given, bf16.view(np.uint8).ravel()) and _Refitter.last.types["w.weight"] == "BF16"
 
     with pytest.raises(QitrtError, match="refused new weights for 'nope'"):
         runner.set_weights({"nope": np.zeros(1, np.float16)})

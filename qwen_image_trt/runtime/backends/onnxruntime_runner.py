@@ -13,6 +13,7 @@ import torch
 
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.graph_weights import ONNX_ELEMENT_TYPES
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
@@ -59,8 +60,14 @@ class OnnxRuntimeRunner(Runner):
         for name, value in values.items():
             if value is None:
                 self._overrides.pop(name, None)
-            else:
-                self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                continue
+            value = np.ascontiguousarray(value)
+            onnx_type = ONNX_ELEMENT_TYPES.get(value.dtype.name)
+            if onnx_type is None:
+                self._overrides[name] = ort.OrtValue.ortvalue_from_numpy(value)
+            else:  # bf16 / float8 (ml_dtypes arrays): the raw bytes with their ONNX type
+                raw = value.view(np.uint16 if value.dtype.itemsize == 2 else np.uint8)
+                self._overrides[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_type)
         self.deactivate()
 
     def _activate_impl(self):

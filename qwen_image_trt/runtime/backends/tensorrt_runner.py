@@ -192,6 +192,15 @@ class _Graph:
     outputs: dict[str, torch.Tensor]
 
 
+def trt_weights(trt, array):
+    """tensorrt.Weights over a numpy array; bf16 and float8 arrays (ml_dtypes, which TensorRT's numpy bridge does
+    not know) by pointer with their TensorRT type."""
+    kind = {"bfloat16": "BF16", "float8_e4m3fn": "FP8"}.get(array.dtype.name)
+    if kind is None:
+        return trt.Weights(array)
+    return trt.Weights(getattr(trt.DataType, kind), array.ctypes.data, array.size)
+
+
 # -- the runner -------------------------------------------------------------------------------------------
 class TensorRTRunner(Runner):
     backend = "tensorrt"
@@ -251,7 +260,7 @@ class TensorRTRunner(Runner):
         for name, value in values.items():
             array = np.ascontiguousarray(self._graph_value(name) if value is None else value)
             keep.append(array)
-            if not refitter.set_named_weights(name, trt.Weights(array)):
+            if not refitter.set_named_weights(name, trt_weights(trt, array)):
                 raise QitrtError(f"TensorRT refused new weights for {name!r} in {self.engine_path.name} (not a "
                                  "refittable weight of this engine, or another shape or dtype)")
         missing = list(refitter.get_missing_weights())
