@@ -183,6 +183,7 @@ def _cmd_tiny(a) -> int:
 
 
 def _cmd_tiny_lora(a) -> None:
+    from qwen_image_trt.core.errors import InputError
     from qwen_image_trt.models.checkpoint import validate_checkpoint
     from qwen_image_trt.models.tiny import make_tiny_lora
 

@@ -314,6 +314,8 @@ def test_generate_with_a_lora_on_engines_from_the_cli(tiny_checkpoint, tiny_engi
 
     made = qitrt("tiny-lora", tiny_checkpoint, tmp_path / "cli.safetensors", "--format", "lightning", "--rank", 2)
     assert made.returncode == 0, made.stderr
+    bad_rank = qitrt("tiny-lora", tiny_checkpoint, tmp_path / "x.safetensors", "--rank", 99)
+    assert bad_rank.returncode == 2 and "rank=99" in bad_rank.stderr and "Traceback" not in bad_rank.stderr
     png = tmp_path / "fox.png"
     r = qitrt("generate", tiny_checkpoint, "--engines", tiny_engines, "--prompt", "a red fox", "--steps", 2,
               "--lora", f"{tmp_path / 'cli.safetensors'}:0.5", "--out", png)

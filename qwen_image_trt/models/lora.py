@@ -17,9 +17,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.files import file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

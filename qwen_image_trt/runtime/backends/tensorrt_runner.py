@@ -273,15 +273,15 @@ class TensorRTRunner(Runner):
         self._graphs = {}  # CUDA graphs captured before the refit replay launches made for the old weights
 
     def _graph_value(self, name: str):
-        import numpy as np
-        import onnx_ir as ir
+        from qwen_image_trt.runtime.graph_weights import GraphLinears
 
-        model = self.__dict__.get("_source_model")
-        if model is None:  # the structure once; each tensor is read from the data file only when asked
-            model = self._source_model = ir.load(str(self.weights_source))
-        if name not in model.graph.initializers:
-            raise QitrtError(f"{self.weights_source.name} has no initializer {name!r} to restore")
-        return np.asarray(model.graph.initializers[name].const_value.numpy())
+        graph = self.__dict__.get("_source_graph")
+        if graph is None:  # the structure once; each tensor is read from the data file only when asked
+            graph = self._source_graph = GraphLinears(self.weights_source)
+        try:
+            return graph.read(name)
+        except KeyError:
+            raise QitrtError(f"{self.weights_source.name} has no initializer {name!r} to restore") from None
 
     def _new_output(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
