@@ -17,7 +17,7 @@ from qwen_image_trt.core.errors import QitrtError
 # module -> the commands it registers (listed so a module that fails to import can explain itself)
 STAGE_COMMANDS = {
     "qwen_image_trt.calibration.cli": ["calibrate"],
-    "qwen_image_trt.compile.cli": ["quantize", "build", "lint"],
+    "qwen_image_trt.compile.cli": ["quantize", "build", "sensitivity", "lint"],
     "qwen_image_trt.serve.cli": ["serve"],
     "qwen_image_trt.bench.cli": ["bench"],
 }
@@ -86,6 +86,9 @@ def _add_core(sub) -> None:
                    "(img2img, inpaint; diffusers' default 0.6)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter PATH[:SCALE] (repeatable; diffusers/PEFT, kohya or Lightning .safetensors) "
                    "loaded at run time (engines: weights swapped by name, no rebuild; torch: diffusers' PEFT path)")
+    p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD", help="skip transformer calls "
+                   "while the first block's modulated input changed less than THRESHOLD (relative L1, accumulated) "
+                   "since the last computed step, reusing its output; 0.1-0.3 is the usual range (docs/performance.md)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("tiny-lora", help="write a random LoRA for a (tiny) checkpoint's transformer in a release "
@@ -115,6 +118,9 @@ def _add_core(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (TensorRT engines need cuda)")
     p.add_argument("--reference-dtype", default="fp32", help="eager reference precision: fp32 | bf16 | fp16 "
                    "(bf16 for real checkpoints on one GPU)")
+    p.add_argument("--step-cache", default=None, metavar="T[,T...]", help="also run the engine pipeline with the "
+                   "step cache at each threshold and report steps skipped against image PSNR/SSIM (informational: "
+                   "no gate)")
     _add_trt_args(p)
     p.set_defaults(func=_cmd_parity)
 
@@ -136,6 +142,9 @@ def _add_generation_args(p) -> None:
     p.add_argument("--height", type=int, default=None, help="a multiple of 16 within the engine's profile (default: "
                    "the first size the engine folder was built for, else the checkpoint's: 1024, tiny 64)")
     p.add_argument("--width", type=int, default=None, help="as --height")
+    p.add_argument("--torch-fast", default=None, metavar="OPT[,OPT]", help="backend torch's fast path: compile "
+                   "(torch.compile, text padded to buckets), fp8 (torchao float8 linears, GPUs with compute "
+                   "capability >= 8.9), cuda_graphs (one CUDA graph per shape bucket); e.g. compile,fp8")
     _add_trt_args(p)
 
 
@@ -217,7 +226,8 @@ def _cmd_generate(a) -> None:
     path = generate_image(a.checkpoint, a.out, prompt=a.prompt, negative_prompt=a.negative_prompt, seed=a.seed,
                           steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
                           device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a),
-                          image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline, loras=a.lora)
+                          image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline, loras=a.lora,
+                          step_cache=a.step_cache, torch_options=a.torch_fast)
     print(path)
 
 

@@ -43,13 +43,13 @@ def test_the_batched_loop_is_pinned_to_the_installed_diffusers():
 
 
 @pytest.mark.parametrize("kind", ["text-to-image", "edit-plus", "img2img"])
-def test_call_keeps_the_stock_signature_plus_batch_cfg(kind):
+def test_call_keeps_the_stock_signature_plus_batch_cfg_and_step_cache(kind):
     from qwen_image_trt.models.pipelines import stock_class
     from qwen_image_trt.runtime.pipeline import engine_pipeline_class
 
     ours = inspect.signature(engine_pipeline_class(kind).__call__).parameters
     stock = inspect.signature(stock_class(kind).__call__).parameters
-    assert list(ours)[:-1] == list(stock) and list(ours)[-1] == "batch_cfg"
+    assert list(ours)[:-2] == list(stock) and list(ours)[-2:] == ["batch_cfg", "step_cache"]
     assert all(ours[n].default == stock[n].default for n in stock)
 
 

@@ -102,8 +102,9 @@ def test_check_params_names_field_and_allowed_values():
 
     p = check(size="64x32", n=2, seed=5, negative_prompt=" ", num_inference_steps=3)
     assert (p.width, p.height, p.n, p.seed, p.cfg) == (64, 32, 2, 5, True)
-    # size, steps, CFG, member, strength, image group, adapter set
-    assert p.key == (64, 32, 3, True, "text-to-image", None, "", ())
+    # size, steps, CFG, member, strength, image group, adapter set, step-cache threshold
+    assert p.key == (64, 32, 3, True, "text-to-image", None, "", (), None)
+    assert check(size="64x32", step_cache=0.2).key[-1] == 0.2  # another threshold: another batch group
     for kw, field in [({"size": "64"}, "size"), ({"size": "65x64"}, "size"), ({"size": "512x64"}, "size"),
                       ({"n": 0}, "n"), ({"n": 5}, "n"), ({"num_inference_steps": 51}, "num_inference_steps"),
                       ({"priority": 3}, "priority"), ({"timeout": 0.0}, "timeout"), ({"seed": -1}, "seed")]:

@@ -144,6 +144,22 @@ def test_concurrent_requests_batch_and_equal_their_unbatched_twins(server, twin_
         assert np.abs(got - want).max() <= 1, (req, res.headers["x-batch-images"])
 
 
+def test_step_cache_request_equals_its_in_process_twin(server, twin_pipe):
+    """A request's step cache runs in the worker exactly as `pipe(..., step_cache=)` does in process."""
+    import torch
+
+    body = {"prompt": "a cached fox", "seed": 5, "size": "64x64", "num_inference_steps": 8,
+            "negative_prompt": "blurry", "true_cfg_scale": 4.0}
+    cached, plain = post(server, {**body, "step_cache": 0.5}), post(server, body)
+    assert cached.status_code == plain.status_code == 200, (cached.text, plain.text)
+    want = twin_pipe(prompt=body["prompt"], negative_prompt="blurry", true_cfg_scale=4.0, height=64, width=64,
+                     num_inference_steps=8, generator=torch.Generator("cpu").manual_seed(5), step_cache=0.5).images[0]
+    assert twin_pipe.step_cache_stats.skipped > 0  # the cache did skip steps, so the comparison means something
+    got = b64png(cached.json()["data"][0])
+    assert np.abs(got - np.asarray(want, dtype=np.int16)).max() <= 1
+    assert np.abs(got - b64png(plain.json()["data"][0])).max() > 1  # and the uncached request differs
+
+
 BAD = [
     ({"prompt": "x", "size": "64"}, 400, "size"),
     ({"prompt": "x", "size": "72x64"}, 400, "size"),
@@ -162,6 +178,8 @@ BAD = [
     ({}, 422, "prompt"),
     ({"prompt": "x", "priority": 7}, 400, "priority"),
     ({"prompt": "x", "timeout": -1}, 400, "timeout"),
+    ({"prompt": "x", "step_cache": 5}, 400, "step_cache"),
+    ({"prompt": "x", "step_cache": "on"}, 422, "step_cache"),
 ]
 
 
@@ -297,6 +315,9 @@ def test_metrics_count_what_happened(server):
     assert metric(server, "qitrt_worker_restarts", worker="0") + metric(server, "qitrt_worker_restarts",
                                                                          worker="1") == 1
     assert metric(server, "qitrt_queue_length") == 0
+    # repeated prompts and negatives ("blurry", the twins above) came from the workers' embedding caches
+    assert metric(server, "qitrt_embedding_cache_total", event="hits") > 0
+    assert metric(server, "qitrt_embedding_cache_total", event="misses") > 0
 
 
 def test_graceful_shutdown_finishes_in_flight(server):

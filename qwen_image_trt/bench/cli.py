@@ -1,4 +1,5 @@
-"""`qitrt bench offline`, `serve` and `chaos`: flags become OfflineConfig / LoadConfig / ChaosConfig here, once."""
+"""`qitrt bench offline`, `serve`, `chaos` and `batching`: flags become OfflineConfig / LoadConfig / ChaosConfig /
+BatchingConfig here, once."""
 
 from __future__ import annotations
 
@@ -87,6 +88,73 @@ def register(sub) -> None:
     _add_output(p, "serve")
     p.set_defaults(func=_cmd_serve)
     _register_chaos(bsub)
+    _register_batching(bsub)
+
+
+def _register_batching(bsub) -> None:
+    from qwen_image_trt.bench.batching import DEFAULT_DELAY_FRACTION, DEFAULT_MAX_DELAY_MS, DEFAULT_MIN_GAIN
+
+    p = bsub.add_parser("batching", help="images/s against batch per backend and size: writes the batching "
+                        "profile `qitrt serve --batching-profile FILE` reads",
+                        description="Measures pipeline calls of 1, 2, 4 ... images per (backend, size, CFG mode) "
+                        "and picks per size the largest batch that still gains and a queue delay. See "
+                        "benchmarks/README.md and docs/serving.md.")
+    p.add_argument("checkpoint")
+    p.add_argument("--engines", default=None, metavar="DIR", help="engine folder the server will serve (needed for "
+                   "onnxruntime/tensorrt)")
+    p.add_argument("--backend", type=_csv(str), default=None, help="comma-separated: torch,onnxruntime,tensorrt "
+                   "(default: onnxruntime with --engines, else torch; as `qitrt serve`)")
+    p.add_argument("--sizes", type=_sizes, default=[(1024, 1024)], help="WxH[,WxH...] size buckets (default "
+                   "1024x1024)")
+    p.add_argument("--batch", type=_csv(int), default=[1, 2, 4, 8], help="images per call, with 1 (default 1,2,4,8)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per call: the server's (default 20); the "
+                   "queue delay scales with them")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per cell; figures are medians (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per cell first (default 1)")
+    p.add_argument("--cfg", default="on", choices=["on", "off", "both"], help="CFG modes to measure (the server "
+                   "batches them apart; default on: requests with a negative prompt)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--torch-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="eager torch dtype")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch and ONNX Runtime threads, as each server "
+                   "worker gets (`qitrt serve --threads-per-worker`; cores / CPU workers) (default: torch's)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--min-gain", type=float, default=DEFAULT_MIN_GAIN, help="a bigger batch is kept while its "
+                   f"images/s is at least this times the previous one's (default {DEFAULT_MIN_GAIN})")
+    p.add_argument("--delay-fraction", type=float, default=DEFAULT_DELAY_FRACTION, help="queue delay as a fraction "
+                   f"of the batch-1 latency (default {DEFAULT_DELAY_FRACTION})")
+    p.add_argument("--max-delay-ms", type=float, default=DEFAULT_MAX_DELAY_MS, help="cap on the queue delay "
+                   f"(default {DEFAULT_MAX_DELAY_MS:g})")
+    _add_output(p, "batching")
+    p.set_defaults(func=_cmd_batching)
+
+
+def _cmd_batching(a) -> int:
+    _out(a)
+    from qwen_image_trt.bench.batching import BatchingConfig, run_batching, summary_lines, write_profile
+
+    backends = a.backend or (["onnxruntime"] if a.engines else ["torch"])
+    cfg = BatchingConfig(checkpoint=a.checkpoint, backends=backends, engines=a.engines, sizes=a.sizes,
+                         batches=a.batch, steps=a.steps, repeat=a.repeat, warmup=a.warmup, cfg=a.cfg, device=a.device,
+                         torch_dtype=a.torch_dtype, prompt=a.prompt, min_gain=a.min_gain,
+                         delay_fraction=a.delay_fraction, max_delay_ms=a.max_delay_ms, threads=a.threads,
+                         progress=a.progress)
+    cfg.check()  # refused before any output folder is made
+    command = getattr(a, "command_line", None) or command_line(getattr(a, "argv", None))
+    state = {}
+
+    def update(profile):
+        profile["command"] = command
+        state["paths"] = write_profile(profile, a.out, a.tag, plots=a.plots)
+
+    try:
+        profile = run_batching(cfg, on_update=update)
+    except KeyboardInterrupt:
+        print(f"interrupted; partial results in {a.out} (marked incomplete: `qitrt serve` refuses them)",
+              file=sys.stderr)
+        return 130
+    for line in summary_lines(profile):
+        print(line)
+    return _finish(profile, state)
 
 
 def _register_chaos(bsub) -> None:

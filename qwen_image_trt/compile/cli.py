@@ -1,4 +1,4 @@
-"""`qitrt quantize`, `qitrt build`, `qitrt lint`."""
+"""`qitrt quantize`, `qitrt build`, `qitrt sensitivity`, `qitrt lint`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,35 @@ def register(sub) -> None:
                    "made for (calibration runs it; the manifest records it): lightning-4step | lightning-8step or a "
                    "JSON file {\"scheduler\": {...}, \"num_inference_steps\": N}")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("sensitivity", help="quantize one block part at a time, measure each one's error in ONNX "
+                       "Runtime, and write the recipe that keeps the fewest FLOPs in high precision for a target")
+    p.add_argument("checkpoint")
+    p.add_argument("--precision", required=True, help="int8 | fp8")
+    p.add_argument("--target-cosine", type=float, default=None, metavar="C", help="worst held-out forward's cosine "
+                   "vs the high-precision graph, in (0, 1), e.g. 0.999 (exactly one of the two targets)")
+    p.add_argument("--target-psnr", type=float, default=None, metavar="DB", help="worst held-out forward's PSNR vs "
+                   "the high-precision graph, dB in (0, 200), e.g. 40")
+    p.add_argument("--out", default=None, help="folder for recipe.json, sensitivity.json/.md/.png and the work "
+                   "files (default: runs/sensitivity/CHECKPOINT-PRECISION)")
+    p.add_argument("--calibration", default=None, help="reuse this `qitrt calibrate` set (default: record one into "
+                   "OUT/calibration with the checkpoint's calibration defaults)")
+    p.add_argument("--graphs", default=None, help="reuse this high-precision `qitrt export` folder (default: export "
+                   "into OUT/onnx in the checkpoint's own precision)")
+    p.add_argument("--num-prompts", type=int, default=None, help="calibration prompts when recording the set here")
+    p.add_argument("--steps", type=int, default=None, help="calibration denoising steps when recording the set here")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (prompts, noise)")
+    p.add_argument("--eval-calls", type=int, default=8, help="held-out forwards each graph is measured on, spread "
+                   "evenly over the held-out set")
+    p.add_argument("--no-verify", action="store_true", help="skip re-quantizing the written recipe with `qitrt "
+                   "quantize` and measuring it")
+    p.add_argument("--device", default=None, help="ModelOpt calibration device (default: cuda when visible, else cpu)")
+    p.add_argument("--force", action="store_true", help="re-run every step, the per-unit table included")
+    p.set_defaults(func=_cmd_sensitivity)
+    p.epilog = ("example:\n  qitrt sensitivity runs/tiny --precision int8 --target-psnr 70 "
+                "--out runs/sensitivity/tiny-int8\n  qitrt build runs/tiny --precision int8 "
+                "--recipe runs/sensitivity/tiny-int8/recipe.json --calibration runs/sensitivity/tiny-int8/calibration "
+                "--out runs/engines-int8-sensitivity")
 
     from qwen_image_trt.compile.lint import add_lint_parser
 
@@ -118,4 +147,15 @@ def _cmd_build(a) -> int:
         return 0 if not problems else 1
     print(result.summary())
     print(f"engines: {a.out} (qitrt generate CHECKPOINT --engines {a.out} --backend {a.target})")
+    return 0
+
+
+def _cmd_sensitivity(a) -> int:
+    from qwen_image_trt.compile.sensitivity import run_sensitivity
+
+    result = run_sensitivity(a.checkpoint, a.precision, target_cosine=a.target_cosine, target_psnr=a.target_psnr,
+                             out_dir=a.out, calibration=a.calibration, graphs=a.graphs, num_prompts=a.num_prompts,
+                             steps=a.steps, seed=a.seed, eval_calls=a.eval_calls, verify=not a.no_verify,
+                             device=a.device, force=a.force, command=["qitrt", *getattr(a, "argv", [])])
+    print(result.summary())
     return 0

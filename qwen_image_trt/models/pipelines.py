@@ -57,17 +57,21 @@ def stock_class(kind: str):
     return getattr(diffusers, FAMILY[kind])
 
 
-def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-image") -> dict:
-    """scheduler, text_encoder, tokenizer (and processor for edit members) of `root`, ready for a pipeline class."""
+def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-image",
+                     text_encoder: bool = True) -> dict:
+    """scheduler, text_encoder, tokenizer (and processor for edit members) of `root`, ready for a pipeline class.
+    `text_encoder=False` leaves the encoder out (None): prompts are encoded elsewhere (serve --role denoiser)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     root = Path(root)
-    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder",
-                                                                       dtype=dtype or torch.float32).eval()
+    encoder = None
+    if text_encoder:
+        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder",
+                                                                     dtype=dtype or torch.float32).eval().to(device)
     parts = {"scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-             "text_encoder": text_encoder.to(device), "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer")}
+             "text_encoder": encoder, "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer")}
     if uses_processor(kind):
         from qwen_image_trt.models.processor import load_processor
 

@@ -57,6 +57,12 @@ def write_html(data: dict, out: Path) -> Path:
                                             ("engine", f"{data['backend']} {data['precision']}"),
                                             ("diff", "|difference| x8")))
                    + "</div>")
+    cache = ""
+    if data.get("step_cache"):
+        cache = ("<h2>Step cache: steps skipped against image quality (engine with the cache vs eager uncached; "
+                 "speedup against the uncached engine, first runs included)</h2>"
+                 + _table(data["step_cache"], ["prompt", "threshold", "computed", "skipped", "skip_ratio", "psnr_db",
+                                               "ssim", "seconds", "uncached_seconds", "speedup"]))
     page = f"""<!doctype html><meta charset=utf-8><title>qitrt parity {verdict}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:2px 8px;font-size:13px}}.row{{display:flex;gap:1em}}
@@ -66,7 +72,7 @@ img{{width:256px;image-rendering:pixelated;border:1px solid #999}}.PASS{{color:g
  <span class={verdict}>{verdict}</span></h1>
 <p>checkpoint {html.escape(data['checkpoint'])} ({data['checkpoint_identity']}), engines {html.escape(data['engines'])},
  seed {data['seed']}, {data['steps']} steps, {data['seconds']} s</p>
-<h2>Gates</h2>{gates}<h2>Images</h2>{images}
+<h2>Gates</h2>{gates}<h2>Images</h2>{images}{cache}
 <h2>Per denoising step (latent after each step)</h2>{steps}<h2>Per forward</h2>{forward}
 """
     path = out / "report.html"

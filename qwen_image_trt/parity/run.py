@@ -31,6 +31,7 @@ from qwen_image_trt.parity.report import write_html
 from qwen_image_trt.runtime.backends import check_backend, make_runner, trt_options
 from qwen_image_trt.runtime.limits import check_size
 from qwen_image_trt.runtime.pipeline import load_pipeline
+from qwen_image_trt.runtime.limits import check_threshold
 
 DEFAULT_SIZES = [(64, 64), (96, 64), (64, 128)]  # (width, height): square and non-square
 DEFAULT_BATCHES = [1, 2]
@@ -56,6 +57,7 @@ class ParityConfig:
     reference_dtype: str = "fp32"  # bf16 for real checkpoints on one GPU: fp32 Qwen-Image is ~80 GB
     progress: bool = True
     trt_options: dict = field(default_factory=dict)  # TensorRTRunner options (weight streaming budget, graphs)
+    step_cache: list[float] = field(default_factory=list)  # thresholds: the engine re-run with each, vs eager
 
     @classmethod
     def from_cli(cls, a) -> "ParityConfig":
@@ -69,6 +71,8 @@ class ParityConfig:
             cfg.batches = [int(b) for b in a.batches.split(",")]
         if a.image_size:
             cfg.image_size = a.image_size
+        if a.step_cache:
+            cfg.step_cache = [x for x in (t.strip() for t in a.step_cache.split(",")) if x]
         return cfg
 
 
@@ -105,6 +109,9 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
         check_size("height", h, (16, 4096))
     if any(b < 1 for b in cfg.batches):
         raise InputError("batches", cfg.batches, "integers >= 1")
+    cfg.step_cache = [check_threshold(t, "step_cache") for t in cfg.step_cache]
+    if None in cfg.step_cache:
+        raise InputError("step_cache", 0, "thresholds > 0: the uncached run is always measured")
     root = validate_checkpoint(cfg.checkpoint)
     if not Path(cfg.engines).is_dir():
         raise InputError("engines", str(cfg.engines), "an existing engine folder")
@@ -129,7 +136,7 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     t0 = time.perf_counter()
     saved: dict[str, torch.Tensor] = {}
     forward = _per_forward(cfg, saved, loras)
-    steps, images = _per_step_and_images(cfg, saved, loras, SamplingRecipe.from_record(manifest.sampling))
+    steps, images, cached = _per_step_and_images(cfg, saved, loras, SamplingRecipe.from_record(manifest.sampling))
     quantization = _quantization(cfg, manifest)
     save_file({k: v.detach().cpu().float().contiguous() for k, v in saved.items()}, str(cfg.out / OUTPUTS_FILE))
     data = {
@@ -138,6 +145,7 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
         "checkpoint_identity": manifest.checkpoint.identity, "seed": cfg.seed, "steps": cfg.steps,
         "device": cfg.device, "reference_dtype": cfg.reference_dtype,
         "forward": forward, "per_step": steps, "images": images, "quantization": quantization,
+        "step_cache": cached,
         "loras": manifest.loras, "sampling": manifest.sampling,
         "outputs_file": OUTPUTS_FILE, "gate_limits": gates.as_dict(),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -176,7 +184,7 @@ def _per_forward(cfg: ParityConfig, saved: dict, loras=()) -> list[dict]:
     return rows
 
 
-def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) -> tuple[list[dict], list[dict]]:
+def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) -> tuple[list, list, list]:
     from PIL import Image
 
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
@@ -191,7 +199,7 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
     engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device,
                            trt_options=cfg.trt_options)
     width, height = cfg.image_size
-    steps, images = [], []
+    steps, images, cached = [], [], []
     kind = pipeline_kind(cfg.checkpoint)
     for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):
         inputs = sample_image_inputs(kind, seed=cfg.seed + k)  # edit members: shipped condition images
@@ -203,11 +211,23 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
                 latents.append(kw["latents"].clone())
                 return {}
 
+            start = time.perf_counter()
             img = pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, height=height, width=width,
                        num_inference_steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed + k),
                        output_type="np", callback_on_step_end=keep, **inputs).images[0]
-            runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents)
-        (ref_img, ref_lat), (got_img, got_lat) = runs["eager"], runs["engine"]
+            runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents, time.perf_counter() - start)
+        (ref_img, ref_lat, _), (got_img, got_lat, engine_s) = runs["eager"], runs["engine"]
+        for threshold in cfg.step_cache:  # steps skipped against image quality, each threshold vs eager uncached
+            start = time.perf_counter()
+            img = engine(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, height=height, width=width,
+                         num_inference_steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed + k),
+                         output_type="np", step_cache=threshold, **inputs).images[0]
+            seconds = time.perf_counter() - start
+            img = (img * 255).round().clip(0, 255).astype(np.uint8)
+            cached.append({"prompt": k, "threshold": threshold, **engine.step_cache_stats.as_dict(),
+                           "psnr_db": metrics.psnr(ref_img, img), "ssim": metrics.ssim(ref_img, img),
+                           "seconds": round(seconds, 4), "uncached_seconds": round(engine_s, 4),
+                           "speedup": round(engine_s / seconds, 3)})
         for i, (a, b) in enumerate(zip(ref_lat, got_lat)):
             key = f"step.{k}.{i}"
             saved[f"{key}.eager"], saved[f"{key}.engine"] = a, b
@@ -221,7 +241,7 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
                        "psnr_db": metrics.psnr(ref_img, got_img), "ssim": metrics.ssim(ref_img, got_img),
                        "max_abs_levels": int(np.abs(ref_img.astype(int) - got_img.astype(int)).max()),
                        "files": files})
-    return steps, images
+    return steps, images, cached
 
 
 def _as_list(image) -> list:

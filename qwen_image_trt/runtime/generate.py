@@ -15,6 +15,7 @@ from qwen_image_trt.runtime.backends import check_backend
 from qwen_image_trt.runtime.images import check_image_inputs
 from qwen_image_trt.runtime.limits import check_request, request_limits
 from qwen_image_trt.runtime.pipeline import load_pipeline
+from qwen_image_trt.runtime.limits import check_threshold
 
 
 def default_request(checkpoint, engines=None) -> tuple[int, int, int]:
@@ -34,13 +35,13 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
                    height: int | None = None, width: int | None = None, engines=None, backend: str = "torch",
                    device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None,
                    image=None, mask=None, strength: float | None = None, pipeline: str | None = None,
-                   loras=()) -> Path:
+                   loras=(), step_cache: float | None = None, torch_options=None) -> Path:
     """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends.
 
     `image` (one, or a list of 1-3 for Edit-Plus), `mask` and `strength` go to the members that take them: the
     checkpoint's own (model_index.json) or `pipeline` ("img2img", "inpaint", "edit-inpaint").
     `loras` ("PATH[:SCALE]" or LoraSpec) are loaded into the pipeline with diffusers' API (engines: weights swapped
-    by name) and set active together with their scales."""
+    by name) and set active together with their scales. `step_cache` is the threshold of runtime.step_cache."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
     kind = pipeline_kind(checkpoint, pipeline)
@@ -50,6 +51,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     steps = d_steps if steps is None else steps
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
+    step_cache = check_threshold(step_cache)
     image_kwargs = check_image_inputs(kind, image, mask, strength, max_aspect=limits.condition_aspect)
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -57,7 +59,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     specs = [x if isinstance(x, LoraSpec) else LoraSpec.parse(x) for x in loras or ()]
     if pipe is None:
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
-                             trt_options=trt_options, pipeline=kind)
+                             trt_options=trt_options, pipeline=kind, torch_options=torch_options)
     if specs:
         names = [f"lora{i}" for i in range(len(specs))]
         for name, spec in zip(names, specs):
@@ -67,7 +69,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
         true_cfg_scale = 1.0  # CFG is off without a negative prompt; any other value only makes diffusers warn
     image = pipe(prompt=prompt, negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height,
                  width=width, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
-                 **image_kwargs).images[0]
+                 step_cache=step_cache, **image_kwargs).images[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return out

@@ -79,3 +79,19 @@ def request_limits(engines=None, checkpoint=None) -> Limits:
     if checkpoint is not None and min_steps(checkpoint) > limits.steps[0]:
         limits = replace(limits, steps=(min_steps(checkpoint), limits.steps[1]))
     return limits
+
+
+def check_threshold(value, name: str = "step_cache") -> float | None:
+    """None or 0 turns caching off; a threshold is the accumulated relative L1 change allowed between computed
+    steps (TeaCache's useful range is ~0.05-0.6: above 1 nearly every step would be skipped)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(name, value, "a number in [0, 2] (accumulated relative change; 0 or none: off)") from None
+    if not 0.0 <= v <= 2.0 or v != v:
+        raise InputError(name, value, "a number in [0, 2] (accumulated relative change; 0 or none: off)")
+    return v or None

@@ -20,7 +20,10 @@ from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, sto
 from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
+from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
 from qwen_image_trt.runtime.lora import EngineLoraLoader
+from qwen_image_trt.runtime.step_cache import step_cache
+from qwen_image_trt.runtime.torch_fast import TorchOptions, apply_torch_options, check_torch_options
 from qwen_image_trt.runtime.transformer import EngineTransformer
 from qwen_image_trt.runtime.vae import EngineVAE
 
@@ -33,13 +36,27 @@ def _with_batch_cfg(call, stock_call):
     import inspect
 
     sig = inspect.signature(stock_call)
-    extra = inspect.Parameter("batch_cfg", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="bool | None")
+    extra = [inspect.Parameter("batch_cfg", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="bool | None"),
+             inspect.Parameter("step_cache", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="float | None")]
     params = list(sig.parameters.values())
-    call.__signature__ = sig.replace(parameters=params + [extra] if params[-1].kind != params[-1].VAR_KEYWORD
-                                     else params[:-1] + [extra, params[-1]])
-    call.__doc__ = (stock_call.__doc__ or "") + ("\n\n        batch_cfg: run both true-CFG branches as one engine "
-                                                 "call (text-to-image only; None: the pipeline's default).")
+    call.__signature__ = sig.replace(parameters=params + extra if params[-1].kind != params[-1].VAR_KEYWORD
+                                     else params[:-1] + extra + [params[-1]])
+    call.__doc__ = (stock_call.__doc__ or "") + (
+        "\n\n        batch_cfg: run both true-CFG branches as one engine call (text-to-image only; None: the "
+        "pipeline's default).\n        step_cache: skip a transformer call while the first block's modulated input "
+        "has changed less than this in total (relative L1) since the last computed step, reusing that step's "
+        "output; per CFG branch and per sample (runtime.step_cache). None: every step runs. After the call, "
+        "`pipe.step_cache_stats` says what was skipped.")
     return call
+
+
+def _cached(pipe, threshold, run):
+    """`run()` with the transformer behind a step cache when `threshold` is set; stats kept on the pipeline."""
+    with step_cache(pipe, threshold) as cache:
+        out = run()
+    pipe.step_cache_stats = cache.stats if cache is not None else None
+    return out
 
 
 class EngineContract(EngineLoraLoader):
@@ -72,7 +89,10 @@ class QwenImageEnginePipeline(EngineContract, QwenImagePipeline):
 
     batch_cfg: bool = True
 
-    def __call__(self, *args, batch_cfg: bool | None = None, **kwargs):
+    def __call__(self, *args, batch_cfg: bool | None = None, step_cache: float | None = None, **kwargs):
+        return _cached(self, step_cache, lambda: self._call(*args, batch_cfg=batch_cfg, **kwargs))
+
+    def _call(self, *args, batch_cfg: bool | None = None, **kwargs):
         batch_cfg = self.batch_cfg if batch_cfg is None else batch_cfg
         steps = kwargs.get("num_inference_steps", 50)
         if steps == 1 and kwargs.get("sigmas") is None and self.scheduler.config.get("shift_terminal"):
@@ -188,7 +208,8 @@ class QwenImageEnginePipeline(EngineContract, QwenImagePipeline):
 def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str = "cpu", dtype=None,
                   batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
                   threads: int | None = None, progress: bool = False,
-                  trt_options: dict | None = None, pipeline: str | None = None):
+                  trt_options: dict | None = None, pipeline: str | None = None, torch_options=None,
+                  embedding_cache_bytes: int = 0, text_encoder: bool = True):
     """A ready diffusers pipeline for `checkpoint`, with the transformer and the VAE on `backend`.
 
     The class is the one the checkpoint's model_index.json names (QwenImagePipeline, QwenImageEditPipeline,
@@ -199,16 +220,25 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     graphs in `engines`, which must have been built from this checkpoint (checked against its manifest).
     `threads` caps ONNX Runtime's CPU threads (several CPU workers on one machine must share its cores);
     `trt_options` go to each TensorRT runner (e.g. {"weight_streaming_budget": bytes, "cuda_graphs": True}).
+    `torch_options` is the torch fast path (runtime.torch_fast): {"compile": True, "fp8": True, "cuda_graphs": True}
+    or "compile,fp8"; backend torch only, refused by name where the device cannot run it.
+    `embedding_cache_bytes` > 0 caches prompt embeddings (runtime.embed_cache): a repeated prompt skips the encoder.
+    `text_encoder=False` loads no text encoder: the caller supplies `prompt_embeds` or replaces the pipeline's
+    `_get_qwen_prompt_embeds` (serve.remote_encoder); text-to-image members only.
     """
     check_backend(backend)
     root = ckpt.validate_checkpoint(checkpoint)
     kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
+    fast = check_torch_options(TorchOptions.parse(torch_options), device)
+    if fast.any and backend != "torch":
+        raise InputError("torch_options", torch_options, f"only with backend torch ({backend} engines are already "
+                         "compiled; TensorRT's CUDA graphs: trt_options={'cuda_graphs': True})")
     if backend == "torch":
         if engines is not None:
             raise InputError("engines", str(engines), "no engine folder with backend torch (the eager reference); "
                              "pick --backend onnxruntime or tensorrt to run engines")
-        transformer = ckpt.load_transformer(root, dtype).to(device)
+        transformer = apply_torch_options(ckpt.load_transformer(root, dtype).to(device), fast)
         vae = ckpt.load_vae(root, dtype).to(device)
     else:
         if engines is None:
@@ -222,10 +252,14 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         runner = make_runner(backend, "transformer", **opts)
         transformer = EngineTransformer(runner, ckpt.read_config(root, "transformer"),
                                         text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device)
+        transformer.checkpoint = root  # the step cache's signal reads its few weights from here
         has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
-    pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer, **load_eager_parts(root, device, dtype, kind))
+    if not text_encoder and kind not in ("text-to-image", "img2img", "inpaint"):
+        raise InputError("text_encoder", False, f"True for {kind}: its prompts are encoded with its input images")
+    pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
+                                       **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
     recipe = SamplingRecipe.from_record(manifest.sampling) if engines is not None else None
     if recipe is not None:  # the scheduler the engines were made for (a few-step LoRA merged at build)
         recipe.apply(pipe)
@@ -233,6 +267,10 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     pipe.batch_cfg = batch_cfg
     pipe.set_progress_bar_config(disable=not progress)
     pipe.backend, pipe.engines, pipe.pipeline_kind = backend, engines, kind
+    pipe.torch_options = fast
+    pipe.encoder_identity = ckpt.checkpoint_identity(root, parts=("text_encoder",))  # what its embeddings depend on
+    if embedding_cache_bytes:
+        cache_prompt_embeddings(pipe, EmbeddingCache(embedding_cache_bytes))
     return pipe
 
 
@@ -246,10 +284,10 @@ def engine_pipeline_class(kind: str) -> type:
     if kind not in _ENGINE_CLASSES:
         base = stock_class(kind)
 
-        def __call__(self, *args, batch_cfg: bool | None = None, **kwargs):
+        def __call__(self, *args, batch_cfg: bool | None = None, step_cache: float | None = None, **kwargs):
             if batch_cfg:
                 raise InputError("batch_cfg", batch_cfg, f"False or None for {kind}: batched CFG is text-to-image only")
-            return base.__call__(self, *args, **kwargs)
+            return _cached(self, step_cache, lambda: base.__call__(self, *args, **kwargs))
 
         _with_batch_cfg(__call__, base.__call__)  # help() shows the stock call
         _ENGINE_CLASSES[kind] = type(base.__name__.replace("Pipeline", "EnginePipeline"), (EngineContract, base),

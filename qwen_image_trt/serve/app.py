@@ -72,7 +72,18 @@ def has_vae_encoder(cfg: ServerConfig) -> bool:
 def create_app(cfg: ServerConfig) -> FastAPI:
     """The FastAPI app: an Engine started and stopped with the app, its routes in three groups, the guard
     in front."""
+    if cfg.role == "encoder":  # the text encoder as a service: its own small app
+        from qwen_image_trt.serve.encoder_service import create_encoder_app
+
+        return create_encoder_app(cfg)
     check_start(cfg)
+    encoder = None
+    if cfg.role == "denoiser":  # refused here if the encoder serves another text encoder; unreachable is let be
+        from qwen_image_trt.serve.encoder_service import text_encoder_identity
+        from qwen_image_trt.serve.remote_encoder import EncoderLink
+
+        encoder = EncoderLink(cfg.encoder_url, text_encoder_identity(cfg.checkpoint), cfg.api_key)
+        encoder.check_at_start()
     if cfg.default_steps is None:  # engines made for a few-step recipe default to its steps
         sampling = read_manifest(cfg.engines).sampling if cfg.engines else None
         cfg.default_steps = int(sampling["steps"]) if sampling else cfg.steps_default
@@ -80,7 +91,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = app.state.engine = Engine(cfg, limits)
+        engine = app.state.engine = Engine(cfg, limits, encoder=encoder)
         await engine.start()
         yield
         await engine.shutdown(cfg.shutdown_grace_s)

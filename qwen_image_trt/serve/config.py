@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.shapes import parse_size
 
 API_KEY_ENV = "QITRT_API_KEY"
+ROLES = ("all", "encoder", "denoiser")
 DEFAULT_MAX_BATCH = 8  # images per batch when neither the flag nor the engine profile says otherwise
+DEFAULT_MAX_QUEUE_DELAY_MS = 5.0  # when neither --max-queue-delay-ms nor a --batching-profile says otherwise
 
 
 def doc(default, help: str, **kw):
@@ -31,7 +33,11 @@ class ServerConfig:
                               f"but /health (default: ${API_KEY_ENV}, else none)")
     max_batch_size: int | None = doc(None, "most images in one pipeline call (default: "
                                      f"{DEFAULT_MAX_BATCH}, capped by the engine profile's batch); 1 turns batching off")
-    max_queue_delay_ms: float = doc(5.0, "longest the oldest queued request waits for a batch to fill")
+    max_queue_delay_ms: float | None = doc(None, "longest the oldest queued request waits for a batch to fill, ms "
+                                           f"(default: the batching profile's, else {DEFAULT_MAX_QUEUE_DELAY_MS:g})")
+    batching_profile: str | None = doc(None, "JSON file from `qitrt bench batching` for these engines, checkpoint, "
+                                       "backend and device kind (refused otherwise): per size its max batch, and the "
+                                       "queue delay; --max-batch-size / --max-queue-delay-ms, when given, win")
     max_queue_size: int = doc(64, "requests waiting (not running) beyond which new ones get 429 + Retry-After")
     priority_levels: int = doc(3, "priority values 0 (most urgent) .. N-1; the default is the middle one")
     default_timeout_s: float = doc(120.0, "per-request timeout when the request names none (504 when passed)")
@@ -84,18 +90,41 @@ class ServerConfig:
     max_loras: int = doc(4, "most adapters one request may combine")
     lora_cache_bytes: int = doc(4 << 30, "bytes of adapter files each worker keeps loaded; the least recently used "
                                 "adapter is unloaded first")
+    step_cache: float | None = doc(None, "step-cache threshold for requests that name none (runtime.step_cache: "
+                                   "skip transformer calls while the input barely changed; 0.1-0.3 typical; "
+                                   "default: off, every step runs)")
+    role: str = doc("all", "all: one process tree (text encoder, transformer and VAE in each worker) | encoder: the "
+                    "text encoder as a service for denoisers (POST /v1/encode) | denoiser: transformer and VAE, "
+                    "prompts encoded by --encoder-url (docs/serving.md, 'Split roles')")
+    encoder_url: str | None = doc(None, "--role denoiser: the encoder service's URL, e.g. http://10.0.0.5:8001 (its "
+                                  "text encoder must be this checkpoint's; the server's --api-key is sent to it)")
+    embedding_cache_bytes: int = doc(256 << 20, "bytes of prompt embeddings each worker keeps (LRU; the empty "
+                                     "negative prompts are pinned): a repeated prompt skips the text encoder; 0: off")
+    torch_fast: str | None = doc(None, "backend torch's fast path in each worker: compile, fp8, cuda_graphs, comma-"
+                                 "separated (runtime.torch_fast; checked against every device at start)")
 
     def __post_init__(self):
         if self.api_key is None:
             self.api_key = os.environ.get(API_KEY_ENV) or None
+        from qwen_image_trt.runtime.limits import check_threshold
+
+        self.step_cache = check_threshold(self.step_cache)
         for name in ("max_queue_size", "priority_levels", "max_n", "max_steps", "max_prompt_chars", "max_body_bytes",
                      "max_image_body_bytes", "max_image_bytes", "max_image_pixels",
                      "max_connections", "jobs_max_bytes", "max_loras", "lora_cache_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an integer >= 1")
+        if self.role not in ROLES:
+            raise InputError("role", self.role, f"one of {', '.join(ROLES)}")
+        if (self.role == "denoiser") != bool(self.encoder_url):
+            raise InputError("encoder_url", self.encoder_url, "an http(s):// URL with --role denoiser, and only then")
+        if self.encoder_url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.encoder_url):
+            raise InputError("encoder_url", self.encoder_url, "an http(s):// URL, e.g. http://10.0.0.5:8001")
+        if self.embedding_cache_bytes < 0:
+            raise InputError("embedding_cache_bytes", self.embedding_cache_bytes, "an integer >= 0 (0: off)")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise InputError("max_batch_size", self.max_batch_size, "an integer >= 1")
-        if self.max_queue_delay_ms < 0 or self.max_retries < 0:
+        if (self.max_queue_delay_ms is not None and self.max_queue_delay_ms < 0) or self.max_retries < 0:
             raise InputError("max_queue_delay_ms/max_retries", (self.max_queue_delay_ms, self.max_retries), ">= 0")
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "stall_factor", "stall_min_s", "stall_first_s",
                      "header_timeout_s", "body_timeout_s", "keep_alive_s", "min_timeout_s"):
@@ -113,11 +142,38 @@ class ServerConfig:
         self.device_list()
         parse_size(self.default_size, "default_size")
         self.trt_options()  # checks the budget's form before any worker starts
+        self.torch_options()
+        # not a field: the profile's limits for the served backend, checked against what is served (None without one)
+        from qwen_image_trt.serve.batching_profile import load_batching_profile
+
+        self.batching_limits = load_batching_profile(self) if self.batching_profile else None
+
+    @property
+    def queue_delay_ms(self) -> float:
+        """The batcher's delay: the flag when given, else the batching profile's, else the default."""
+        if self.max_queue_delay_ms is not None:
+            return self.max_queue_delay_ms
+        if self.batching_limits is not None:
+            return self.batching_limits.max_queue_delay_ms
+        return DEFAULT_MAX_QUEUE_DELAY_MS
 
     @property
     def steps_default(self) -> int:
         """default_steps, or 20 where neither it nor an engine recipe (create_app fills that in) says."""
         return 20 if self.default_steps is None else self.default_steps
+
+    def torch_options(self):
+        """The torch fast path, refused at start where a device (or the backend) cannot run it."""
+        from qwen_image_trt.runtime.torch_fast import TorchOptions, check_torch_options
+
+        options = TorchOptions.parse(self.torch_fast)
+        if options.any and self.backend not in (None, "torch"):
+            raise InputError("torch_fast", self.torch_fast, f"backend torch only (the server runs {self.backend})")
+        if options.any and self.engines:
+            raise InputError("torch_fast", self.torch_fast, "backend torch only (the server runs engines)")
+        for device in self.device_list():
+            check_torch_options(options, device)
+        return options
 
     def trt_options(self) -> dict:
         from qwen_image_trt.runtime.backends import trt_options
@@ -163,5 +219,3 @@ class ServerConfig:
     @classmethod
     def field_help(cls) -> dict:
         return {f.name: f.metadata for f in fields(cls)}
-
-

@@ -25,15 +25,16 @@ from qwen_image_trt.serve.state import Batch, RequestState, ServeError
 
 __all__ = ["Engine", "RequestState", "ServeError"]
 log = logging.getLogger(__name__)
+ENCODER_PROBE_S = 1.0  # how often a denoiser asks its encoder service's /health
 OUTCOME = {"succeeded": "ok", "cancelled": "cancelled"}
 
 
 class Engine:
-    def __init__(self, cfg: ServerConfig, limits, metrics: ServeMetrics | None = None):
+    def __init__(self, cfg: ServerConfig, limits, metrics: ServeMetrics | None = None, encoder=None):
         self.cfg, self.limits = cfg, limits
+        self.encoder = encoder  # --role denoiser: the EncoderLink (serve/remote_encoder.py)
         self.metrics = metrics or ServeMetrics()
-        self.batcher = Batcher(lambda key: self.max_images(key[3]), cfg.max_queue_delay_ms / 1000,
-                               cfg.max_queue_size)
+        self.batcher = Batcher(self.batch_limit, cfg.queue_delay_ms / 1000, cfg.max_queue_size)
         self.executor = Executor(cfg, self._on_message, self._on_death)
         self.jobs: Jobs | None = None  # opened by `start` (its store locks its folder)
         self.closing = False
@@ -50,6 +51,37 @@ class Engine:
         want = self.cfg.max_batch_size or min(profile, DEFAULT_MAX_BATCH)
         return max(1, min(want, profile))
 
+    def batch_limit(self, key) -> int:
+        """Images per pipeline call for one batch group (key: width, height, steps, CFG, ...). Without a
+        --batching-profile, or with --max-batch-size given, `max_images`. With one, the profile's limit for the
+        request's size bucket (see BatchingLimits.max_batch), capped by the engine's `limits.batch`; for an image
+        bigger than every bucket also by `max_images`; a CFG mode the profile did not measure gets `max_images`.
+        (A request's own `n` is bounded by `max_images` at the door; one above its bucket's limit runs alone.)"""
+        default = self.max_images(key[3])
+        prof = self.cfg.batching_limits
+        if prof is None or self.cfg.max_batch_size is not None:
+            return default
+        limit, measured = prof.max_batch(key[0], key[1], key[3])
+        if limit is None:
+            return default
+        return max(1, min(limit, self.limits.batch[1] if measured else default))
+
+    def batching_info(self) -> dict:
+        """The active batching limits, for /health: where they come from and, per profiled size, what applies."""
+        prof = self.cfg.batching_limits
+
+        def source(flag: str, given: bool) -> str:
+            return f"--{flag}" if given else ("profile" if prof is not None else "default")
+
+        info = {"profile": prof.path if prof else None, "max_queue_delay_ms": self.cfg.queue_delay_ms,
+                "max_queue_delay_source": source("max-queue-delay-ms", self.cfg.max_queue_delay_ms is not None),
+                "max_batch_source": source("max-batch-size", self.cfg.max_batch_size is not None)}
+        if prof is not None:
+            info["by_size"] = [{"size": f"{w}x{h}", "cfg": c, "profile_max_batch": n,
+                                "max_batch": self.batch_limit((w, h, None, c))} for w, h, c, n in prof.buckets]
+            info["warnings"] = list(prof.warnings)
+        return info
+
     async def start(self) -> None:
         self.jobs = Jobs(JobStore(self.cfg.resolved_jobs_dir, self.cfg.jobs_max_bytes, self.cfg.job_ttl_s))
         self.executor.start()
@@ -59,6 +91,8 @@ class Engine:
             self.metrics.restored.inc()
         self._tasks = [asyncio.create_task(self._dispatch_loop(), name="qitrt-dispatch"),
                        asyncio.create_task(self._watchdog_loop(), name="qitrt-watchdog")]
+        if self.encoder is not None:
+            self._tasks.append(asyncio.create_task(self._encoder_loop(), name="qitrt-encoder-link"))
 
     # ---- requests --------------------------------------------------------------------------------------
     def accept(self, params: GenParams, job: bool = False) -> RequestState:
@@ -70,6 +104,11 @@ class Engine:
         if self.executor.all_gave_up():
             self.metrics.outcomes.labels(kind, "rejected").inc()
             raise ServeError(503, "unavailable", "no worker could load the pipeline; see /health")
+        if self.encoder is not None and not self.encoder.ok:
+            self.metrics.outcomes.labels(kind, "rejected").inc()
+            raise ServeError(503, "encoder_unavailable", f"the encoder service at {self.encoder.url} is "
+                             f"unavailable ({self.encoder.last_error}); retry later",
+                             retry_after=self.cfg.drain_retry_after_s)
         st = RequestState(params, asyncio.get_running_loop().create_future(), job=job)
         if job:
             self.jobs.added(st)
@@ -217,6 +256,9 @@ class Engine:
             self.metrics.busy.labels(str(w.index)).inc(time.monotonic() - batch.sent)
             if kind == "done":
                 self._batch_done(w, batch, msg[2], msg[3])
+                if len(msg) > 4:  # the worker's prompt-embedding cache counts since its last batch
+                    for what, n in msg[4].items():
+                        self.metrics.embedding_cache.labels(what).inc(n)
             else:
                 self._batch_failed(w, batch, msg[2], msg[3])
 
@@ -241,6 +283,14 @@ class Engine:
         if kind == "cancelled":
             return
         w.last_error = text
+        if kind == "EncoderUnavailable":  # not this batch's fault: 503 + Retry-After, and the door closes until
+            if self.encoder is not None:  # the link's next probe finds the encoder back
+                self.encoder.ok, self.encoder.last_error = False, text
+            for r in batch.requests:
+                if not r.done:
+                    self._finish(r, "failed", error=ServeError(503, "encoder_unavailable", text,
+                                                               retry_after=self.cfg.drain_retry_after_s))
+            return
         live = [r for r in batch.requests if not r.done]
         if len(batch.requests) > 1:
             for r in live:
@@ -301,6 +351,12 @@ class Engine:
             if w.killing:
                 self.metrics.watchdog_kills.labels(str(w.index)).inc()
 
+    async def _encoder_loop(self) -> None:
+        """--role denoiser: probe the encoder service; the door opens and closes with it."""
+        while True:
+            await asyncio.to_thread(self.encoder.check)
+            await asyncio.sleep(ENCODER_PROBE_S if self.encoder.ok else ENCODER_PROBE_S / 4)
+
     async def _watchdog_loop(self) -> None:
         period = max(0.05, min(1.0, self.cfg.heartbeat_timeout_s / 4))
         while True:
@@ -313,10 +369,12 @@ class Engine:
     # ---- health, drain and shutdown ----------------------------------------------------------------------
     def health(self) -> dict:
         workers = [w.health() for w in self.executor.workers]
-        ready = self.executor.any_ready() and not self.closing
+        ready = self.executor.any_ready() and not self.closing and (self.encoder is None or self.encoder.ok)
         return {"status": "draining" if self.closing else ("ok" if ready else "unavailable"),
-                "ready": ready, "queue_length": len(self.batcher),
+                "ready": ready, "queue_length": len(self.batcher), "role": self.cfg.role,
+                **({"encoder": self.encoder.as_dict()} if self.encoder is not None else {}),
                 "max_batch_images": {"cfg": self.max_images(True), "no_cfg": self.max_images(False)},
+                "batching": self.batching_info(),
                 "workers": workers}
 
     def running(self) -> list[RequestState]:

@@ -77,7 +77,9 @@ class Executor:
                                   args=(child, w.device, str(self.cfg.checkpoint), self.cfg.engines,
                                         self.cfg.resolved_backend, self.cfg.cpu_threads(), w.cancel,
                                         self.cfg.dtype, self.cfg.trt_options(), self.cfg.heartbeat_interval_s,
-                                        self.cfg.lora_dir, self.cfg.lora_cache_bytes))
+                                        self.cfg.lora_dir, self.cfg.lora_cache_bytes, self.cfg.torch_options(),
+                                        self.cfg.embedding_cache_bytes,
+                                        (self.cfg.encoder_url, self.cfg.api_key) if self.cfg.encoder_url else None))
         w.proc.start()
         child.close()
         w.conn, w.pid, w.ready, w.generation = parent, w.proc.pid, False, w.generation + 1

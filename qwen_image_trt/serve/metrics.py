@@ -36,6 +36,8 @@ class ServeMetrics:
                                       registry=r)
         self.batch_requests = Histogram("qitrt_batch_requests", "requests per pipeline call", buckets=BATCH_BUCKETS,
                                         registry=r)
+        self.embedding_cache = Counter("qitrt_embedding_cache", "prompt-embedding cache lookups in the workers: "
+                                       "hits, misses (the text encoder ran) and evictions", ["event"], registry=r)
         self.queue_length = Gauge("qitrt_queue_length", "requests waiting for a batch", registry=r)
         self.worker_ready = Gauge("qitrt_worker_ready", "1 when the worker has loaded its pipeline",
                                   ["worker", "device"], registry=r)

@@ -16,6 +16,7 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.models.pipelines import IMAGE_MEMBERS
 from qwen_image_trt.runtime.images import ImageLimits, check_image_inputs
 from qwen_image_trt.runtime.limits import Limits, check_size
+from qwen_image_trt.runtime.limits import check_threshold
 from qwen_image_trt.serve.adapters import parse_lora_field
 from qwen_image_trt.serve.config import ServerConfig, parse_size
 
@@ -40,6 +41,7 @@ class ImageRequest(BaseModel):
     priority: int | None = None
     timeout: float | None = None
     lora: str | list[str] | None = None  # "name" or "name:scale", or a list: adapters from GET /v1/models
+    step_cache: float | None = None  # threshold of runtime.step_cache; 0 turns the server's default off
     # accepted for OpenAI compatibility, no effect on this model
     model: str | None = None
     user: str | None = None
@@ -70,6 +72,7 @@ class GenParams:
     strength: float | None = None
     group: str = ""  # edit members: the input images' digest (their pipelines take one prompt per call)
     loras: tuple = ()  # ((adapter name, scale), ...) sorted by name
+    step_cache: float | None = None  # runtime.step_cache threshold; None: every step runs
 
     def __post_init__(self):
         # A job read back from the job store comes through JSON, where tuples became lists: the batch key hashes it.
@@ -82,8 +85,10 @@ class GenParams:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one pipeline call: same size, steps, CFG on/off, member, strength and
-        adapter set; img2img and inpaint requests with different images batch (one image per prompt)."""
-        return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group, self.loras)
+        adapter set and step-cache threshold; img2img and inpaint requests with different images batch (one image per
+        prompt). Within a batch each image's skip decisions stay its own (runtime.step_cache)."""
+        return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group, self.loras,
+                self.step_cache)
 
 
 def check_text(name: str, text: str) -> None:
@@ -177,6 +182,7 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
                   cfg.priority_levels // 2 if req.priority is None else req.priority,
                   cfg.default_timeout_s if req.timeout is None else req.timeout, kind=kind,
                   loras=parse_lora_field(req.lora, cfg.max_loras),
+                  step_cache=check_threshold(cfg.step_cache if req.step_cache is None else req.step_cache),
                   **(check_images(req, kind, cfg, limits.condition_aspect) if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:

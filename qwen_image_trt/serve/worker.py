@@ -62,7 +62,8 @@ class BatchCancelled(Exception):
 
 def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_threads, cancel,
                 dtype: str = "auto", trt_options: dict | None = None, heartbeat_s: float = 1.0, lora_dir=None,
-                lora_cache_bytes: int = 4 << 30) -> None:
+                lora_cache_bytes: int = 4 << 30, torch_options=None, embedding_cache_bytes: int = 0,
+                remote_encoder: tuple | None = None) -> None:
     # Ctrl-C reaches the whole process group: the server decides when its workers stop (after the drain), so
     # the worker must not die mid-batch on the terminal's SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -81,8 +82,11 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         threads = cpu_threads if device == "cpu" else None  # ONNX Runtime too: each session would take every core
-        pipes = Pipelines(load_pipeline(checkpoint, engines=engines, backend=backend, device=device,
-                                        dtype=torch_dtype, threads=threads, trt_options=trt_options),
+        pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, dtype=torch_dtype,
+                             threads=threads, trt_options=trt_options, torch_options=torch_options,
+                             text_encoder=remote_encoder is None)  # --role denoiser: no local text encoder
+        pipe.remote_encoder = remote_encoder  # (encoder service URL, API key)
+        pipes = Pipelines(prompt_source(pipe, pipe.remote_encoder, embedding_cache_bytes),
                           WorkerAdapters(lora_dir, lora_cache_bytes))
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
@@ -97,6 +101,7 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
             return
         batch_id, key, items = msg
         try:
+            before = pipes.cache_counts()
             images, compute_s = run_batch(pipes, batch_id, key, items, conn, cancel)
         except BatchCancelled:
             conn.send(("failed", batch_id, "cancelled", "every request of the batch was cancelled"))
@@ -104,7 +109,21 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the worker down
             conn.send(("failed", batch_id, type(e).__name__, f"{type(e).__name__}: {e}"))
             continue
-        conn.send(("done", batch_id, images, compute_s))
+        after = pipes.cache_counts()
+        conn.send(("done", batch_id, images, compute_s, {k: after[k] - before[k] for k in after}))
+
+
+def prompt_source(pipe, remote, cache_bytes: int):
+    """Where `pipe`'s prompt embeddings come from: the encoder service (`remote` = (url, api key)) or its own text
+    encoder, behind this worker's embedding cache either way (a repeated prompt never leaves the process)."""
+    from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
+    from qwen_image_trt.serve.remote_encoder import remote_prompt_embeddings
+
+    if remote:
+        remote_prompt_embeddings(pipe, *remote)
+    if cache_bytes:
+        cache_prompt_embeddings(pipe, EmbeddingCache(cache_bytes))
+    return pipe
 
 
 class Pipelines:
@@ -116,15 +135,26 @@ class Pipelines:
         self.by_kind = {pipe.pipeline_kind: pipe}
         self.adapters = adapters or WorkerAdapters(None, 0)  # shared by the members: they share the transformer
 
+    def cache_counts(self) -> dict:
+        cache = getattr(self.own, "embedding_cache", None)
+        return cache.stats.as_dict() if cache is not None else {}
+
     def get(self, kind: str):
         if kind not in self.by_kind:
+            from qwen_image_trt.runtime.embed_cache import cache_prompt_embeddings
             from qwen_image_trt.runtime.pipeline import engine_pipeline_class
+            from qwen_image_trt.serve.remote_encoder import remote_prompt_embeddings
 
             cls = engine_pipeline_class(kind)
             accepted = set(cls._get_signature_keys(cls)[0])
             made = cls(**{k: v for k, v in self.own.components.items() if k in accepted})
             made.set_progress_bar_config(disable=True)
             made.backend, made.engines, made.pipeline_kind = self.own.backend, self.own.engines, kind
+            made.encoder_identity, made.remote_encoder = self.own.encoder_identity, self.own.remote_encoder
+            if made.remote_encoder:
+                remote_prompt_embeddings(made, *made.remote_encoder)
+            if getattr(self.own, "embedding_cache", None) is not None:  # one cache for every member
+                cache_prompt_embeddings(made, self.own.embedding_cache)
             self.by_kind[kind] = made
         return self.by_kind[kind]
 
@@ -141,7 +171,7 @@ def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], co
     """One pipeline call for the whole batch; one generator per image so each equals its unbatched twin."""
     import torch
 
-    width, height, steps, cfg, kind, strength, _group, loras = key
+    width, height, steps, cfg, kind, strength, _group, loras, step_cache = key
     pipe = pipes.get(kind)
     pipes.adapters.activate(pipe, loras)  # before the fault check: a broken adapter fails its batch alone
     fault = os.environ.get(FAULT_PROMPT_ENV)
@@ -178,7 +208,7 @@ def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], co
         return {}
 
     kwargs = dict(prompt=prompts, height=height, width=width, num_inference_steps=steps, generator=gens,
-                  callback_on_step_end=on_step)
+                  callback_on_step_end=on_step, step_cache=step_cache)
     if cfg:
         kwargs.update(negative_prompt=negs, true_cfg_scale=scales)
     else:
