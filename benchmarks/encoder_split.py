@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                 if roles[0][:2] == ["--role", "encoder"]:
                     r = httpx.post(servers[0].url + "/v1/encode", json={"prompts": ["a red fox in snow", "blurry"]})
                     encode_bytes = len(r.content)
-                closed_loop_warm = asyncio.run(closed_loop(front.url, ["warm-up"] * 2))
+                closed_loop_warm = asyncio.run(closed_loop(front.url, [f"warm-up {i}" for i in range(8)]))
                 del closed_loop_warm
                 for k, repeat in enumerate((0.0, 0.5, 0.9)):
                     ips = asyncio.run(closed_loop(front.url, prompts_for(a.requests, repeat, seed=100 * len(rows) + k)))

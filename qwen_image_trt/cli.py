@@ -267,6 +267,8 @@ EXAMPLES = {
     "bench offline": "qitrt bench offline runs/tiny --engines runs/engines-fp32 --sizes 64x64 --batch 1,2",
     "bench serve": "qitrt bench serve --start runs/tiny --concurrency 1,4 --size 64x64 --steps 4",
     "bench chaos": "qitrt bench chaos runs/tiny --fault-seconds 120 --calm-seconds 30",
+    "bench batching": "qitrt bench batching runs/tiny --engines runs/engines-fp32 --backend onnxruntime "
+                      "--sizes 64x64,128x128 --batch 1,2,4 --steps 4 --out runs/batching --tag tiny",
 }
 
 

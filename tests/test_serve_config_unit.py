@@ -68,3 +68,19 @@ def test_guard_rules():
     for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
         status, body, _ = check(content_type=ctype)
         assert status == 415 and body["error"]["allowed"] == "application/json"
+
+
+def test_a_batch_goes_to_an_idle_worker_that_holds_its_key_warm(tiny_checkpoint):
+    from qwen_image_trt.serve.executor import WARM_KEYS, Executor
+
+    ex = Executor(ServerConfig(checkpoint=str(tiny_checkpoint), devices="cpu,cpu"), lambda *a: None,
+                  lambda *a: None)
+    a, b = ex.workers
+    a.ready = b.ready = True
+    a.completed, b.completed = 0, 10  # without affinity, the less used worker (a) would be picked
+    b.warm = [("64x64", "style-lora")]
+    assert ex.idle_worker(("64x64", "style-lora")) is b
+    assert ex.idle_worker(("64x64", "another")) is a
+    b.batch = object()  # busy: the warm worker is not waited for
+    assert ex.idle_worker(("64x64", "style-lora")) is a
+    assert WARM_KEYS >= 2

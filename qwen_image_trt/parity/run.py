@@ -93,6 +93,11 @@ class ParityReport:
             value = "identical" if g["name"] == "image_psnr_min" and g["value"] >= metrics.PSNR_CAP_DB else f"{g['value']:.6g}"
             lines.append(f"  {'ok ' if g['ok'] else 'BAD'} {g['name']:22s} {value} "
                          f"({'>=' if g['kind'] == 'min' else '<='} {g['limit']:g})")
+        for t in sorted({r["threshold"] for r in d.get("step_cache") or []}):
+            rows = [r for r in d["step_cache"] if r["threshold"] == t]
+            skipped = sum(r["skipped"] for r in rows) / max(1, sum(r["skipped"] + r["computed"] for r in rows))
+            lines.append(f"  step cache {t:g}: {skipped:.0%} of transformer row-steps skipped, worst image PSNR "
+                         f"{min(r['psnr_db'] for r in rows):.1f} dB (informational)")
         return "\n".join(lines)
 
 

@@ -36,9 +36,14 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    cfg = config_from_args(a)
+    if cfg.ray:
+        from qwen_image_trt.serve.ray_app import run_ray
+
+        run_ray(cfg)
+        return 0
     from qwen_image_trt.serve.server import run_server
 
-    cfg = config_from_args(a)
     print(f"qitrt serve: {cfg.checkpoint} on {cfg.device_list()} at http://{cfg.host}:{cfg.port} "
           f"(api key {'on' if cfg.api_key else 'off'}; jobs in {cfg.resolved_jobs_dir})", flush=True)
     run_server(cfg)

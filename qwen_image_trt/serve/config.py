@@ -98,6 +98,13 @@ class ServerConfig:
                     "prompts encoded by --encoder-url (docs/serving.md, 'Split roles')")
     encoder_url: str | None = doc(None, "--role denoiser: the encoder service's URL, e.g. http://10.0.0.5:8001 (its "
                                   "text encoder must be this checkpoint's; the server's --api-key is sent to it)")
+    ray: bool = doc(False, "deploy on Ray Serve instead of this process tree: an encoder deployment, denoiser "
+                    "replicas (one per GPU), an ingress with this API (pip install 'qwen-image-trt[ray]')")
+    ray_address: str | None = doc(None, "--ray: the cluster to join, e.g. ray://head:10001 or auto (default: a local "
+                                  "one)")
+    ray_replicas: str = doc("1", "--ray: denoiser replicas, a number or auto (Ray's autoscaler, 1 to the devices "
+                            "listed, 2 ongoing requests per replica)")
+    ray_cpus_per_replica: float = doc(1.0, "--ray on CPUs: cores each encoder/denoiser replica reserves")
     embedding_cache_bytes: int = doc(256 << 20, "bytes of prompt embeddings each worker keeps (LRU; the empty "
                                      "negative prompts are pinned): a repeated prompt skips the text encoder; 0: off")
     torch_fast: str | None = doc(None, "backend torch's fast path in each worker: compile, fp8, cuda_graphs, comma-"
@@ -120,6 +127,12 @@ class ServerConfig:
             raise InputError("encoder_url", self.encoder_url, "an http(s):// URL with --role denoiser, and only then")
         if self.encoder_url and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.encoder_url):
             raise InputError("encoder_url", self.encoder_url, "an http(s):// URL, e.g. http://10.0.0.5:8001")
+        if self.ray_replicas != "auto" and not (self.ray_replicas.isdigit() and int(self.ray_replicas) >= 1):
+            raise InputError("ray_replicas", self.ray_replicas, "an integer >= 1 or auto")
+        if self.ray_cpus_per_replica <= 0:
+            raise InputError("ray_cpus_per_replica", self.ray_cpus_per_replica, "a number > 0")
+        if self.ray and self.role != "all":
+            raise InputError("role", self.role, "all with --ray (the Ray application deploys both roles itself)")
         if self.embedding_cache_bytes < 0:
             raise InputError("embedding_cache_bytes", self.embedding_cache_bytes, "an integer >= 0 (0: off)")
         if self.max_batch_size is not None and self.max_batch_size < 1:

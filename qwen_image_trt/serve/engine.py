@@ -206,7 +206,7 @@ class Engine:
                 continue
             items = await self.batcher.next_batch()
             try:
-                w = self.executor.idle_worker()
+                w = self.executor.idle_worker(items[0].payload.params.key)  # warm first
                 if w is None:
                     for it in items:
                         self.batcher.submit(it, force=True)

@@ -26,6 +26,7 @@ from qwen_image_trt.serve.worker import worker_main
 
 log = logging.getLogger(__name__)
 MAX_BOOT_FAILURES = 3
+WARM_KEYS = 8  # batch keys a worker is remembered to hold warm (adapters loaded, shapes seen)
 
 
 @dataclass(eq=False)
@@ -48,6 +49,7 @@ class WorkerHandle:
     started: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)  # any message from the process, heartbeats included
     killing: str | None = None  # why the watchdog killed it; it is not ready from that moment
+    warm: list = field(default_factory=list)  # batch keys it ran lately (adapters loaded, shapes seen), newest last
 
     def health(self) -> dict:
         return {"index": self.index, "device": self.device, "pid": self.pid, "ready": self.ready,
@@ -151,13 +153,18 @@ class Executor:
         except ProcessLookupError:
             pass
 
-    def idle_worker(self) -> WorkerHandle | None:
-        """The least-loaded ready worker with room (one batch at a time each), fewest completed first."""
+    def idle_worker(self, key=None) -> WorkerHandle | None:
+        """A ready worker with room (one batch at a time each): one that ran `key` lately first (its adapters are
+        loaded, its engine has seen the shapes), then the least loaded, fewest completed first."""
         free = [w for w in self.workers if w.ready and w.batch is None]
-        return min(free, key=lambda w: (w.in_flight_images, w.completed), default=None)
+        return min(free, key=lambda w: (key is None or key not in w.warm, w.in_flight_images, w.completed),
+                   default=None)
 
     def send(self, w: WorkerHandle, batch, batch_id: int, key, items: list[dict], images: int) -> None:
         w.batch, w.in_flight_images = batch, images
+        if key in w.warm:
+            w.warm.remove(key)
+        w.warm = (w.warm + [key])[-WARM_KEYS:]
         w.cancel.value = -1
         w.conn.send((batch_id, key, items))
 
