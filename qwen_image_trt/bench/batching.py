@@ -351,6 +351,8 @@ def render_markdown(profile: dict) -> str:
 
 def plot_profile(profile: dict, path: Path) -> Path:
     """Images/s against batch, one panel per size; the chosen max_batch of each curve marked with a star."""
+    from qwen_image_trt.bench.report import style_batch_axes
+
     plt = _plt()
     rows = [r for r in profile["rows"] if r.get("latency_s")]
     sizes = sorted({(r["width"], r["height"]) for r in rows}, key=lambda s: (s[0] * s[1], s))
@@ -370,14 +372,7 @@ def plot_profile(profile: dict, path: Path) -> Path:
             if best in xs:
                 ax.plot([best], [ys[xs.index(best)]], marker="*", ms=16, color=line[0].get_color(), ls="none",
                         label=f"{name}: max_batch {best}")
-        batches = sorted({r["batch"] for r in mine})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_ylim(bottom=0)
-        ax.set(title=f"{w}x{h}, {profile['config']['steps']} steps", xlabel="batch (images per call)",
-               ylabel="images / s (higher is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        style_batch_axes(ax, sorted({r["batch"] for r in mine}), f"{w}x{h}, {profile['config']['steps']} steps")
     rule = profile.get("rule", {})
     fig.suptitle(f"Batching profile: star = max_batch (each kept batch gains >= {rule.get('min_gain')}x over the one "
                  "before; error bars: fastest and slowest repeat)", fontsize=10)

@@ -178,13 +178,7 @@ def offline_plots(result: dict, out: Path, tag: str) -> dict[str, Path]:
             ceiling = [r["batch"] / (r["floor_step_s"] * r["steps"]) for r in pts if r.get("floor_step_s")]
             if len(ceiling) == len(pts):
                 ax.plot(xs, ceiling, ls=":", color=line[0].get_color(), label=f"{label} ceiling (peak FLOP/s)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_ylim(bottom=0)
-        ax.set(title=f"{size}, {rows[0]['steps']} steps", xlabel="batch (images per call)",
-               ylabel="images / s (higher is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        style_batch_axes(ax, batches, f"{size}, {rows[0]['steps']} steps")
 
         biggest = max(batches)
         cell = [next((r for r in rows if r["size"] == size and r["label"] == lb and r["batch"] == biggest), None)
@@ -260,3 +254,13 @@ def serve_plots(result: dict, out: Path, tag: str) -> dict[str, Path]:
         fig.savefig(paths[name], dpi=100)
         plt.close(fig)
     return paths
+
+
+def style_batch_axes(ax, batches, title: str) -> None:
+    """The images/s-against-batch axes every batching plot shares: log2 batches, zero-based rate, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_ylim(bottom=0)
+    ax.set(title=title, xlabel="batch (images per call)", ylabel="images / s (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
