@@ -26,17 +26,15 @@ from serve_helpers import AUTH, KEY, ROOT, free_port
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'qwen-image-trt[ray]'")
 
 
-@pytest.fixture(scope="module")
-def ray_server(tiny_checkpoint, tmp_path_factory):
+def start_ray_server(checkpoint, log_dir, *extra: str) -> tuple[str, subprocess.Popen]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "QITRT_API_KEY": KEY, "RAY_DEDUP_LOGS": "0"}
-    log = open(tmp_path_factory.mktemp("ray") / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_image_trt.cli", "serve", str(tiny_checkpoint), "--ray",
-                             "--ray-replicas", "2", "--ray-cpus-per-replica", "0.5", "--devices", "cpu,cpu",
-                             "--port", str(port), "--default-size", "64x64", "--max-queue-delay-ms", "20",
-                             "--threads-per-worker", "1"], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = open(log_dir / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_image_trt.cli", "serve", str(checkpoint), "--ray",
+                             "--ray-cpus-per-replica", "0.5", "--port", str(port), "--default-size", "64x64",
+                             "--max-queue-delay-ms", "20", "--threads-per-worker", "1", *extra], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -53,13 +51,24 @@ def ray_server(tiny_checkpoint, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         log.seek(0)
         pytest.fail("qitrt serve --ray did not become ready: " + log.read()[-4000:])
-    yield url
+    return url, proc
+
+
+def stop_ray_server(proc) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # serve.shutdown(), then the local cluster goes with the driver
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_checkpoint, tmp_path_factory):
+    url, proc = start_ray_server(tiny_checkpoint, tmp_path_factory.mktemp("ray"), "--ray-replicas", "2",
+                                 "--devices", "cpu,cpu")
+    yield url
+    stop_ray_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +132,49 @@ def test_a_replica_killed_mid_request_has_it_retried_elsewhere(ray_server):
     assert int(r.headers["x-attempts"]) == 2 and int(r.headers["x-replica-pid"]) != victim
     metrics = httpx.get(ray_server + "/metrics", headers=AUTH).text
     assert "qitrt_ray_retries_total 1.0" in metrics
+
+
+def test_openai_edits_run_as_img2img_on_ray(ray_server, tiny_checkpoint):
+    """OpenAI's multipart edits form on the Ray ingress: a text-to-image checkpoint runs it as img2img, the
+    prompt's embeddings from the encoder deployment, equal to diffusers' img2img member in one process."""
+    from openai import OpenAI
+
+    from qwen_image_trt import load_pipeline
+
+    red = Image.new("RGB", (80, 48), (220, 30, 30))
+    buf = io.BytesIO()
+    red.save(buf, format="PNG")
+    client = OpenAI(base_url=ray_server + "/v1", api_key=KEY, timeout=120)
+    res = client.images.edit(image=("red.png", buf.getvalue(), "image/png"), prompt="a red cube", size="64x64",
+                             extra_body={"seed": 5, "strength": 0.8, "num_inference_steps": 4})
+    pipe = load_pipeline(tiny_checkpoint, pipeline="img2img")
+    want = pipe(prompt="a red cube", image=red, strength=0.8, height=64, width=64, num_inference_steps=4,
+                true_cfg_scale=1.0, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).convert("RGB"), dtype=np.int16)
+    assert np.abs(got - np.asarray(want, dtype=np.int16)).max() <= 1
+
+
+def test_edit_plus_with_two_images_on_ray(tiny_edit_2511, tmp_path):
+    """Edit-2511 on Ray: the prompt is encoded with both condition images by the encoder deployment (the
+    vision-language path); the image equals the same edit in one process on the same engines."""
+    from qwen_image_trt import load_pipeline
+
+    checkpoint, engines = tiny_edit_2511
+    red, blue = Image.new("RGB", (80, 48), (220, 30, 30)), Image.new("RGB", (64, 96), (20, 40, 230))
+    files = []
+    for name, im in (("red.png", red), ("blue.png", blue)):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        files.append(("image", (name, buf.getvalue(), "image/png")))
+    url, proc = start_ray_server(checkpoint, tmp_path, "--engines", str(engines), "--devices", "cpu")
+    try:
+        r = httpx.post(url + "/v1/images/edits", headers=AUTH, timeout=120, files=files,
+                       data={"prompt": "the cat wears a hat", "size": "64x64", "seed": "3", "negative_prompt": " ",
+                             "num_inference_steps": "2"})
+    finally:
+        stop_ray_server(proc)
+    assert r.status_code == 200, r.text
+    pipe = load_pipeline(checkpoint, engines=engines, backend="onnxruntime")
+    want = pipe(prompt="the cat wears a hat", image=[red, blue], negative_prompt=" ", true_cfg_scale=4.0, height=64,
+                width=64, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(image(r) - np.asarray(want, dtype=np.int16)).max() <= 1

@@ -4,6 +4,7 @@ losing the encoder gives 503 + Retry-After, and the denoiser recovers when it co
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -110,3 +111,40 @@ def test_role_flags_are_checked_by_name(tiny_checkpoint, args, field):
     with pytest.raises(InputError) as e:
         ServerConfig(checkpoint=str(tiny_checkpoint), **kw)
     assert e.value.field == field
+
+
+def test_an_edit_through_split_roles_equals_the_one_process_pipeline(tiny_edit_2511, tmp_path):
+    """Edit-2511 with two condition images of different sizes: the encoder service encodes the prompt with the
+    images (vision-language path) and the images with the VAE; the denoiser's engines have no VAE encoder graph
+    needed. The image equals the same edit run in one process on the same engines."""
+    from PIL import Image
+
+    from qwen_image_trt import load_pipeline
+
+    checkpoint, engines = tiny_edit_2511
+    red, blue = Image.new("RGB", (80, 48), (220, 30, 30)), Image.new("RGB", (64, 96), (20, 40, 230))
+
+    def png(image) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    encoder = Server(checkpoint, tmp_path / "jobs-e", "--role", "encoder", devices="cpu")
+    denoiser = Server(checkpoint, tmp_path / "jobs-d", "--engines", str(engines), "--role", "denoiser",
+                      "--encoder-url", encoder.url, devices="cpu")
+    try:
+        wait_until("the denoiser sees its encoder", lambda: denoiser.health().get("encoder", {}).get("ok"))
+        r = httpx.post(denoiser.url + "/v1/images/edits", headers=AUTH, timeout=120,
+                       data={"prompt": "the cat wears a hat", "size": "64x64", "seed": "3", "negative_prompt": " ",
+                             "num_inference_steps": "2"},
+                       files=[("image", ("red.png", png(red), "image/png")),
+                              ("image", ("blue.png", png(blue), "image/png"))])
+        assert r.status_code == 200, r.text
+        assert encoder.health()["encoder_calls"] >= 2  # prompt + negative, each with the images
+    finally:
+        denoiser.kill()
+        encoder.kill()
+    pipe = load_pipeline(checkpoint, engines=engines, backend="onnxruntime")
+    want = pipe(prompt="the cat wears a hat", image=[red, blue], negative_prompt=" ", true_cfg_scale=4.0, height=64,
+                width=64, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.abs(b64png(r.json()["data"][0]) - np.asarray(want, dtype=np.int16)).max() <= 1

@@ -224,7 +224,7 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     or "compile,fp8"; backend torch only, refused by name where the device cannot run it.
     `embedding_cache_bytes` > 0 caches prompt embeddings (runtime.embed_cache): a repeated prompt skips the encoder.
     `text_encoder=False` loads no text encoder: the caller supplies `prompt_embeds` or replaces the pipeline's
-    `_get_qwen_prompt_embeds` (serve.remote_encoder); text-to-image members only.
+    `_get_qwen_prompt_embeds` (serve.remote_encoder).
     """
     check_backend(backend)
     root = ckpt.validate_checkpoint(checkpoint)
@@ -256,8 +256,6 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
-    if not text_encoder and kind not in ("text-to-image", "img2img", "inpaint"):
-        raise InputError("text_encoder", False, f"True for {kind}: its prompts are encoded with its input images")
     pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
                                        **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
     recipe = SamplingRecipe.from_record(manifest.sampling) if engines is not None else None

@@ -9,10 +9,14 @@ text-encoder call (distinct prompts only). Routes:
 - POST /v1/encode {"prompts": [...]} -> `application/x-safetensors`: tensors `embeds` [N, L, D] (the encoder's
   dtype) and `mask` [N, L] (int64), metadata `encoder_identity`. Binary, never JSON lists (a 1024-token bf16
   embedding is 7 MB as safetensors, ~4x that as JSON text).
+- POST /v1/encode {"prompts": [...], "images": [base64 PNG, ...]}: an edit's prompts with its condition images
+  (the Edit pipelines' vision-language path), encoded as one call, not batched with others.
+- POST /v1/encode_image (safetensors `image` [B, 3, 1, H, W]) -> `latents`: the pipelines' `_encode_vae_image`
+  (argmax of the VAE posterior, so no generator crosses the wire).
 - GET /health (open): role, readiness, encoder identity, cache counts. GET /metrics: Prometheus.
 
-The identity is core.identity's fingerprint of the checkpoint's text_encoder folder; a denoiser compares it with its
-own checkpoint's before it takes traffic (serve/remote_encoder.py).
+The identity is core.identity's fingerprint of the checkpoint's text_encoder and vae folders; a denoiser compares it
+with its own checkpoint's before it takes traffic (serve/remote_encoder.py).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ CONTENT_TYPE = "application/x-safetensors"
 
 
 def text_encoder_identity(checkpoint) -> str:
+    """What the encoder role computes depends on: the text encoder and the VAE (it encodes edit inputs too)."""
     from qwen_image_trt.core.identity import checkpoint_identity
 
-    return checkpoint_identity(checkpoint, parts=("text_encoder",))
+    return checkpoint_identity(checkpoint, parts=("text_encoder", "vae"))
 
 
 class EncoderService:
@@ -52,22 +57,24 @@ class EncoderService:
 
     def load(self) -> None:
         import torch
-        from diffusers import QwenImagePipeline
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
         from qwen_image_trt.models import checkpoint as ckpt
+        from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, stock_class
         from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
 
-        root = ckpt.validate_checkpoint(self.cfg.checkpoint, parts=("text_encoder",))
+        root = ckpt.validate_checkpoint(self.cfg.checkpoint, parts=("text_encoder", "vae"))
         device = self.cfg.device_list()[0]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
             self.cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         if device == "cpu" and self.cfg.threads_per_worker:
             torch.set_num_threads(self.cfg.threads_per_worker)
-        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype).eval()
-        # A pipeline with the text parts only: its own _get_qwen_prompt_embeds is what the denoisers would run.
-        self.pipe = QwenImagePipeline(scheduler=None, vae=None, transformer=None, text_encoder=encoder.to(device),
-                                      tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"))
+        kind = pipeline_kind(root)
+        # The checkpoint's own member (img2img for a text-to-image one: it has _encode_vae_image) without a
+        # transformer: its _get_qwen_prompt_embeds and _encode_vae_image are what the denoisers would run.
+        member = "img2img" if kind == "text-to-image" else kind
+        parts = load_eager_parts(root, device, dtype, member)
+        parts["scheduler"] = None
+        self.pipe = stock_class(member)(transformer=None, vae=ckpt.load_vae(root, dtype).to(device).eval(), **parts)
         self.pipe.encoder_identity = self.identity
         if self.cfg.embedding_cache_bytes:
             cache_prompt_embeddings(self.pipe, EmbeddingCache(self.cfg.embedding_cache_bytes))
@@ -118,14 +125,27 @@ class EncoderService:
                 length = int(mask[idx].sum(dim=1).max())
                 fut.set_result((embeds[idx, :length], mask[idx, :length]))
 
-    def _encode(self, prompts: list[str]):
+    def _encode(self, prompts: list[str], images=None):
+        """Prompt embeddings; with `images` (an edit's condition images, one PIL image or a list, as the Edit
+        pipelines pass them) through the member's vision-language path."""
         import torch
 
         with torch.no_grad():
-            embeds, mask = self.pipe._get_qwen_prompt_embeds(prompts, device=self.device)
+            if images is None:
+                embeds, mask = self.pipe._get_qwen_prompt_embeds(prompts, device=self.device)
+            else:
+                embeds, mask = self.pipe._get_qwen_prompt_embeds(prompts, images, device=self.device)
         self.calls += 1
         self.prompts_encoded += len(prompts)
         return embeds.cpu(), mask.cpu()
+
+    def _encode_image(self, image):
+        """VAE latents of preprocessed images [B, 3, 1, H, W] (the pipelines' _encode_vae_image: argmax, no noise)."""
+        import torch
+
+        with torch.no_grad():
+            latents = self.pipe._encode_vae_image(image.to(self.device, self.pipe.vae.dtype), generator=None)
+        return latents.float().cpu()
 
     def health(self) -> dict:
         cache = getattr(self.pipe, "embedding_cache", None) if self.pipe is not None else None
@@ -183,11 +203,37 @@ def create_encoder_app(cfg: ServerConfig):
         too_long = next((p for p in prompts if len(p) > cfg.max_prompt_chars), None)
         if too_long is not None:
             return bad("prompts", f"<{len(too_long)} characters>", f"at most {cfg.max_prompt_chars} characters each")
-        embeds, mask = await service.encode(prompts)
+        if body.get("images") is not None:  # an edit: its prompts are encoded with its condition images
+            try:
+                images = [_png_image(b) for b in body["images"]]
+            except Exception:  # noqa: BLE001 - any undecodable entry
+                return bad("images", "<undecodable>", "a list of base64 PNG images")
+            if not images or len(images) > 4:
+                return bad("images", f"<{len(images)} images>", "1-4 base64 PNG images")
+            embeds, mask = await asyncio.to_thread(service._encode, prompts,
+                                                   images if body.get("image_list", True) else images[0])
+        else:
+            embeds, mask = await service.encode(prompts)
         requests.labels("ok").inc()
         data = save({"embeds": embeds.contiguous(), "mask": mask.contiguous()},
                     metadata={"encoder_identity": service.identity})
         return Response(data, media_type=CONTENT_TYPE, headers={"X-Encoder-Identity": service.identity})
+
+    @app.post("/v1/encode_image")
+    async def encode_image(request: Request):
+        from safetensors.torch import load
+
+        try:
+            image = load(await request.body())["image"]
+        except Exception:  # noqa: BLE001 - not safetensors, or no `image` tensor
+            return bad("body", "<not safetensors with an image tensor>", "safetensors bytes holding `image` "
+                       "[B, 3, 1, H, W] in [-1, 1]")
+        if image.dim() != 5 or image.shape[1] != 3 or image.shape[2] != 1 or image.shape[0] > 16:
+            return bad("image", list(image.shape), "[B <= 16, 3, 1, H, W]")
+        latents = await asyncio.to_thread(service._encode_image, image)
+        requests.labels("ok").inc()
+        return Response(save({"latents": latents.contiguous()}, metadata={"encoder_identity": service.identity}),
+                        media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health():
@@ -208,3 +254,12 @@ def create_encoder_app(cfg: ServerConfig):
     app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.host_allowlist(), count=lambda p, s: None,
                        cors_origins=())
     return app
+
+
+def _png_image(b64: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")

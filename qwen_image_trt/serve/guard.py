@@ -28,6 +28,9 @@ OPEN_PATHS = {"/health"}
 BODY_TYPES = {"application/json"}
 UI_PREFIX, UI_BODY_TYPES, KEY_COOKIE = "/ui", {"application/json", "multipart/form-data"}, "qitrt_key"
 MULTIPART_PATHS = {"/v1/images/edits"}
+# The encoder role's image endpoint takes safetensors bytes. application/octet-stream is not a CORS "simple" type:
+# a browser must preflight it cross-site, which no CORS rule here allows.
+BINARY_PATHS, BINARY_TYPES = {"/v1/encode_image"}, {"application/json", "application/octet-stream"}
 
 
 def _host_name(host: str) -> str:
@@ -86,7 +89,8 @@ class Guard:
                                        code="unauthorized"), {"www-authenticate": 'Bearer realm="qitrt"'}
         if method in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            allowed = UI_BODY_TYPES if ui or path in MULTIPART_PATHS else BODY_TYPES
+            allowed = (UI_BODY_TYPES if ui or path in MULTIPART_PATHS else BINARY_TYPES if path in BINARY_PATHS
+                       else BODY_TYPES)
             if ctype == "multipart/form-data" and not ui and self._cross_site(headers):
                 return 403, error_body(f"a multipart form from origin {headers['origin']!r} is refused (cross-site "
                                        "request guard)", "invalid_request_error", param="Origin",

@@ -20,7 +20,9 @@
   ingress answers 429 + Retry-After; `--ray-replicas N` fixed, or `auto` (Ray's autoscaler between 1 and the GPUs
   it sees, target 2 ongoing requests per replica).
 
-Health (`GET /health`) and metrics (`GET /metrics`, the ingress's Prometheus registry) as in `qitrt serve`.
+Endpoints: POST /v1/images/generations and /v1/images/edits (the same request model, checks and error shapes as
+`qitrt serve`; an edit's condition images are encoded by the encoder deployment with its prompt), GET /health and
+GET /metrics (the ingress's Prometheus registry). Async jobs stay on the one-host server (a local job store).
 """
 
 # No `from __future__ import annotations`: Ray pickles the route methods by value, and FastAPI must find
@@ -34,6 +36,8 @@ from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from qwen_image_trt.serve.bodies import BodyReader
 
 log = logging.getLogger(__name__)
 RETRYABLE = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
@@ -114,6 +118,13 @@ def build_app(cfg):
         async def __call__(self, prompts: list[str]):
             return await self.encode(prompts)
 
+        async def encode_with_images(self, prompts: list[str], images_png: list[str], image_list: bool):
+            """An edit's prompts with its condition images (PNG): one call, not batched with others."""
+            from qwen_image_trt.serve.encoder_service import _png_image
+
+            images = [_png_image(b) for b in images_png]
+            return await asyncio.to_thread(self.service._encode, prompts, images if image_list else images[0])
+
     @serve.deployment(name="denoiser", ray_actor_options=replica_resources, max_ongoing_requests=2 * max_batch,
                       max_queued_requests=cfg.max_queue_size, **scaling)
     class Denoiser:
@@ -134,24 +145,44 @@ def build_app(cfg):
             dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
             pipe = load_pipeline(config["checkpoint"], engines=config["engines"], backend=config["backend"] or (
                 "onnxruntime" if config["engines"] else "torch"), device=self.device, dtype=dtype, text_encoder=False)
-            self._prompts_from_encoder(pipe)
-            pipe.remote_encoder = None
-            if config["embedding_cache_bytes"]:
-                cache_prompt_embeddings(pipe, EmbeddingCache(config["embedding_cache_bytes"]))
-            self.pipes = Pipelines(pipe)
+            cache = EmbeddingCache(config["embedding_cache_bytes"]) if config["embedding_cache_bytes"] else None
+
+            def prepare(p):  # this pipeline and every member made later (img2img, inpaint, edit-inpaint)
+                self._prompts_from_encoder(p)
+                if cache is not None:
+                    cache_prompt_embeddings(p, cache)
+
+            prepare(pipe)
+            self.pipes = Pipelines(pipe, prepare=prepare)
             self.warm_keys: list[str] = []
             self.batches = 0
 
         def _prompts_from_encoder(self, pipe) -> None:
+            import inspect
+
+            from qwen_image_trt.serve.remote_encoder import _png_b64
+
             encoder = self.encoder
+
+            def placed(embeds, mask, device, dtype):
+                device = device or pipe._execution_device
+                return embeds.to(device, dtype or pipe.transformer.dtype), mask.to(device)
 
             def remote(prompt=None, device=None, dtype=None):
                 prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                embeds, mask = encoder.remote(prompts).result()  # a pipeline thread: blocking here is fine
-                return embeds.to(device or pipe._execution_device, dtype or pipe.transformer.dtype), mask.to(
-                    device or pipe._execution_device)
+                return placed(*encoder.remote(prompts).result(), device, dtype)  # a pipeline thread: may block
 
-            pipe._get_qwen_prompt_embeds = remote
+            def remote_with_images(prompt=None, image=None, device=None, dtype=None):
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                if image is None:
+                    return remote(prompts, device, dtype)
+                images = image if isinstance(image, list) else [image]
+                out = encoder.encode_with_images.remote(prompts, [_png_b64(im) for im in images],
+                                                        isinstance(image, list)).result()
+                return placed(*out, device, dtype)
+
+            with_images = "image" in inspect.signature(type(pipe)._get_qwen_prompt_embeds).parameters
+            pipe._get_qwen_prompt_embeds = remote_with_images if with_images else remote
 
         @serve.multiplexed(max_num_models_per_replica=16)
         async def warm(self, key: str) -> str:
@@ -199,6 +230,10 @@ def build_app(cfg):
         async def generations(self, request: Request):
             return await self.http.generations(request, self.denoiser)
 
+        @app.post("/v1/images/edits")
+        async def edits(self, request: Request):
+            return await self.http.generations(request, self.denoiser, edit=True)
+
         @app.get("/health")
         async def health(self):
             return self.http.health()
@@ -211,7 +246,7 @@ def build_app(cfg):
     return Ingress.bind(cfg_dict, Denoiser.bind(cfg_dict, encoder))
 
 
-class IngressHttp:
+class IngressHttp(BodyReader):
     """The HTTP side: the same request model, checks and error shapes as `qitrt serve`, and the retry on a lost
     replica. (The API-key check runs here: Ray's proxy is in front of any middleware we could add.)"""
 
@@ -230,8 +265,8 @@ class IngressHttp:
         self.retries = Counter("qitrt_ray_retries", "requests sent again after their replica was lost", registry=r)
         self.latency = Histogram("qitrt_request_seconds", "request latency at the ingress", registry=r)
 
-    def fail(self, status: int, body: dict, headers=None) -> JSONResponse:
-        self.requests.labels("/v1/images/generations", str(status)).inc()
+    def fail(self, status: int, body: dict, headers=None, endpoint: str = "/v1/images/generations") -> JSONResponse:
+        self.requests.labels(endpoint, str(status)).inc()
         return JSONResponse(body, status_code=status, headers=headers)
 
     def authorized(self, request: Request) -> bool:
@@ -243,37 +278,42 @@ class IngressHttp:
         given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), self.cfg.api_key.encode())
 
-    async def generations(self, request: Request, denoiser):
+    async def generations(self, request: Request, denoiser, edit: bool = False):
+        """POST /v1/images/generations, or /v1/images/edits (JSON with base64 images or OpenAI's multipart form)."""
         import base64
-        import json
         import random
 
         from pydantic import ValidationError
 
         from qwen_image_trt.core.errors import InputError
-        from qwen_image_trt.serve.protocol import ImageRequest, check_params, error_body, validation_error_body
+        from qwen_image_trt.serve.bodies import _Refused
+        from qwen_image_trt.serve.protocol import check_params, error_body, validation_error_body
 
         cfg, t0 = self.cfg, time.perf_counter()
+        endpoint = "/v1/images/edits" if edit else "/v1/images/generations"
         if not self.authorized(request):
             return self.fail(401, error_body("a valid API key is required", "invalid_request_error",
-                                             param="Authorization"), {"WWW-Authenticate": "Bearer"})
+                                             param="Authorization"), {"WWW-Authenticate": "Bearer"}, endpoint)
         try:
-            data = json.loads(await request.body())
-            if not isinstance(data, dict):
-                raise InputError("body", type(data).__name__, "a JSON object")
-            req = ImageRequest.model_validate(data)
-            params = check_params(req, cfg, self.limits, lambda cfg_on: cfg.max_batch_size or 8, self.kind,
-                                  edit=False)
+            req = await self.parse(request, cfg.max_image_body_bytes if edit else cfg.max_body_bytes)
+            params = await asyncio.to_thread(check_params, req, cfg, self.limits,
+                                             lambda cfg_on: cfg.max_batch_size or 8, self.kind, edit)
+        except _Refused as e:
+            return self.fail(e.status, error_body(e.message, "invalid_request_error", param=e.param,
+                                                  allowed=e.allowed), {"Connection": "close"}, endpoint)
         except ValidationError as e:
-            return self.fail(422, validation_error_body(e))
+            return self.fail(422, validation_error_body(e), None, endpoint)
         except InputError as e:
-            return self.fail(400, error_body(str(e), "invalid_request_error", param=e.field, allowed=e.allowed))
-        except ValueError as e:
-            return self.fail(400, error_body(f"body: not JSON ({e})", "invalid_request_error", param="body"))
-        item = {"request_id": f"{time.time_ns():x}{random.randrange(1 << 16):04x}", "prompt": params.prompt,
-                "negative_prompt": params.negative_prompt, "n": params.n, "seed": params.seed,
-                "true_cfg_scale": params.true_cfg_scale, "images": [], "mask": None, "key": list(params.key)}
-        handle = denoiser.options(multiplexed_model_id=key_id(params.key))
+            return self.fail(400, error_body(str(e), "invalid_request_error", param=e.field, allowed=e.allowed),
+                             None, endpoint)
+        request_id = f"{time.time_ns():x}{random.randrange(1 << 16):04x}"
+        item = {"request_id": request_id, "prompt": params.prompt, "negative_prompt": params.negative_prompt,
+                "n": params.n, "seed": params.seed, "true_cfg_scale": params.true_cfg_scale,
+                "images": params.images, "mask": params.mask, "key": list(params.key)}
+        # Edit members take one request per pipeline call: a key of its own keeps Ray's batch to one.
+        one_per_call = params.kind not in ("text-to-image", "img2img", "inpaint")
+        model_id = key_id(params.key) + (f"|{request_id}" if one_per_call else "")
+        handle = denoiser.options(multiplexed_model_id=model_id)
         for attempt in range(cfg.max_retries + 1):
             try:
                 out = await handle.remote(item)
@@ -282,7 +322,7 @@ class IngressHttp:
                 name = type(e).__name__
                 if name == "BackPressureError":
                     return self.fail(429, error_body(f"the queue is full ({e}); retry later", "queue_full",
-                                                     code="queue_full"), {"Retry-After": "1"})
+                                                     code="queue_full"), {"Retry-After": "1"}, endpoint)
                 if name in RETRYABLE and attempt < cfg.max_retries:
                     self.retries.inc()
                     log.warning("replica lost (%s); sending request %s again", name, item["request_id"])
@@ -290,9 +330,9 @@ class IngressHttp:
                 status = 503 if name in RETRYABLE else 500
                 return self.fail(status, error_body(f"{name}: {e}", "unavailable" if status == 503 else
                                                     "pipeline_error"),
-                                 {"Retry-After": str(cfg.drain_retry_after_s)} if status == 503 else None)
+                                 {"Retry-After": str(cfg.drain_retry_after_s)} if status == 503 else None, endpoint)
         self.latency.observe(time.perf_counter() - t0)
-        self.requests.labels("/v1/images/generations", "200").inc()
+        self.requests.labels(endpoint, "200").inc()
         body = {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode()}
                                                       for png in out["images"]]}
         return JSONResponse(body, headers={"X-Batch-Images": str(out["batch_images"]),

@@ -29,30 +29,64 @@ def _headers(api_key: str | None) -> dict:
 
 
 def remote_prompt_embeddings(pipe, url: str, api_key: str | None = None, timeout_s: float = 60.0):
+    """Text prompts, an edit's prompts with its condition images, and the VAE encoding of input images, all from
+    the encoder service: the pipeline's `_get_qwen_prompt_embeds` and `_encode_vae_image` are replaced."""
+    import inspect
+
     import httpx
     import torch
-    from safetensors.torch import load
+    from safetensors.torch import load, save
 
     client = httpx.Client(timeout=timeout_s, headers=_headers(api_key))
-    endpoint = url.rstrip("/") + "/v1/encode"
+    base = url.rstrip("/")
 
-    def remote(prompt=None, device=None, dtype=None):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    def call(path: str, **kw) -> dict:
         try:
-            r = client.post(endpoint, json={"prompts": prompts})
+            r = client.post(base + path, **kw)
         except httpx.TransportError as e:
             raise EncoderUnavailable(f"the encoder service at {url} is unreachable ({type(e).__name__})") from None
         if r.status_code == 503:
             raise EncoderUnavailable(f"the encoder service at {url} is not ready (503)")
         if r.status_code != 200:
             raise QitrtError(f"the encoder service at {url} answered {r.status_code}: {r.text[:300]}")
-        tensors = load(r.content)
+        return load(r.content)
+
+    def embeddings(tensors, device, dtype):
         device = device or pipe._execution_device
         embeds = tensors["embeds"].to(device=device, dtype=dtype or pipe.transformer.dtype)
         return embeds, tensors["mask"].to(device=device, dtype=torch.long)
 
-    pipe._get_qwen_prompt_embeds = remote
+    def remote(prompt=None, device=None, dtype=None):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return embeddings(call("/v1/encode", json={"prompts": prompts}), device, dtype)
+
+    def remote_with_images(prompt=None, image=None, device=None, dtype=None):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        body = {"prompts": prompts}
+        if image is not None:  # PNG: lossless, the encoder sees the very pixels the stock pipeline would
+            images = image if isinstance(image, list) else [image]
+            body.update(images=[_png_b64(im) for im in images], image_list=isinstance(image, list))
+        return embeddings(call("/v1/encode", json=body), device, dtype)
+
+    def remote_vae(image, generator=None):  # the pipelines encode with sample_mode="argmax": no noise to share
+        latents = call("/v1/encode_image", content=save({"image": image.detach().float().cpu().contiguous()}),
+                       headers={"Content-Type": "application/octet-stream"})["latents"]
+        return latents.to(device=image.device, dtype=image.dtype)
+
+    with_images = "image" in inspect.signature(type(pipe)._get_qwen_prompt_embeds).parameters
+    pipe._get_qwen_prompt_embeds = remote_with_images if with_images else remote
+    if hasattr(type(pipe), "_encode_vae_image"):
+        pipe._encode_vae_image = remote_vae
     return pipe
+
+
+def _png_b64(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 class EncoderLink:

@@ -85,9 +85,8 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, dtype=torch_dtype,
                              threads=threads, trt_options=trt_options, torch_options=torch_options,
                              text_encoder=remote_encoder is None)  # --role denoiser: no local text encoder
-        pipe.remote_encoder = remote_encoder  # (encoder service URL, API key)
-        pipes = Pipelines(prompt_source(pipe, pipe.remote_encoder, embedding_cache_bytes),
-                          WorkerAdapters(lora_dir, lora_cache_bytes))
+        pipe, prepare = prompt_source(pipe, remote_encoder, embedding_cache_bytes)
+        pipes = Pipelines(pipe, WorkerAdapters(lora_dir, lora_cache_bytes), prepare)
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides whether to retry
         conn.send(("fatal", traceback.format_exc(limit=3)))
         return
@@ -115,25 +114,32 @@ def worker_main(conn, device: str, checkpoint: str, engines, backend: str, cpu_t
 
 def prompt_source(pipe, remote, cache_bytes: int):
     """Where `pipe`'s prompt embeddings come from: the encoder service (`remote` = (url, api key)) or its own text
-    encoder, behind this worker's embedding cache either way (a repeated prompt never leaves the process)."""
+    encoder, behind this worker's embedding cache either way (a repeated prompt never leaves the process).
+    Returns the Pipelines of this worker, whose other members get the same source."""
     from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
     from qwen_image_trt.serve.remote_encoder import remote_prompt_embeddings
 
-    if remote:
-        remote_prompt_embeddings(pipe, *remote)
-    if cache_bytes:
-        cache_prompt_embeddings(pipe, EmbeddingCache(cache_bytes))
-    return pipe
+    cache = EmbeddingCache(cache_bytes) if cache_bytes else None
+
+    def prepare(p):
+        if remote:
+            remote_prompt_embeddings(p, *remote)
+        if cache is not None:  # one cache for every member
+            cache_prompt_embeddings(p, cache)
+
+    prepare(pipe)
+    return pipe, prepare
 
 
 class Pipelines:
     """The checkpoint's own pipeline and, made on first use from the same modules (no second copy of any weight),
     the other members it runs: img2img and inpaint for a text-to-image checkpoint, edit-inpaint for Edit."""
 
-    def __init__(self, pipe, adapters: WorkerAdapters | None = None):
+    def __init__(self, pipe, adapters: WorkerAdapters | None = None, prepare=None):
         self.own = pipe
         self.by_kind = {pipe.pipeline_kind: pipe}
         self.adapters = adapters or WorkerAdapters(None, 0)  # shared by the members: they share the transformer
+        self.prepare = prepare  # where a member's prompts come from (prompt_source), applied to each one made
 
     def cache_counts(self) -> dict:
         cache = getattr(self.own, "embedding_cache", None)
@@ -141,20 +147,16 @@ class Pipelines:
 
     def get(self, kind: str):
         if kind not in self.by_kind:
-            from qwen_image_trt.runtime.embed_cache import cache_prompt_embeddings
             from qwen_image_trt.runtime.pipeline import engine_pipeline_class
-            from qwen_image_trt.serve.remote_encoder import remote_prompt_embeddings
 
             cls = engine_pipeline_class(kind)
             accepted = set(cls._get_signature_keys(cls)[0])
             made = cls(**{k: v for k, v in self.own.components.items() if k in accepted})
             made.set_progress_bar_config(disable=True)
             made.backend, made.engines, made.pipeline_kind = self.own.backend, self.own.engines, kind
-            made.encoder_identity, made.remote_encoder = self.own.encoder_identity, self.own.remote_encoder
-            if made.remote_encoder:
-                remote_prompt_embeddings(made, *made.remote_encoder)
-            if getattr(self.own, "embedding_cache", None) is not None:  # one cache for every member
-                cache_prompt_embeddings(made, self.own.embedding_cache)
+            made.encoder_identity = self.own.encoder_identity
+            if self.prepare is not None:
+                self.prepare(made)
             self.by_kind[kind] = made
         return self.by_kind[kind]
 
