@@ -43,6 +43,20 @@ def text_encoder_identity(checkpoint) -> str:
     return checkpoint_identity(checkpoint, parts=("text_encoder", "vae"))
 
 
+def encode_groups(groups: list[list[str]], encode) -> list[tuple]:
+    """Several callers' prompts in one encoder call (distinct prompts only); each caller gets its rows back, trimmed
+    to its own longest prompt, as if it had been encoded alone. Used by this service's batcher and Ray's."""
+    distinct = list(dict.fromkeys(p for prompts in groups for p in prompts))
+    embeds, mask = encode(distinct)
+    row = {p: i for i, p in enumerate(distinct)}
+    out = []
+    for prompts in groups:
+        idx = [row[p] for p in prompts]
+        length = int(mask[idx].sum(dim=1).max())
+        out.append((embeds[idx, :length], mask[idx, :length]))
+    return out
+
+
 class EncoderService:
     """The text encoder of a checkpoint behind an embedding cache and a micro-batcher."""
 
@@ -97,7 +111,7 @@ class EncoderService:
         return await future
 
     async def _batch_loop(self) -> None:
-        delay = (self.cfg.max_queue_delay_ms if self.cfg.max_queue_delay_ms is not None else 5.0) / 1000
+        delay = self.cfg.queue_delay_ms / 1000
         while True:
             waiting = [await self._queue.get()]
             deadline = time.monotonic() + delay
@@ -109,21 +123,17 @@ class EncoderService:
                     waiting.append(await asyncio.wait_for(self._queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            distinct = list(dict.fromkeys(p for prompts, _ in waiting for p in prompts))
             try:
-                embeds, mask = await asyncio.to_thread(self._encode, distinct)
+                results = await asyncio.to_thread(encode_groups, [p for p, _ in waiting], self._encode)
             except Exception as e:  # noqa: BLE001 - every caller of this batch gets the error
-                for _, fut in waiting:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            row = {p: i for i, p in enumerate(distinct)}
-            for prompts, fut in waiting:
+                results = [e] * len(waiting)
+            for (_, fut), result in zip(waiting, results):
                 if fut.done():
                     continue
-                idx = [row[p] for p in prompts]
-                length = int(mask[idx].sum(dim=1).max())
-                fut.set_result((embeds[idx, :length], mask[idx, :length]))
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
     def _encode(self, prompts: list[str], images=None):
         """Prompt embeddings; with `images` (an edit's condition images, one PIL image or a list, as the Edit

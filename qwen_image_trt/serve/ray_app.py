@@ -105,15 +105,9 @@ def build_app(cfg):
 
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=delay_s)
         async def encode(self, prompt_lists: list[list[str]]) -> list[tuple]:
-            distinct = list(dict.fromkeys(p for prompts in prompt_lists for p in prompts))
-            embeds, mask = await asyncio.to_thread(self.service._encode, distinct)
-            row = {p: i for i, p in enumerate(distinct)}
-            out = []
-            for prompts in prompt_lists:
-                idx = [row[p] for p in prompts]
-                length = int(mask[idx].sum(dim=1).max())
-                out.append((embeds[idx, :length], mask[idx, :length]))
-            return out
+            from qwen_image_trt.serve.encoder_service import encode_groups
+
+            return await asyncio.to_thread(encode_groups, prompt_lists, self.service._encode)
 
         async def __call__(self, prompts: list[str]):
             return await self.encode(prompts)
@@ -158,31 +152,12 @@ def build_app(cfg):
             self.batches = 0
 
         def _prompts_from_encoder(self, pipe) -> None:
-            import inspect
+            from qwen_image_trt.serve.remote_encoder import install_prompt_source
 
-            from qwen_image_trt.serve.remote_encoder import _png_b64
-
-            encoder = self.encoder
-
-            def placed(embeds, mask, device, dtype):
-                device = device or pipe._execution_device
-                return embeds.to(device, dtype or pipe.transformer.dtype), mask.to(device)
-
-            def remote(prompt=None, device=None, dtype=None):
-                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                return placed(*encoder.remote(prompts).result(), device, dtype)  # a pipeline thread: may block
-
-            def remote_with_images(prompt=None, image=None, device=None, dtype=None):
-                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-                if image is None:
-                    return remote(prompts, device, dtype)
-                images = image if isinstance(image, list) else [image]
-                out = encoder.encode_with_images.remote(prompts, [_png_b64(im) for im in images],
-                                                        isinstance(image, list)).result()
-                return placed(*out, device, dtype)
-
-            with_images = "image" in inspect.signature(type(pipe)._get_qwen_prompt_embeds).parameters
-            pipe._get_qwen_prompt_embeds = remote_with_images if with_images else remote
+            encoder = self.encoder  # blocking on a handle is fine here: pipelines run in worker threads
+            install_prompt_source(pipe, lambda prompts: encoder.remote(prompts).result(),
+                                  lambda prompts, pngs, is_list: encoder.encode_with_images.remote(
+                                      prompts, pngs, is_list).result())
 
         @serve.multiplexed(max_num_models_per_replica=16)
         async def warm(self, key: str) -> str:

@@ -31,10 +31,7 @@ def _headers(api_key: str | None) -> dict:
 def remote_prompt_embeddings(pipe, url: str, api_key: str | None = None, timeout_s: float = 60.0):
     """Text prompts, an edit's prompts with its condition images, and the VAE encoding of input images, all from
     the encoder service: the pipeline's `_get_qwen_prompt_embeds` and `_encode_vae_image` are replaced."""
-    import inspect
-
     import httpx
-    import torch
     from safetensors.torch import load, save
 
     client = httpx.Client(timeout=timeout_s, headers=_headers(api_key))
@@ -51,31 +48,52 @@ def remote_prompt_embeddings(pipe, url: str, api_key: str | None = None, timeout
             raise QitrtError(f"the encoder service at {url} answered {r.status_code}: {r.text[:300]}")
         return load(r.content)
 
-    def embeddings(tensors, device, dtype):
+    def text(prompts):
+        tensors = call("/v1/encode", json={"prompts": prompts})
+        return tensors["embeds"], tensors["mask"]
+
+    def with_images(prompts, pngs, image_list):
+        tensors = call("/v1/encode", json={"prompts": prompts, "images": pngs, "image_list": image_list})
+        return tensors["embeds"], tensors["mask"]
+
+    def vae(image):
+        return call("/v1/encode_image", content=save({"image": image.detach().float().cpu().contiguous()}),
+                    headers={"Content-Type": "application/octet-stream"})["latents"]
+
+    return install_prompt_source(pipe, text, with_images, vae)
+
+
+def install_prompt_source(pipe, encode_text, encode_with_images, encode_image=None):
+    """Route `pipe`'s prompt encoding (and, with `encode_image`, its VAE encoding of input images) to another
+    process, whatever carries the call (HTTP here, a Ray handle in ray_app): `encode_text(prompts)` and
+    `encode_with_images(prompts, png_b64_list, image_list)` return (embeds, mask), `encode_image(images)` latents.
+    The pipeline's own `_get_qwen_prompt_embeds` / `_encode_vae_image` signatures are kept."""
+    import inspect
+
+    import torch
+
+    def placed(embeds, mask, device, dtype):
         device = device or pipe._execution_device
-        embeds = tensors["embeds"].to(device=device, dtype=dtype or pipe.transformer.dtype)
-        return embeds, tensors["mask"].to(device=device, dtype=torch.long)
+        return embeds.to(device=device, dtype=dtype or pipe.transformer.dtype), mask.to(device, torch.long)
 
     def remote(prompt=None, device=None, dtype=None):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return embeddings(call("/v1/encode", json={"prompts": prompts}), device, dtype)
+        return placed(*encode_text(prompts), device, dtype)
 
     def remote_with_images(prompt=None, image=None, device=None, dtype=None):
+        if image is None:
+            return remote(prompt, device, dtype)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        body = {"prompts": prompts}
-        if image is not None:  # PNG: lossless, the encoder sees the very pixels the stock pipeline would
-            images = image if isinstance(image, list) else [image]
-            body.update(images=[_png_b64(im) for im in images], image_list=isinstance(image, list))
-        return embeddings(call("/v1/encode", json=body), device, dtype)
+        images = image if isinstance(image, list) else [image]  # PNG: lossless, the very pixels the stock sees
+        return placed(*encode_with_images(prompts, [_png_b64(im) for im in images], isinstance(image, list)),
+                      device, dtype)
 
     def remote_vae(image, generator=None):  # the pipelines encode with sample_mode="argmax": no noise to share
-        latents = call("/v1/encode_image", content=save({"image": image.detach().float().cpu().contiguous()}),
-                       headers={"Content-Type": "application/octet-stream"})["latents"]
-        return latents.to(device=image.device, dtype=image.dtype)
+        return encode_image(image).to(device=image.device, dtype=image.dtype)
 
-    with_images = "image" in inspect.signature(type(pipe)._get_qwen_prompt_embeds).parameters
-    pipe._get_qwen_prompt_embeds = remote_with_images if with_images else remote
-    if hasattr(type(pipe), "_encode_vae_image"):
+    takes_images = "image" in inspect.signature(type(pipe)._get_qwen_prompt_embeds).parameters
+    pipe._get_qwen_prompt_embeds = remote_with_images if takes_images else remote
+    if encode_image is not None and hasattr(type(pipe), "_encode_vae_image"):
         pipe._encode_vae_image = remote_vae
     return pipe
 
