@@ -48,9 +48,10 @@ def _add_core(sub) -> None:
                    "--sparse (default 60)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--real-width: weight dtype on disk "
                    "(bf16 like the real checkpoint)")
-    p.add_argument("--pipeline", default="t2i", choices=("t2i", "edit", "edit-plus", "edit-2511"),
+    p.add_argument("--pipeline", default="t2i", choices=("t2i", "edit", "edit-plus", "edit-2511", "controlnet"),
                    help="tiny checkpoint kind: the pipeline class its model_index.json names (edit kinds add a "
-                   "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t) (default: t2i)")
+                   "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t; controlnet adds a 2-block ControlNet) "
+                   "(default: t2i)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
@@ -58,7 +59,11 @@ def _add_core(sub) -> None:
     p.add_argument("--out", required=True, help="engine folder (manifest.json + *.onnx)")
     p.add_argument("--precision", default="auto", help="auto (the checkpoint's own dtype: bf16 for Qwen-Image) | "
                    "fp32 (reference builds) | fp16 | bf16 (default: auto)")
-    p.add_argument("--components", default="transformer,vae_decoder,vae_encoder")
+    p.add_argument("--components", default=None, help="comma-separated subset of transformer, vae_decoder, "
+                   "vae_encoder, transformer_controlnet (default: the first three, and transformer_controlnet when "
+                   "there is a ControlNet)")
+    p.add_argument("--controlnet", default=None, metavar="DIR", help="a QwenImageControlNetModel folder: also export "
+                   "the transformer taking its residuals (default: the checkpoint's controlnet/ when it has one)")
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--force", action="store_true", help="re-export even when nothing changed")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA adapter PATH[:SCALE] (repeatable; diffusers/PEFT, kohya or Lightning .safetensors) "
@@ -77,7 +82,14 @@ def _add_core(sub) -> None:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--pipeline", default=None, help="family member to run the checkpoint as (default: the one its "
                    "model_index.json names): text-to-image | img2img | inpaint for Qwen-Image, edit | edit-inpaint "
-                   "for Qwen-Image-Edit, edit-plus for Edit-2509/2511")
+                   "for Qwen-Image-Edit, edit-plus for Edit-2509/2511, controlnet (with --controlnet or a checkpoint's "
+                   "controlnet/)")
+    p.add_argument("--control-image", default=None, metavar="PATH", help="the ControlNet's condition image "
+                   "(controlnet member: canny, depth, pose... as the ControlNet was trained)")
+    p.add_argument("--controlnet", default=None, metavar="DIR", help="QwenImageControlNetModel folder (default: the "
+                   "checkpoint's controlnet/); engines need its transformer_controlnet graph")
+    p.add_argument("--controlnet-scale", type=float, default=None, help="controlnet_conditioning_scale, in [0, 2] "
+                   "(diffusers' default 1.0)")
     p.add_argument("--image", action="append", default=None, metavar="PATH", help="input image (edit, img2img, "
                    "inpaint); repeat for Edit-Plus's 1-3 condition images")
     p.add_argument("--mask", default=None, metavar="PATH", help="inpaint mask, white = repaint (inpaint, "
@@ -209,8 +221,9 @@ def _cmd_tiny_lora(a) -> None:
 def _cmd_export(a) -> None:
     from qwen_image_trt.compile.export import DEFAULT_OPSET, export_onnx
 
-    m = export_onnx(a.checkpoint, a.out, precision=a.precision, components=a.components.split(","),
-                    opset=a.opset or DEFAULT_OPSET, force=a.force, loras=a.lora, sampling=a.scheduler_config)
+    m = export_onnx(a.checkpoint, a.out, precision=a.precision,
+                    components=a.components.split(",") if a.components else None, opset=a.opset or DEFAULT_OPSET,
+                    force=a.force, loras=a.lora, sampling=a.scheduler_config, controlnet=a.controlnet)
     for name, c in m.components.items():
         check = c.check or {}
         ort = check.get("skipped") or f"ORT vs eager max|d|={check['max_abs_err_vs_eager']:.2e}"
@@ -227,7 +240,8 @@ def _cmd_generate(a) -> None:
                           steps=a.steps, height=a.height, width=a.width, engines=a.engines, backend=backend,
                           device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a),
                           image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline, loras=a.lora,
-                          step_cache=a.step_cache, torch_options=a.torch_fast)
+                          step_cache=a.step_cache, torch_options=a.torch_fast, control_image=a.control_image,
+                          controlnet=a.controlnet, controlnet_scale=a.controlnet_scale)
     print(path)
 
 

@@ -219,7 +219,6 @@ class GpuCheck:
                               dtype=self.dtype)
         with torch.no_grad():
             timing = time_call(lambda: vae.decode(latents), self.device, max(2, self.repeat // 2))
-        del vae
         return {"size": size, "decode_s": round(timing["median_s"], 5),
                 "spread_s": [round(timing["min_s"], 5), round(timing["max_s"], 5)]}
 

@@ -53,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA adapter merged into the transformer at export and calibrated with (repeatable; "
                    "diffusers/PEFT, kohya or Lightning .safetensors)")
+    p.add_argument("--controlnet", default=None, metavar="DIR", help="a QwenImageControlNetModel folder: also build "
+                   "the transformer taking its residuals (default: the checkpoint's controlnet/ when it has one)")
     p.add_argument("--scheduler-config", default=None, metavar="NAME|FILE", help="sampling recipe the engines are "
                    "made for (calibration runs it; the manifest records it): lightning-4step | lightning-8step or a "
                    "JSON file {\"scheduler\": {...}, \"num_inference_steps\": N}")
@@ -139,7 +141,8 @@ def _cmd_build(a) -> int:
                         device=a.device, force=a.force, timing_cache=a.timing_cache, tf32=a.tf32,
                         weight_streaming=a.weight_streaming, check_resources=not a.no_resource_check,
                         refittable=a.refittable, sampling=a.scheduler_config,
-                        report=lambda text: print(text, flush=True), plan_only=a.plan, loras=tuple(a.lora))
+                        report=lambda text: print(text, flush=True), plan_only=a.plan, loras=tuple(a.lora),
+                        controlnet=a.controlnet)
     result = build(a.checkpoint, a.out, opts)
     if a.plan:
         problems = result.plan.problems()

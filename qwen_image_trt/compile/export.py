@@ -37,7 +37,8 @@ from qwen_image_trt.core.resources import PeakRSS, free_disk_bytes
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.lora import read_loras
 from qwen_image_trt.models.sampling import SamplingRecipe, load_recipe
-from qwen_image_trt.models.specs import SPECS, ExportSpec, spec_for
+from qwen_image_trt.models.controlnet import controlnet_blocks, find_controlnet
+from qwen_image_trt.models.specs import DEFAULT_COMPONENTS, SPECS, ExportSpec, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,28 @@ def export_bytes(checkpoint, precision: str, components) -> int:
     return int(total * DISK_HEADROOM)
 
 
-def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(SPECS), opset: int = DEFAULT_OPSET,
-                force: bool = False, progress: bool = True, loras=(), sampling=None) -> Manifest:
+def export_onnx(checkpoint, out_dir, precision: str = "auto", components=None, opset: int = DEFAULT_OPSET,
+                force: bool = False, progress: bool = True, loras=(), sampling=None, controlnet=None) -> Manifest:
     """Export `components` of `checkpoint` to `out_dir`; return the manifest (also written to out_dir).
 
     `loras`: LoraSpec (or "PATH[:SCALE]" strings) merged into the transformer's weights before it is traced; each
     adapter's file hash and scale go into the transformer's source, so another adapter or scale re-exports it.
     `sampling`: a SamplingRecipe (or a recipe name / file) the engines are made for, recorded in the manifest (a
-    few-step LoRA's scheduler and step count); it changes no graph."""
+    few-step LoRA's scheduler and step count); it changes no graph.
+    `controlnet`: a QwenImageControlNetModel folder (default: the checkpoint's controlnet/ when it has one); with
+    one, `transformer_controlnet` (the transformer taking its residuals) is exported too, by default."""
+    root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
+    net = find_controlnet(root, controlnet)
+    if components is None:
+        components = DEFAULT_COMPONENTS + (("transformer_controlnet",) if net else ())
+    components = tuple(components)
     unknown = [c for c in components if c not in SPECS]
     if unknown:
         raise InputError("components", unknown, f"a subset of {', '.join(SPECS)}")
-    root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
+    if "transformer_controlnet" in components and net is None:
+        raise InputError("controlnet", None, "a QwenImageControlNetModel folder to export transformer_controlnet "
+                         "for (--controlnet, or a checkpoint with a controlnet/ subfolder)")
+    blocks = controlnet_blocks(net) if net is not None else None
     precision = resolve_precision(root, precision)
     merged = read_loras(root, loras)  # every adapter read and checked before anything is written
     recipe = sampling if sampling is None or isinstance(sampling, SamplingRecipe) else load_recipe(sampling)
@@ -96,7 +107,9 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(S
     manifest = _load_or_new(out, root, identity, precision, opset)
     manifest.loras = [adapter.record(scale) for adapter, scale in merged] or None
     manifest.sampling = recipe.record() if recipe else None
-    sources = {c: _source(identity, precision, opset, merged if c == "transformer" else ()) for c in components}
+    sources = {c: _source(identity, precision, opset, merged if c.startswith("transformer") else ()) for c in components}
+    if "transformer_controlnet" in sources:  # another block count is another graph
+        sources["transformer_controlnet"]["controlnet_blocks"] = blocks
     todo = [c for c in components if force or not _up_to_date(out, manifest, c, sources[c])]
     _check_disk(root, out, precision, todo)
     from tqdm.auto import tqdm
@@ -106,9 +119,9 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=tuple(S
         if name not in todo:
             log.info("export: %s unchanged, skipped", name)
             continue
-        spec = spec_for(name, ckpt.read_config(root, SPECS[name].part))
+        spec = spec_for(name, ckpt.read_config(root, SPECS[name].part), controlnet_blocks=blocks)
         manifest.components[name] = export_component(spec, root, out, precision, opset, sources[name],
-                                                     loras=merged if name == "transformer" else ())
+                                                     loras=merged if name.startswith("transformer") else ())
         write_manifest(out, manifest)  # after every graph: an interrupted export resumes where it stopped
     if not todo:
         write_manifest(out, manifest)

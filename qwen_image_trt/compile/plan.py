@@ -383,7 +383,9 @@ def plan_build(root: Path, out: Path, options) -> BuildPlan:
     te_params = weights.get("text_encoder", {}).get("parameters", 0)
     vae_params = weights.get("vae", {}).get("parameters", 0)
     high = resolve_precision(root, "auto" if quantized else o.precision)
-    components = tuple(o.components)
+    from qwen_image_trt.models.specs import DEFAULT_COMPONENTS
+
+    components = tuple(o.components or DEFAULT_COMPONENTS)
     plan = BuildPlan(precision=o.precision, target=o.target, device=device, out=str(out), weights=weights,
                      fit_source=fit.get("source", str(FIT_FILE)) + (f", measured {fit['measured']}"
                                                                     if fit.get("measured") else ""))

@@ -30,7 +30,8 @@ from qwen_image_trt.core.shapes import (
 DEFAULT_TEXT_LEN_RANGE = (1, 512)  # diffusers' max_sequence_length default is 512
 DEFAULT_OPT_TEXT_LEN = 128
 # Qwen-Image's transformer (the real checkpoint); pass `config=` for any other (the tiny model).
-QWEN_IMAGE_TRANSFORMER = {"in_channels": 64, "joint_attention_dim": 3584, "attention_head_dim": 128}
+QWEN_IMAGE_TRANSFORMER = {"in_channels": 64, "joint_attention_dim": 3584, "attention_head_dim": 128,
+                          "num_attention_heads": 24}
 QWEN_IMAGE_Z_DIM = 16
 
 # Condition images of the edit members (Edit: one; Edit-Plus: up to three). The pipelines resize each to ~1024^2
@@ -158,13 +159,28 @@ def component_profile(component: str, sizes, max_batch: int, *, config: dict | N
     """Dispatch by component name. `config`: the transformer config, or the VAE config (z_dim)."""
     if component == "transformer":
         return transformer_profile(sizes, max_batch, config=config, **kw)
+    if component == "transformer_controlnet":
+        return controlnet_transformer_profile(sizes, max_batch, config=config, **kw)
     kind = kw.get("kind", "text-to-image")
     if component == "vae_decoder":
         z_dim = (config or {}).get("z_dim", QWEN_IMAGE_Z_DIM)
         return vae_decoder_profile(sizes, max_batch, kw.get("opt_batch"), z_dim=z_dim)
     if component == "vae_encoder":
         return vae_encoder_profile(sizes, max_batch, kw.get("opt_batch"), kind)
-    raise InputError("component", component, "one of transformer, vae_decoder, vae_encoder")
+    raise InputError("component", component, "one of transformer, vae_decoder, vae_encoder, transformer_controlnet")
+
+
+def controlnet_transformer_profile(sizes, max_batch: int, *, config: dict, **kw) -> Profile:
+    """The transformer's profile plus `controlnet_residuals` [blocks, batch, image_tokens, inner_dim]: the block
+    count is the graph's own (config["controlnet_blocks"]), batch and image tokens follow hidden_states."""
+    if not config or not config.get("controlnet_blocks"):
+        raise InputError("config", config, "a transformer config with controlnet_blocks (the ControlNet's num_layers)")
+    profile = transformer_profile(sizes, max_batch, config=config, **kw)
+    c = {**QWEN_IMAGE_TRANSFORMER, **config}
+    inner = c["num_attention_heads"] * c["attention_head_dim"]
+    profile["controlnet_residuals"] = tuple((int(c["controlnet_blocks"]), b, img, inner)
+                                            for b, img, _ in profile["hidden_states"])
+    return profile
 
 
 def limits_from_sizes(sizes, max_batch: int, kind: str = "text-to-image") -> dict:

@@ -72,7 +72,8 @@ class BuildOptions:
     check_resources: bool = True  # refuse up front when this machine cannot hold the build (plan.py)
     report: Callable[[str], None] | None = None  # where the plan goes before any work (the CLI: print)
     plan_only: bool = False  # say what the build would need and stop
-    components: tuple = COMPONENTS
+    components: tuple | None = None  # None: COMPONENTS, and transformer_controlnet where there is a ControlNet
+    controlnet: str | None = None  # a QwenImageControlNetModel folder (default: the checkpoint's controlnet/)
     loras: tuple = ()  # "PATH[:SCALE]" adapters merged into the transformer (export) and calibrated with
     sampling: str | None = None  # a recipe name or JSON file (models.sampling): scheduler + steps made for
     extra: dict = field(default_factory=dict)
@@ -149,6 +150,13 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     o.device = o.device or default_device()
     root = ckpt.validate_checkpoint(checkpoint)
     identity = ckpt.checkpoint_identity(root)
+    from qwen_image_trt.models.controlnet import find_controlnet
+
+    if o.components is None:
+        o.components = COMPONENTS + (("transformer_controlnet",) if find_controlnet(root, o.controlnet) else ())
+    if o.precision in QUANTIZED and "transformer_controlnet" in o.components:
+        raise InputError("precision", o.precision, "fp32, fp16 or bf16 with a ControlNet: its transformer_controlnet "
+                         "graph is not quantized yet (quantize the plain text-to-image build without --controlnet)")
     sizes = parse_sizes(o.sizes if o.sizes else (TINY_SIZES if ckpt.is_tiny(root) else DEFAULT_SIZES))
     recipe_overrides = recipe = None
     if o.precision in QUANTIZED:
@@ -206,7 +214,7 @@ def _export_stage(ctx: _Context, bar) -> Path:
 
     def run():
         m = export_onnx(ctx.root, onnx_dir, precision=precision, components=ctx.o.components, force=ctx.o.force,
-                        progress=False, loras=ctx.o.loras, sampling=ctx.recipe_sampling)
+                        progress=False, loras=ctx.o.loras, sampling=ctx.recipe_sampling, controlnet=ctx.o.controlnet)
         return m.ran, f"{m.precision} -> {onnx_dir.name}/", m
 
     _run(ctx, "export", bar, run)
@@ -313,7 +321,9 @@ def _ort_engine(ctx: _Context, graphs_dir: Path, name: str, entry: Component, ol
 
 def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Component):
     o = ctx.o
-    cfg = ckpt.read_config(ctx.root, "transformer" if name == "transformer" else "vae")
+    cfg = ckpt.read_config(ctx.root, "transformer" if name.startswith("transformer") else "vae")
+    if name == "transformer_controlnet":  # the residuals' block count is fixed in the graph
+        cfg = {**cfg, "controlnet_blocks": source.source["controlnet_blocks"]}
     kind = pipeline_kind(ctx.root)  # edit members: condition images lengthen the sequences
     profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg, kind=kind)
     engine = build_tensorrt_engine(

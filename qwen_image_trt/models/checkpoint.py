@@ -22,7 +22,8 @@ from qwen_image_trt.core.identity import (
 # Checkpoints are local folders: never reach for a hub (a typo in a path must not become a download).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                       "QwenImageControlNetPipeline")
 ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY_MARKER = "TINY_RANDOM_WEIGHTS.txt"
 # safetensors dtype names -> bytes per element and the precision name this project uses for them

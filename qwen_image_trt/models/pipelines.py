@@ -21,15 +21,17 @@ FAMILY = {
     "edit": "QwenImageEditPipeline",
     "edit-inpaint": "QwenImageEditInpaintPipeline",
     "edit-plus": "QwenImageEditPlusPipeline",
+    "controlnet": "QwenImageControlNetPipeline",
 }
 # checkpoint class (model_index.json) -> the members its weights run, its own first
 MEMBERS = {
-    "QwenImagePipeline": ("text-to-image", "img2img", "inpaint"),
+    "QwenImagePipeline": ("text-to-image", "img2img", "inpaint", "controlnet"),
+    "QwenImageControlNetPipeline": ("controlnet", "text-to-image", "img2img", "inpaint"),
     "QwenImageEditPipeline": ("edit", "edit-inpaint"),
     "QwenImageEditPlusPipeline": ("edit-plus",),
 }
 # Members whose call takes images, and which of those also take a mask.
-IMAGE_MEMBERS = ("img2img", "inpaint", "edit", "edit-inpaint", "edit-plus")
+IMAGE_MEMBERS = ("img2img", "inpaint", "edit", "edit-inpaint", "edit-plus", "controlnet")
 MASK_MEMBERS = ("inpaint", "edit-inpaint")
 
 
@@ -58,9 +60,10 @@ def stock_class(kind: str):
 
 
 def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-image",
-                     text_encoder: bool = True) -> dict:
-    """scheduler, text_encoder, tokenizer (and processor for edit members) of `root`, ready for a pipeline class.
-    `text_encoder=False` leaves the encoder out (None): prompts are encoded elsewhere (serve --role denoiser)."""
+                     text_encoder: bool = True, controlnet=None) -> dict:
+    """scheduler, text_encoder, tokenizer (and processor for edit members, the ControlNet for `controlnet`) of
+    `root`, ready for a pipeline class. `text_encoder=False` leaves the encoder out (None): prompts are encoded
+    elsewhere (serve --role denoiser). `controlnet`: a ControlNet folder (default: the checkpoint's controlnet/)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -79,10 +82,18 @@ def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-
             raise InputError("checkpoint", str(root), f"a processor/ folder: the {kind} pipeline feeds images to "
                              "its text encoder through a Qwen2-VL processor")
         parts["processor"] = load_processor(root / "processor")
+    if kind == "controlnet":
+        from qwen_image_trt.models.controlnet import find_controlnet, load_controlnet
+
+        path = find_controlnet(root, controlnet)
+        if path is None:
+            raise InputError("controlnet", None, f"a QwenImageControlNetModel folder for the controlnet member ({root} "
+                             "has no controlnet/ subfolder)")
+        parts["controlnet"] = load_controlnet(path, dtype, device)
     return parts
 
 
-def load_stock_pipeline(checkpoint, device="cpu", dtype=None, pipeline: str | None = None):
+def load_stock_pipeline(checkpoint, device="cpu", dtype=None, pipeline: str | None = None, controlnet=None):
     """diffusers' own pipeline class for the checkpoint (or `pipeline`) with eager modules: nothing of this project
     in the denoising loop."""
     import torch
@@ -91,7 +102,8 @@ def load_stock_pipeline(checkpoint, device="cpu", dtype=None, pipeline: str | No
     kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
     pipe = stock_class(kind)(transformer=ckpt.load_transformer(root, dtype).to(device),
-                             vae=ckpt.load_vae(root, dtype).to(device), **load_eager_parts(root, device, dtype, kind))
+                             vae=ckpt.load_vae(root, dtype).to(device),
+                             **load_eager_parts(root, device, dtype, kind, controlnet=controlnet))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

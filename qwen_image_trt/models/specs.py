@@ -91,15 +91,30 @@ VAE_ENCODER = ExportSpec(
     build_module=lambda c, dtype: VaeEncoderExport(ckpt.load_vae(c, dtype)).eval(),
     sample_inputs=_vae_images, test_shapes=[dict(batch=1, height=64, width=32)],
 )
-SPECS = {s.name: s for s in (TRANSFORMER, VAE_DECODER, VAE_ENCODER)}
+# The transformer with ControlNet residuals as an input: exported beside `transformer` when a ControlNet is given.
+TRANSFORMER_CONTROLNET = ExportSpec(
+    name="transformer_controlnet", part="transformer", input_names=tx.input_names({}, controlnet=True),
+    output_names=tx.OUTPUT_NAMES, dynamic_axes=tx.dynamic_axes({}, controlnet=True),
+    build_module=lambda c, dtype: tx.ControlNetExportableTransformer(ckpt.load_transformer(c, dtype)).eval(),
+    sample_inputs=lambda config, **kw: tx.sample_inputs(config, **kw),  # bound to a block count by spec_for
+    test_shapes=TRANSFORMER.test_shapes,
+)
+SPECS = {s.name: s for s in (TRANSFORMER, VAE_DECODER, VAE_ENCODER, TRANSFORMER_CONTROLNET)}
+# What every export holds; transformer_controlnet is added where a ControlNet is given.
+DEFAULT_COMPONENTS = ("transformer", "vae_decoder", "vae_encoder")
 
 
-def spec_for(name: str, config: dict | None = None) -> ExportSpec:
+def spec_for(name: str, config: dict | None = None, controlnet_blocks: int | None = None) -> ExportSpec:
     """The spec of component `name` for a checkpoint part's config: Edit-2511's transformer (`zero_cond_t`) takes
-    one more input than every other."""
+    one more input than every other; the ControlNet variant's sample inputs carry `controlnet_blocks` residuals."""
+    from dataclasses import replace
+
     spec = SPECS[name]
     if name == "transformer" and config and config.get("zero_cond_t"):
-        from dataclasses import replace
-
         spec = replace(spec, input_names=tx.input_names(config), dynamic_axes=tx.dynamic_axes(config))
+    if name == "transformer_controlnet":
+        if not controlnet_blocks or controlnet_blocks < 1:
+            raise ValueError("transformer_controlnet: controlnet_blocks (the ControlNet's num_layers) is required")
+        n = int(controlnet_blocks)
+        spec = replace(spec, sample_inputs=lambda config, **kw: tx.sample_inputs(config, controlnet_blocks=n, **kw))
     return spec

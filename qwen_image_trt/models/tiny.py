@@ -182,7 +182,9 @@ PIPELINE_KINDS = {
     "edit": ("QwenImageEditPipeline", {}),
     "edit-plus": ("QwenImageEditPlusPipeline", {}),
     "edit-2511": ("QwenImageEditPlusPipeline", {"zero_cond_t": True}),
+    "controlnet": ("QwenImageControlNetPipeline", {}),
 }
+CONTROLNET_LAYERS = 2  # of the tiny transformer's 6: each residual feeds 3 blocks (InstantX's Union: 5 of 60)
 # The vision tower sees at most 8 x 8 patches of 14 px (16 merged tokens) per condition image: real structure,
 # CPU cost of a few text tokens. Real checkpoints keep Qwen's own 56^2..28^2*1280 px range.
 TINY_PROCESSOR_PIXELS = dict(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -222,12 +224,43 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = F
     transformer = QwenImageTransformer2DModel(**TRANSFORMER_CONFIG, **overrides).eval()
     _scale_up_modulation(transformer)
     transformer.save_pretrained(out / "transformer")
+    if class_name == "QwenImageControlNetPipeline":
+        tiny_controlnet(transformer, seed).save_pretrained(out / "controlnet")
 
     _write_vae_scheduler_index(out, seed, class_name)
     (out / TINY_MARKER).write_text(
         f"Random weights (seed {seed}, kind {pipeline}) made by qwen_image_trt.models.tiny for tests. "
         "Not a trained model.\n")
     return out
+
+
+def make_tiny_controlnet(checkpoint: str | Path, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny QwenImageControlNetModel for an existing checkpoint's transformer, saved on its own (as InstantX
+    ships theirs): `load_pipeline(CKPT, pipeline="controlnet", controlnet=OUT)`."""
+    from diffusers import QwenImageTransformer2DModel
+
+    out = _empty_folder(out_dir, overwrite)
+    transformer = QwenImageTransformer2DModel.from_pretrained(Path(checkpoint) / "transformer", torch_dtype=torch.float32)
+    tiny_controlnet(transformer, seed).save_pretrained(out)
+    return out
+
+
+def tiny_controlnet(transformer, seed: int):
+    """A ControlNet made from the transformer as InstantX's was (its first blocks' weights), with the zero-initialised
+    input embedder and output projections given random weights: a zero ControlNet would make parity blind to it."""
+    from diffusers import QwenImageControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed + 3)
+    net = QwenImageControlNetModel.from_transformer(transformer, num_layers=CONTROLNET_LAYERS,
+                                                    attention_head_dim=c.attention_head_dim,
+                                                    num_attention_heads=c.num_attention_heads).eval()
+    g = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_x_embedder", "controlnet_blocks")):
+                p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.02))
+    return net
 
 
 def _empty_folder(out_dir, overwrite: bool) -> Path:
@@ -264,6 +297,8 @@ def _write_model_index(out: Path, class_name: str = "QwenImagePipeline") -> None
     }
     if (out / "processor").is_dir():
         index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    if (out / "controlnet").is_dir():
+        index["controlnet"] = ["diffusers", "QwenImageControlNetModel"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -8,6 +8,7 @@ result equals the stock module (max abs 0.0 in fp32 on the tiny model, see tests
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -19,6 +20,9 @@ INPUT_NAMES = ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_
 # Edit-2511 (`zero_cond_t`): per image token, 0 = modulate with the step's timestep (the target), 1 = with
 # timestep 0 (condition images). The stock model builds it from img_shapes; here it is a graph input.
 MODULATE_INDEX = "modulate_index"
+# ControlNet: the residuals QwenImageControlNetModel returns (one [batch, image_tokens, inner_dim] tensor per
+# ControlNet block), stacked on a first axis whose size is fixed at export (the ControlNet's num_layers).
+CONTROLNET_RESIDUALS = "controlnet_residuals"
 OUTPUT_NAMES = ["noise_pred"]
 DYNAMIC_AXES = {
     "hidden_states": {0: "batch", 1: "image_tokens"},
@@ -33,16 +37,26 @@ DYNAMIC_AXES = {
 }
 
 
-def input_names(config) -> list[str]:
-    """The graph's inputs for a transformer config: the eight of every model, plus modulate_index for Edit-2511."""
-    return INPUT_NAMES + [MODULATE_INDEX] if config.get("zero_cond_t") else list(INPUT_NAMES)
+def input_names(config, controlnet: bool = False) -> list[str]:
+    """The graph's inputs for a transformer config: the eight of every model, plus modulate_index for Edit-2511,
+    plus the ControlNet residuals for the ControlNet variant of the graph."""
+    names = INPUT_NAMES + [MODULATE_INDEX] if config.get("zero_cond_t") else list(INPUT_NAMES)
+    return names + [CONTROLNET_RESIDUALS] if controlnet else names
 
 
-def dynamic_axes(config) -> dict:
+def dynamic_axes(config, controlnet: bool = False) -> dict:
     axes = dict(DYNAMIC_AXES)
     if config.get("zero_cond_t"):
         axes[MODULATE_INDEX] = {0: "batch", 1: "image_tokens"}
+    if controlnet:
+        axes[CONTROLNET_RESIDUALS] = {1: "batch", 2: "image_tokens"}
     return axes
+
+
+def controlnet_interval(num_layers: int, residuals: int) -> int:
+    """Blocks per ControlNet residual, as QwenImageTransformer2DModel.forward computes it: block i adds residual
+    i // interval."""
+    return int(math.ceil(num_layers / residuals))
 
 
 def modulate_index(grids, batch: int, device="cpu") -> torch.Tensor:
@@ -160,6 +174,11 @@ class ExportableTransformer(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
                 img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin, modulate_index=None):
+        return self.run(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                        img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin, modulate_index)
+
+    def run(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+            img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin, modulate_index=None, controlnet_residuals=None):
         m, dtype = self.transformer, self.compute_dtype
         zero_cond_t = bool(getattr(m, "zero_cond_t", False))
         if zero_cond_t != (modulate_index is not None):
@@ -171,6 +190,8 @@ class ExportableTransformer(nn.Module):
         temb = m.time_text_embed(timestep, hidden_states)
         encoder_hidden_states = m.txt_in(m.txt_norm(encoder_hidden_states.to(dtype)))
         rope = ((img_rope_cos, img_rope_sin), (txt_rope_cos, txt_rope_sin))
+        if controlnet_residuals is not None:
+            interval = controlnet_interval(len(m.transformer_blocks), controlnet_residuals.shape[0])
         for i, block in enumerate(m.transformer_blocks):
             if i in self.skip_blocks:
                 continue
@@ -179,10 +200,28 @@ class ExportableTransformer(nn.Module):
                 hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                 encoder_hidden_states_mask=encoder_hidden_states_mask, temb=temb, image_rotary_emb=rope,
                 **({"block": block, "modulate_index": modulate_index} if zero_cond_t else {}))
+            if controlnet_residuals is not None:  # after the block, as the stock forward adds them
+                hidden_states = hidden_states + controlnet_residuals[i // interval].to(dtype)
         if zero_cond_t:
             temb = temb[: temb.shape[0] // 2]
         hidden_states = m.norm_out(hidden_states, temb)
         return m.proj_out(hidden_states).float()
+
+
+class ControlNetExportableTransformer(ExportableTransformer):
+    """The graph with ControlNet residuals as its last input. ControlNets condition text-to-image models only, so
+    there is no Edit-2511 (`zero_cond_t`) variant."""
+
+    def __init__(self, transformer):
+        if transformer.config.get("zero_cond_t"):
+            raise NotImplementedError("transformer config zero_cond_t=True with a ControlNet: QwenImageControlNetPipeline "
+                                      "runs text-to-image checkpoints only")
+        super().__init__(transformer)
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin, controlnet_residuals):
+        return self.run(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                        img_rope_cos, img_rope_sin, txt_rope_cos, txt_rope_sin, None, controlnet_residuals)
 
 
 def zero_cond_block(block, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb,
@@ -243,7 +282,8 @@ class RopeTables:
                      for t in (img.real, img.imag, txt.real, txt.imag))
 
 
-def sample_inputs(config, batch: int = 2, grid: tuple[int, int] = (6, 8), text_len: int = 12, seed: int = 0):
+def sample_inputs(config, batch: int = 2, grid: tuple[int, int] = (6, 8), text_len: int = 12, seed: int = 0,
+                  controlnet_blocks: int = 0):
     """Example inputs for export and tests, shaped from a transformer config."""
     g = torch.Generator().manual_seed(seed)
     tables = RopeTables(config["axes_dims_rope"])(1, grid[0], grid[1], text_len)
@@ -259,4 +299,7 @@ def sample_inputs(config, batch: int = 2, grid: tuple[int, int] = (6, 8), text_l
     if config.get("zero_cond_t"):  # the grid's first rows as the target, the rest as one condition image
         top = max(1, grid[0] // 2)
         args += (modulate_index(((1, top, grid[1]), (1, grid[0] - top, grid[1])), batch),)
+    if controlnet_blocks:
+        inner = config["num_attention_heads"] * config["attention_head_dim"]
+        args += (torch.randn(controlnet_blocks, batch, grid[0] * grid[1], inner, generator=g) * 0.1,)
     return args

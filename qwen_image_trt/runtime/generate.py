@@ -35,13 +35,16 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
                    height: int | None = None, width: int | None = None, engines=None, backend: str = "torch",
                    device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None,
                    image=None, mask=None, strength: float | None = None, pipeline: str | None = None,
-                   loras=(), step_cache: float | None = None, torch_options=None) -> Path:
+                   loras=(), step_cache: float | None = None, torch_options=None, control_image=None,
+                   controlnet=None, controlnet_scale: float | None = None) -> Path:
     """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends.
 
     `image` (one, or a list of 1-3 for Edit-Plus), `mask` and `strength` go to the members that take them: the
     checkpoint's own (model_index.json) or `pipeline` ("img2img", "inpaint", "edit-inpaint").
     `loras` ("PATH[:SCALE]" or LoraSpec) are loaded into the pipeline with diffusers' API (engines: weights swapped
-    by name) and set active together with their scales. `step_cache` is the threshold of runtime.step_cache."""
+    by name) and set active together with their scales. `step_cache` is the threshold of runtime.step_cache.
+    `control_image`, `controlnet` (folder; default the checkpoint's controlnet/) and `controlnet_scale` are the
+    controlnet member's."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
     kind = pipeline_kind(checkpoint, pipeline)
@@ -52,14 +55,16 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     limits = request_limits(engines, checkpoint)
     check_request(prompt, height, width, steps, limits, negative_prompt=negative_prompt)
     step_cache = check_threshold(step_cache)
-    image_kwargs = check_image_inputs(kind, image, mask, strength, max_aspect=limits.condition_aspect)
+    image_kwargs = check_image_inputs(kind, image, mask, strength, max_aspect=limits.condition_aspect,
+                                      control_image=control_image, controlnet_scale=controlnet_scale)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")
     specs = [x if isinstance(x, LoraSpec) else LoraSpec.parse(x) for x in loras or ()]
     if pipe is None:
         pipe = load_pipeline(checkpoint, engines=engines, backend=backend, device=device, progress=True,
-                             trt_options=trt_options, pipeline=kind, torch_options=torch_options)
+                             trt_options=trt_options, pipeline=kind, torch_options=torch_options,
+                             controlnet=controlnet)
     if specs:
         names = [f"lora{i}" for i in range(len(specs))]
         for name, spec in zip(names, specs):

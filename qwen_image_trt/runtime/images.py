@@ -62,11 +62,14 @@ def decode_image(data, field: str, limits: ImageLimits = ImageLimits(), mode: st
 
 
 def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits: ImageLimits = ImageLimits(),
-                       max_aspect: float | None = None):
+                       max_aspect: float | None = None, control_image=None, controlnet_scale=None):
     """Decode and check what `kind` takes. Returns the pipeline keyword arguments for them
-    ({"image": ..., "mask_image": ..., "strength": ...}); raises InputError naming the field otherwise.
+    ({"image": ..., "mask_image": ..., "strength": ...}, or the controlnet member's {"control_image": ...,
+    "controlnet_conditioning_scale": ...}); raises InputError naming the field otherwise.
     `max_aspect`: the engine profile's bound on a condition image's aspect ratio (edit members; None: any)."""
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    if kind == "controlnet" or control_image is not None or controlnet_scale is not None:
+        return _controlnet_inputs(kind, images, mask, strength, control_image, controlnet_scale, limits)
     if kind not in IMAGE_MEMBERS:
         for field, given in (("image", images), ("mask", mask), ("strength", strength)):
             if given not in (None, []):
@@ -101,6 +104,24 @@ def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise InputError("strength", strength, "a number in (0, 1]")
         kwargs["strength"] = float(strength)
+    return kwargs
+
+
+def _controlnet_inputs(kind, images, mask, strength, control_image, scale, limits):
+    if kind != "controlnet":
+        field = "control_image" if control_image is not None else "controlnet_scale"
+        raise InputError(field, "given", "only for the controlnet member (pick it with --pipeline controlnet / "
+                         "pipeline='controlnet')")
+    for field, given in (("image", images), ("mask", mask), ("strength", strength)):
+        if given not in (None, []):
+            raise InputError(field, "given", "no image, mask or strength for controlnet: its input is control_image")
+    if control_image is None:
+        raise InputError("control_image", None, "a condition image for the ControlNet (--control-image)")
+    kwargs = {"control_image": decode_image(control_image, "control_image", limits)}
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
+            raise InputError("controlnet_scale", scale, "a number in [0, 2]")
+        kwargs["controlnet_conditioning_scale"] = float(scale)
     return kwargs
 
 

@@ -209,7 +209,7 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
                   batch_cfg: bool = True, text_bucket: int | None = None, providers=None,
                   threads: int | None = None, progress: bool = False,
                   trt_options: dict | None = None, pipeline: str | None = None, torch_options=None,
-                  embedding_cache_bytes: int = 0, text_encoder: bool = True):
+                  embedding_cache_bytes: int = 0, text_encoder: bool = True, controlnet=None):
     """A ready diffusers pipeline for `checkpoint`, with the transformer and the VAE on `backend`.
 
     The class is the one the checkpoint's model_index.json names (QwenImagePipeline, QwenImageEditPipeline,
@@ -225,6 +225,8 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     `embedding_cache_bytes` > 0 caches prompt embeddings (runtime.embed_cache): a repeated prompt skips the encoder.
     `text_encoder=False` loads no text encoder: the caller supplies `prompt_embeds` or replaces the pipeline's
     `_get_qwen_prompt_embeds` (serve.remote_encoder).
+    `controlnet`: the ControlNet folder of the controlnet member (default: the checkpoint's controlnet/). It runs
+    eagerly; its residuals go into the engine folder's transformer_controlnet graph.
     """
     check_backend(backend)
     root = ckpt.validate_checkpoint(checkpoint)
@@ -250,14 +252,23 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads,
                     trt_options=trt_options)
         runner = make_runner(backend, "transformer", **opts)
+        controlnet_runner, blocks = None, None
+        if "transformer_controlnet" in manifest.components:
+            controlnet_runner = make_runner(backend, "transformer_controlnet", **opts)
+            blocks = manifest.components["transformer_controlnet"].source.get("controlnet_blocks")
+        elif kind == "controlnet":
+            raise InputError("engines", str(engines), "a folder with a transformer_controlnet graph for the controlnet "
+                             "member (`qitrt export CKPT --controlnet DIR`)")
         transformer = EngineTransformer(runner, ckpt.read_config(root, "transformer"),
-                                        text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device)
+                                        text_bucket=text_bucket or DEFAULT_TEXT_BUCKET, device=device,
+                                        controlnet_runner=controlnet_runner, controlnet_blocks=blocks)
         transformer.checkpoint = root  # the step cache's signal reads its few weights from here
         has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
     pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
-                                       **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
+                                       **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder,
+                                                                         controlnet=controlnet))
     recipe = SamplingRecipe.from_record(manifest.sampling) if engines is not None else None
     if recipe is not None:  # the scheduler the engines were made for (a few-step LoRA merged at build)
         recipe.apply(pipe)

@@ -15,16 +15,20 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, padded_text_len
-from qwen_image_trt.models.transformer_export import MODULATE_INDEX, RopeTables, modulate_index
+from qwen_image_trt.models.transformer_export import CONTROLNET_RESIDUALS, MODULATE_INDEX, RopeTables, modulate_index
 from qwen_image_trt.runtime.backends.base import Runner
 
 
 class EngineTransformer(nn.Module):
     """Stands in for QwenImageTransformer2DModel inside QwenImagePipeline."""
 
-    def __init__(self, runner: Runner, config: dict, text_bucket: int = DEFAULT_TEXT_BUCKET, device="cpu"):
+    def __init__(self, runner: Runner, config: dict, text_bucket: int = DEFAULT_TEXT_BUCKET, device="cpu",
+                 controlnet_runner: Runner | None = None, controlnet_blocks: int | None = None):
         super().__init__()
         self.runner = runner
+        # The graph variant that adds ControlNet residuals after its blocks (exported with a ControlNet), and how
+        # many residuals it was exported for.
+        self.controlnet_runner, self.controlnet_blocks = controlnet_runner, controlnet_blocks
         self.config = FrozenDict(config)
         self.text_bucket = max(1, int(text_bucket))
         self._device = torch.device(device)
@@ -74,29 +78,46 @@ class EngineTransformer(nn.Module):
                 img_shapes=None, guidance=None, attention_kwargs=None, controlnet_block_samples=None,
                 additional_t_cond=None, return_dict: bool = True):
         # What the graph does not take is refused by name: dropping it would be a silently wrong image.
-        for name, value in (("guidance", guidance), ("controlnet_block_samples", controlnet_block_samples),
-                            ("additional_t_cond", additional_t_cond)):
+        for name, value in (("guidance", guidance), ("additional_t_cond", additional_t_cond)):
             if value is not None:
                 raise NotImplementedError(f"{name}: the exported transformer graph has no such input")
+        residuals = self._controlnet_residuals(controlnet_block_samples, hidden_states)
         groups = image_grid_groups(img_shapes, hidden_states.shape)
         text, text_mask, text_len = self._padded_text(encoder_hidden_states, encoder_hidden_states_mask)
         if len(groups) == 1:  # the pipelines' case: every sample has the same grids
             (grids, _), = groups.items()
-            out = self._run(grids, hidden_states, text, text_mask, timestep, text_len)
+            out = self._run(grids, hidden_states, text, text_mask, timestep, text_len, residuals)
         else:  # samples with different condition grids but equal token counts: one call per grid layout
             out = torch.empty(*hidden_states.shape[:2], self.runner_output_channels, dtype=hidden_states.dtype,
                               device=hidden_states.device)
             for grids, rows in groups.items():
                 idx = torch.tensor(rows, device=hidden_states.device)
-                out[idx] = self._run(grids, hidden_states[idx], text[idx], text_mask[idx], timestep[idx], text_len)
+                out[idx] = self._run(grids, hidden_states[idx], text[idx], text_mask[idx], timestep[idx], text_len,
+                                     None if residuals is None else residuals[:, idx])
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _controlnet_residuals(self, samples, hidden_states) -> torch.Tensor | None:
+        """The ControlNet's per-block residuals as the graph's one input [blocks, batch, image_tokens, inner_dim]."""
+        if samples is None:
+            return None
+        if self.controlnet_runner is None:
+            raise NotImplementedError("controlnet_block_samples: this engine folder has no transformer_controlnet "
+                                      "graph; export with the ControlNet (`qitrt export CKPT --controlnet DIR`)")
+        if len(samples) != self.controlnet_blocks:
+            raise ValueError(f"controlnet_block_samples has {len(samples)} residuals; the transformer_controlnet graph "
+                             f"was exported for a ControlNet of {self.controlnet_blocks} blocks")
+        stacked = torch.stack([s.float() for s in samples])
+        if stacked.shape[1:3] != hidden_states.shape[:2]:
+            raise ValueError(f"controlnet_block_samples are {list(stacked.shape[1:])}; hidden_states is "
+                             f"{list(hidden_states.shape)}")
+        return stacked
 
     @property
     def runner_output_channels(self) -> int:
         c = self.config
         return c["patch_size"] ** 2 * (c.get("out_channels") or c["in_channels"])
 
-    def _run(self, grids, hidden_states, text, text_mask, timestep, text_len):
+    def _run(self, grids, hidden_states, text, text_mask, timestep, text_len, residuals=None):
         img_cos, img_sin, txt_cos, txt_sin = self._rope.for_grids(grids, text_len, hidden_states.device)
         feeds = {
             "hidden_states": hidden_states.float().contiguous(),
@@ -110,7 +131,10 @@ class EngineTransformer(nn.Module):
             if key not in self._modulate:
                 self._modulate[key] = modulate_index(grids, hidden_states.shape[0], hidden_states.device)
             feeds[MODULATE_INDEX] = self._modulate[key]
-        return self.runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
+        runner = self.runner
+        if residuals is not None:
+            feeds[CONTROLNET_RESIDUALS], runner = residuals.contiguous(), self.controlnet_runner
+        return runner.infer(feeds)["noise_pred"].to(hidden_states.dtype)
 
 
 def move_dropin(module, what: str, *args, **kwargs) -> None:
@@ -132,7 +156,8 @@ def move_dropin(module, what: str, *args, **kwargs) -> None:
 
 def image_grid_groups(img_shapes, hidden_shape) -> dict[tuple, list[int]]:
     """{grids: sample rows} from the pipelines' img_shapes: one list of (frame, h, w) per sample, the target
-    first and then any condition images; each list must add up to the sample's image tokens."""
+    first and then any condition images; each list must add up to the sample's image tokens. The ControlNet
+    pipelines pass one (frame, h, w) per sample instead of a list: the same as a list of one."""
     batch, image_tokens = int(hidden_shape[0]), int(hidden_shape[1])
     if not img_shapes:
         raise ValueError("img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch")
@@ -142,6 +167,8 @@ def image_grid_groups(img_shapes, hidden_shape) -> dict[tuple, list[int]]:
         raise ValueError(f"img_shapes has {len(img_shapes)} samples, hidden_states has {batch}")
     groups: dict[tuple, list[int]] = {}
     for row, sample in enumerate(img_shapes):
+        if sample and len(sample) == 3 and all(isinstance(v, int) for v in sample):
+            sample = [sample]
         if not sample or isinstance(sample[0], int):
             raise ValueError(f"img_shapes[{row}] = {sample!r}: a list of (frame, height, width) per sample")
         grids = tuple(tuple(int(v) for v in g) for g in sample)

@@ -103,7 +103,11 @@ def check_text(name: str, text: str) -> None:
 
 def request_kind(server_kind: str, edit: bool, has_mask: bool) -> str:
     """The member a request runs as. A text-to-image server edits with img2img (inpaint with a mask); an Edit server
-    edits (edit-inpaint with a mask); an Edit-Plus server takes 1-3 images and no mask."""
+    edits (edit-inpaint with a mask); an Edit-Plus server takes 1-3 images and no mask. A ControlNet server
+    generates from text alone on its base model, and with an image (the ControlNet's condition image) on the edits
+    endpoint runs the ControlNet."""
+    if server_kind == "controlnet":
+        return "controlnet" if edit else "text-to-image"
     if not edit:
         if server_kind != "text-to-image":
             raise InputError("image", None, f"one or more input images: this server runs the {server_kind} model "
@@ -132,7 +136,12 @@ def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: fl
     files = [_b64(n, t, cfg.max_image_bytes) for n, t in zip(names, raw)]
     mask = _b64("mask", req.mask, cfg.max_image_bytes) if req.mask is not None else None
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
-    check_image_inputs(kind, files, mask, req.strength, limits, max_aspect)  # decodes: bombs, truncation stop here
+    if kind == "controlnet":  # the one image is the ControlNet's condition image
+        if len(files) != 1:
+            raise InputError("image", f"{len(files)} images", "exactly one control image for a ControlNet server")
+        check_image_inputs(kind, None, mask, req.strength, limits, control_image=files[0])
+    else:
+        check_image_inputs(kind, files, mask, req.strength, limits, max_aspect)  # decodes: bombs, truncation stop
     group = ""
     if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint"):
         group = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in files + [mask or b""])).hexdigest()[:16]

@@ -219,6 +219,8 @@ def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], co
         kwargs["image"] = [im[0] for im in images]
         if kind == "inpaint":
             kwargs["mask_image"] = masks
+    elif kind == "controlnet":  # requests batch only with the same control image (the batch key's group)
+        kwargs["control_image"] = images[0][0]
     elif kind != "text-to-image":  # edit members: one request per call, its images shared by its n outputs
         if len(items) != 1:
             raise ValueError(f"{kind} takes one request per pipeline call, got {len(items)}")
