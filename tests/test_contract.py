@@ -103,3 +103,70 @@ def test_offload_and_vae_tiling_are_refused_by_name_and_slicing_works(ort_pipe):
     finally:
         ort_pipe.vae.disable_slicing()
     assert torch.allclose(whole, sliced, atol=1e-5)
+
+
+def test_dropins_are_model_mixins_with_the_checkpoint_config(ort_pipe, tiny_checkpoint):
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from qwen_image_trt.models.checkpoint import read_config
+
+    for module, part in ((ort_pipe.transformer, "transformer"), (ort_pipe.vae, "vae")):
+        assert isinstance(module, ModelMixin) and isinstance(module, ConfigMixin)
+        want = {k: v for k, v in read_config(tiny_checkpoint, part).items() if not k.startswith("_")}
+        got = dict(module.config)
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()} == \
+            {k: list(v) if isinstance(v, tuple) else v for k, v in got.items()}
+        assert module.device == torch.device("cpu") and module.dtype == torch.float32
+    assert ort_pipe.transformer.config.num_layers == 6 and ort_pipe.vae.config.z_dim == 16
+
+
+def test_save_pretrained_loads_back_onto_the_same_engines(tiny_checkpoint, tiny_engines, tmp_path):
+    """pipe.save_pretrained(DIR): load_pipeline(DIR) and DiffusionPipeline.from_pretrained(DIR) run the same engines,
+    with no weight of the transformer or VAE copied; a moved or replaced engine folder is refused by name."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from qwen_image_trt.core.errors import EngineMismatchError
+    from qwen_image_trt.runtime.transformer import EngineTransformer
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    pipe = load_pipeline(tiny_checkpoint, engines=engines, backend="onnxruntime")
+    kw = dict(KW, output_type="latent")
+    want = pipe(**kw, generator=torch.Generator().manual_seed(4)).images
+    saved = tmp_path / "saved"
+    pipe.save_pretrained(saved)
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImagePipeline"  # the stock class: DiffusionPipeline.from_pretrained finds it
+    assert index["transformer"] == ["qwen_image_trt.runtime.transformer", "EngineTransformer"]
+    assert not list((saved / "transformer").glob("*.safetensors")) and not list((saved / "vae").glob("*.safetensors"))
+
+    again = load_pipeline(saved)
+    assert type(again).__name__ == "QwenImageEnginePipeline" and again.backend == "onnxruntime"
+    assert torch.equal(again(**kw, generator=torch.Generator().manual_seed(4)).images, want)
+    stock = DiffusionPipeline.from_pretrained(saved, torch_dtype=torch.float32)
+    assert type(stock).__name__ == "QwenImagePipeline" and isinstance(stock.transformer, EngineTransformer)
+    stock.set_progress_bar_config(disable=True)
+    got = stock(**kw, generator=torch.Generator().manual_seed(4)).images  # the stock two-call loop, on engines
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+    shutil.move(engines, tmp_path / "moved")
+    with pytest.raises(InputError, match="the engine folder this pipeline was saved with"):
+        load_pipeline(saved)
+    (tmp_path / "moved").rename(engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest["checkpoint"]["identity"] = "0" * 16  # engines of another checkpoint now sit in that folder
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match="were built from checkpoint 0000"):
+        DiffusionPipeline.from_pretrained(saved)
+
+
+def test_a_dropin_not_made_by_load_pipeline_cannot_be_saved(ort_pipe, tmp_path):
+    from qwen_image_trt.runtime.transformer import EngineTransformer
+
+    loose = EngineTransformer(ort_pipe.transformer.runner, dict(ort_pipe.transformer.config))
+    with pytest.raises(NotImplementedError, match="not made by load_pipeline"):
+        loose.save_pretrained(tmp_path / "t")

@@ -22,6 +22,7 @@ from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
 from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
 from qwen_image_trt.runtime.lora import EngineLoraLoader
+from qwen_image_trt.runtime.saved import engine_record, is_saved_engine_pipeline
 from qwen_image_trt.runtime.step_cache import step_cache
 from qwen_image_trt.runtime.torch_fast import TorchOptions, apply_torch_options, check_torch_options
 from qwen_image_trt.runtime.transformer import EngineTransformer
@@ -72,6 +73,17 @@ class EngineContract(EngineLoraLoader):
                 "stream a large TensorRT engine's weights (`qitrt build --weight-streaming`, "
                 "trt_options={'weight_streaming_budget': ...})")
         return super().enable_model_cpu_offload(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, with model_index.json naming the stock class (so that `DiffusionPipeline.from_pretrained`
+        finds it) and the drop-ins as this package's classes; engines are recorded by folder, not copied."""
+        import json
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index_file = Path(save_directory) / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = stock_class(self.pipeline_kind).__name__
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def enable_sequential_cpu_offload(self, *args, **kwargs):
         if self._on_engines():
@@ -229,6 +241,8 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     eagerly; its residuals go into the engine folder's transformer_controlnet graph.
     """
     check_backend(backend)
+    if is_saved_engine_pipeline(checkpoint):  # a folder an engine pipeline's save_pretrained wrote
+        return _load_saved(checkpoint, pipeline, dtype, batch_cfg, progress, text_encoder, embedding_cache_bytes)
     root = ckpt.validate_checkpoint(checkpoint)
     kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
@@ -266,6 +280,12 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         has_encoder = "vae_encoder" in manifest.components
         vae = EngineVAE(make_runner(backend, "vae_decoder", **opts), ckpt.read_config(root, "vae"), device=device,
                         encoder=make_runner(backend, "vae_encoder", **opts) if has_encoder else None)
+        # What save_pretrained records so that the saved folder loads back onto these engines (runtime.saved).
+        record = dict(engines=engines, backend=backend, identity=manifest.checkpoint.identity, device=device,
+                      threads=threads, checkpoint=str(Path(root).resolve()))
+        transformer.engine_source = engine_record(component="transformer", text_bucket=transformer.text_bucket,
+                                                  controlnet_blocks=blocks, **record)
+        vae.engine_source = engine_record(component="vae", **record)
     pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
                                        **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder,
                                                                          controlnet=controlnet))
@@ -278,6 +298,32 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     pipe.backend, pipe.engines, pipe.pipeline_kind = backend, engines, kind
     pipe.torch_options = fast
     pipe.encoder_identity = ckpt.checkpoint_identity(root, parts=("text_encoder",))  # what its embeddings depend on
+    if embedding_cache_bytes:
+        cache_prompt_embeddings(pipe, EmbeddingCache(embedding_cache_bytes))
+    return pipe
+
+
+def _load_saved(folder, pipeline, dtype, batch_cfg, progress, text_encoder, embedding_cache_bytes):
+    """load_pipeline of a saved engine pipeline folder: the drop-ins from their records, everything else from the
+    folder as diffusers saved it."""
+    from qwen_image_trt.runtime.saved import read_saved
+
+    root = Path(folder)
+    _, record = read_saved(root / "transformer")
+    kind = pipeline_kind(root, pipeline)
+    dtype = dtype or torch.float32
+    transformer = EngineTransformer.from_pretrained(root / "transformer", torch_dtype=dtype)
+    vae = EngineVAE.from_pretrained(root / "vae", torch_dtype=dtype)
+    device = record["device"]
+    pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
+                                       **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
+    manifest = read_manifest(record["engines"])
+    pipe.sampling = SamplingRecipe.from_record(manifest.sampling) if manifest.sampling else None
+    pipe.batch_cfg = batch_cfg
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe.backend, pipe.engines, pipe.pipeline_kind = record["backend"], record["engines"], kind
+    pipe.torch_options = TorchOptions.parse(None)
+    pipe.encoder_identity = ckpt.checkpoint_identity(root, parts=("text_encoder",))
     if embedding_cache_bytes:
         cache_prompt_embeddings(pipe, EmbeddingCache(embedding_cache_bytes))
     return pipe

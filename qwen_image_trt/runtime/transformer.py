@@ -8,44 +8,56 @@ builds the text mask, and looks up real RoPE tables. Padded buffers and tables a
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
-from diffusers.configuration_utils import FrozenDict
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from torch import nn
 
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, padded_text_len
 from qwen_image_trt.models.transformer_export import CONTROLNET_RESIDUALS, MODULATE_INDEX, RopeTables, modulate_index
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.saved import EngineModule
+
+# diffusers' loader resolves a saved component's loading method by looking its base classes up by name in the module
+# model_index.json names (this one): DiffusionPipeline.from_pretrained needs ModelMixin to be found here.
+ModelMixin = EngineModule.__mro__[1]
 
 
-class EngineTransformer(nn.Module):
-    """Stands in for QwenImageTransformer2DModel inside QwenImagePipeline."""
+class EngineTransformer(EngineModule):
+    """Stands in for QwenImageTransformer2DModel inside the Qwen-Image pipelines: a ModelMixin with the checkpoint's
+    config, saved and loaded by the pipeline's save_pretrained / from_pretrained (runtime.saved)."""
 
     def __init__(self, runner: Runner, config: dict, text_bucket: int = DEFAULT_TEXT_BUCKET, device="cpu",
                  controlnet_runner: Runner | None = None, controlnet_blocks: int | None = None):
         super().__init__()
+        self._register_checkpoint_config(config)
         self.runner = runner
         # The graph variant that adds ControlNet residuals after its blocks (exported with a ControlNet), and how
         # many residuals it was exported for.
         self.controlnet_runner, self.controlnet_blocks = controlnet_runner, controlnet_blocks
-        self.config = FrozenDict(config)
         self.text_bucket = max(1, int(text_bucket))
         self._device = torch.device(device)
         self._rope = RopeTables(config["axes_dims_rope"])
         self._text_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._modulate: dict[tuple, torch.Tensor] = {}
 
-    # What QwenImagePipeline reads from its transformer.
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    @classmethod
+    def from_record(cls, config: dict, record: dict):
+        from qwen_image_trt.runtime.backends import make_runner
+        from qwen_image_trt.runtime.saved import engines_for
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the pipeline works in around this module (float32 unless `pipe.to(dtype)` said otherwise). The
-        graph's own I/O is float32 whatever the engine computes in: inputs are cast in, outputs back to this."""
-        return getattr(self, "_io_dtype", torch.float32)
+        folder, manifest = engines_for(record)
+        opts = dict(engines_dir=folder, device=record["device"], threads=record.get("threads"))
+        controlnet = None
+        if "transformer_controlnet" in manifest.components:
+            controlnet = make_runner(record["backend"], "transformer_controlnet", **opts)
+        module = cls(make_runner(record["backend"], "transformer", **opts), config,
+                     text_bucket=record.get("text_bucket", DEFAULT_TEXT_BUCKET), device=record["device"],
+                     controlnet_runner=controlnet, controlnet_blocks=record.get("controlnet_blocks"))
+        module.engine_source = record
+        if record.get("checkpoint") and Path(record["checkpoint"]).is_dir():
+            module.checkpoint = Path(record["checkpoint"])  # the step cache's signal weights, where still there
+        return module
 
     def to(self, *args, **kwargs):
         move_dropin(self, "transformer", *args, **kwargs)

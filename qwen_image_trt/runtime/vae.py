@@ -3,33 +3,43 @@
 from __future__ import annotations
 
 import torch
-from diffusers.configuration_utils import FrozenDict
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
-from torch import nn
 
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.saved import EngineModule
+
+# diffusers' loader resolves a saved component's loading method by looking its base classes up by name in the module
+# model_index.json names (this one): DiffusionPipeline.from_pretrained needs ModelMixin to be found here.
+ModelMixin = EngineModule.__mro__[1]
 from qwen_image_trt.runtime.transformer import move_dropin
 
 
-class EngineVAE(nn.Module):
-    """Stands in for AutoencoderKLQwenImage: one-frame decode/encode through runners."""
+class EngineVAE(EngineModule):
+    """Stands in for AutoencoderKLQwenImage: one-frame decode/encode through runners; a ModelMixin with the
+    checkpoint's VAE config (runtime.saved)."""
 
     def __init__(self, decoder: Runner, config: dict, encoder: Runner | None = None, device="cpu"):
         super().__init__()
+        self._register_checkpoint_config(config)
         self.decoder_runner, self.encoder_runner = decoder, encoder
-        self.config = FrozenDict(config)
         self._device = torch.device(device)
         # Spelled as diffusers spells it: the pipeline derives its scale factor from it.
         self.temperal_downsample = list(config.get("temperal_downsample", [False, True, True]))
 
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    @classmethod
+    def from_record(cls, config: dict, record: dict):
+        from qwen_image_trt.runtime.backends import make_runner
+        from qwen_image_trt.runtime.saved import engines_for
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(self, "_io_dtype", torch.float32)  # see EngineTransformer.dtype
+        folder, manifest = engines_for(record)
+        opts = dict(engines_dir=folder, device=record["device"], threads=record.get("threads"))
+        encoder = make_runner(record["backend"], "vae_encoder", **opts) if "vae_encoder" in manifest.components \
+            else None
+        module = cls(make_runner(record["backend"], "vae_decoder", **opts), config, encoder=encoder,
+                     device=record["device"])
+        module.engine_source = record
+        return module
 
     def to(self, *args, **kwargs):
         move_dropin(self, "VAE", *args, **kwargs)
