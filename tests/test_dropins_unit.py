@@ -148,7 +148,8 @@ def test_dropin_attributes():
     (None, (1, 4), "img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch"),
     ([], (1, 4), "img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch"),
     ([[(1, 2, 2)], [(1, 2, 2)]], (3, 4), "img_shapes has 2 samples, hidden_states has 3"),
-    ([(1, 2, 2)], (1, 4), "img_shapes[0] = (1, 2, 2): a list of (frame, height, width) per sample"),
+    ([(1, 2, 3)], (1, 5), "img_shapes[0] [(1, 2, 3)] gives 6 tokens, hidden_states has 5"),  # flat (ControlNet)
+    ([[1, 2]], (1, 4), "img_shapes[0] = [1, 2]: a list of (frame, height, width) per sample"),
     ([[(1, 2, 3)]], (1, 5), "img_shapes[0] [(1, 2, 3)] gives 6 tokens, hidden_states has 5"),
     ([[(2, 2, 3)]], (1, 6), "img_shapes[0] [(2, 2, 3)] gives 12 tokens, hidden_states has 6"),
     ([[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]], (2, 4), "img_shapes[1] [(1, 2, 2), (1, 1, 1)] gives 5 tokens, "
@@ -352,3 +353,10 @@ def test_cfg_tensors_stay_on_the_inputs_device():
     text, mask = stack_cfg_text(cond, None, uncond, None)
     assert text.device.type == mask.device.type == "meta" and mask.shape == (4, 3)
     assert combine_cfg(cond, cond, [1.0, 2.0]).device.type == "meta"
+
+
+def test_flat_image_shapes_of_the_controlnet_pipelines_are_one_grid_per_sample():
+    from qwen_image_trt.runtime.transformer import image_grid_groups
+
+    assert image_grid_groups([(1, 2, 2)] * 2, (2, 4)) == {((1, 2, 2),): [0, 1]}
+    assert image_grid_groups([(1, 2, 2)] * 2, (2, 4)) == image_grid_groups([[(1, 2, 2)]] * 2, (2, 4))

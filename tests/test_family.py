@@ -322,14 +322,52 @@ def test_zero_cond_t_graph_module_equals_the_stock_transformer():
         assert (other - got[:1]).abs().max().item() > 1e-3
 
 
-def test_calibration_refuses_edit_checkpoints_by_name(tmp_path):
+@pytest.fixture(scope="module")
+def edit_calibration(edit_plus, tmp_path_factory):
+    """Edit-2511 calibration set: the stock Edit-Plus pipeline over 2 prompts x 2 steps with the shipped condition
+    images (two, of different sizes, per prompt)."""
     from qwen_image_trt.calibration.capture import calibrate
-    from qwen_image_trt.models.tiny import make_tiny_checkpoint
 
-    root = make_tiny_checkpoint(tmp_path / "edit", pipeline="edit")
-    with pytest.raises(InputError, match="calibration does not drive the edit pipeline yet"):
-        calibrate(root, tmp_path / "calib", progress=False)
-    assert not (tmp_path / "calib" / "manifest.json").exists()
+    out = tmp_path_factory.mktemp("edit-calib") / "calib"
+    calibrate(edit_plus[0], out, num_prompts=2, steps=2, holdout=0, progress=False)
+    return out
+
+
+def test_edit_2511_calibration_records_condition_images(edit_plus, edit_calibration):
+    """The recorded calls keep every grid, and the replayed inputs are the graph's: RoPE over the target and both
+    condition images, and Edit-2511's modulate_index (1 over the condition tokens)."""
+    from qwen_image_trt.calibration.capture import CalibrationSet
+    from qwen_image_trt.models.checkpoint import read_config
+    from qwen_image_trt.models.transformer_export import input_names
+
+    root, _ = edit_plus
+    cs = CalibrationSet(edit_calibration)
+    calls = list(cs.calls())
+    assert calls and all(len(c["grids"]) == 3 for c in calls)  # the target and two condition images
+    assert len({c["grids"][1:] for c in calls}) == 2  # each sample's own condition images: the grids vary
+    config = read_config(root, "transformer")
+    args = next(cs.export_inputs(config["axes_dims_rope"], zero_cond_t=True))
+    assert len(args) == len(input_names(config)) and args[-1].dtype == torch.int32
+    hidden, (_, h, w) = args[0], calls[0]["grids"][0]
+    assert args[-1].shape == hidden.shape[:2] and int(args[-1][0].sum()) == hidden.shape[1] - h * w
+    assert args[4].shape[0] == hidden.shape[1]  # image RoPE rows: one per image token, conditions included
+
+
+@pytest.mark.slow
+def test_edit_2511_int8_from_that_calibration_passes_the_stage_check(edit_plus, edit_calibration, one_torch_thread,
+                                                                      tmp_path):
+    """The INT8 graph quantized from the edit calibration passes the quantize stage's own check (its ONNX Runtime
+    output is ModelOpt's simulation) and runs the stock edit pipeline near the fp32 engines (~3 min: opt-in)."""
+    from qwen_image_trt.compile.quantize import quantize_onnx
+
+    root, engines = edit_plus
+    m = quantize_onnx(root, edit_calibration, tmp_path / "int8", "int8", graphs=engines, progress=False)
+    check = m.components["transformer"].check
+    assert check["mismatch"] < 0.75, check  # the stage's own gate, with room
+    pipe = load_pipeline(root, engines=tmp_path / "int8", backend="onnxruntime")
+    kw = dict(EDIT_KW, image=[RED, BLUE])
+    got, want = _run(pipe, **kw)[1], _run(load_stock_pipeline(root), **kw)[1]
+    assert 0 < _rel(got, want) <= 0.05  # quantized: near, not equal
 
 
 # -- engine profiles cover what condition images add ---------------------------------------------------------------

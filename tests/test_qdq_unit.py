@@ -134,7 +134,10 @@ def _graph(model, dtype=np.float32, extra_inits=()):
 
 def _run(model, x):
     proto = ir.serde.serialize_model(model)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    from qwen_image_trt.core.ort_options import session_options
+
+    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
 
 

@@ -136,13 +136,18 @@ class _Recorder:
             mask = torch.ones(ehs.shape[:2], dtype=torch.bool, device=ehs.device)
         self.calls.append({
             "step": self.step, "branch": ("cond", "uncond")[min(self.branch, 1)],
-            "grid": tuple(int(v) for v in kwargs["img_shapes"][0][0]),
+            "grids": [tuple(int(v) for v in g) for g in _sample_grids(kwargs["img_shapes"][0])],
             "hidden_states": hs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states": ehs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states_mask": mask.detach().to("cpu").bool().clone(),
             "timestep": kwargs["timestep"].detach().to("cpu", copy=True).reshape(-1).contiguous(),
         })
         return None
+
+
+def _sample_grids(sample) -> list:
+    """One sample's img_shapes entry as a list of grids (the ControlNet pipelines pass one bare grid)."""
+    return [sample] if len(sample) == 3 and all(isinstance(v, int) for v in sample) else list(sample)
 
 
 def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, seed: int = 0, holdout=None,
@@ -157,11 +162,9 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
 
     root = ckpt.validate_checkpoint(checkpoint)
     kind = pipeline_kind(root)
-    if kind != "text-to-image":
-        # The recorded calls keep one image grid; condition images (and Edit-2511's modulate_index) are not
-        # recorded yet, so a quantized edit engine would be calibrated on what it never sees.
-        raise InputError("checkpoint", str(root), f"a text-to-image checkpoint: calibration does not drive the {kind} "
-                         "pipeline yet (its fp32/bf16/fp16 exports and parity work; INT8/FP8 need calibration)")
+    if kind == "controlnet":  # its transformer_controlnet graph is not quantized (compile.stages refuses the build)
+        raise InputError("checkpoint", str(root), "a text-to-image or edit checkpoint: ControlNet engines are not "
+                         "quantized yet, so there is nothing to calibrate for")
     recipe = sampling if sampling is None or isinstance(sampling, SamplingRecipe) else load_recipe(sampling, steps)
     if recipe is not None:
         steps = recipe.steps if steps is None else steps
@@ -202,7 +205,7 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
                 recipe.apply(pipe)
             if hook is None:
                 hook = pipe.transformer.register_forward_pre_hook(recorder, with_kwargs=True)
-            manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out))
+            manifest.samples.append(_record_prompt(pipe, recorder, sample, text, settings, out, kind))
             write_manifest(out, manifest)  # after every prompt: an interrupted run resumes here
             bar.set_postfix(size="x".join(map(str, sample.size)), calls=len(manifest.samples[-1].calls))
             bar.update()
@@ -242,21 +245,27 @@ def _intact_samples(out: Path, old: CalibrationManifest | None, source: dict) ->
 
 
 def _record_prompt(pipe, recorder: _Recorder, sample: CalibrationSample, text: str, settings: CalibrationSettings,
-                   out: Path) -> CalibrationSample:
+                   out: Path, kind: str = "text-to-image") -> CalibrationSample:
+    """One prompt through the stock pipeline; the edit members get the shipped condition images of the sample's seed
+    (models.condition_images: different sizes, so the condition grids vary across the set)."""
     from safetensors.torch import save_file
+
+    from qwen_image_trt.models.condition_images import sample_image_inputs
 
     recorder.reset()
     w, h = sample.size
     pipe(prompt=text, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=TRUE_CFG_SCALE, height=h, width=w,
          num_inference_steps=settings.steps, generator=torch.Generator("cpu").manual_seed(sample.seed),
-         output_type="latent")
+         output_type="latent", **sample_image_inputs(kind, sample.seed))
     tensors, calls = {}, []
     for k, c in enumerate(recorder.calls):
         for key in KEYS:
             tensors[f"{k:03d}.{key}"] = c[key]
-        calls.append(CalibrationCall(key=f"{k:03d}", step=c["step"], branch=c["branch"], grid=list(c["grid"]),
+        target, *conditions = c["grids"]
+        calls.append(CalibrationCall(key=f"{k:03d}", step=c["step"], branch=c["branch"], grid=list(target),
                                      batch=int(c["hidden_states"].shape[0]),
-                                     text_len=int(c["encoder_hidden_states"].shape[1])))
+                                     text_len=int(c["encoder_hidden_states"].shape[1]),
+                                     condition_grids=[list(g) for g in conditions] or None))
     path = out / sample.file
     # One metadata key: safetensors writes a multi-key metadata map in hash order, which would make the
     # file's bytes (and the set id) differ between identical runs.
@@ -348,19 +357,22 @@ class CalibrationSet:
             tensors = load_file(str(self.folder / s.file))
             for c in s.calls:
                 item = {key: tensors[f"{c.key}.{key}"] for key in KEYS}
-                item.update(grid=tuple(c.grid), step=c.step, branch=c.branch, prompt_id=s.prompt_id)
+                item.update(grid=tuple(c.grid), step=c.step, branch=c.branch, prompt_id=s.prompt_id,
+                            grids=(tuple(c.grid), *(tuple(g) for g in c.condition_grids or ())))
                 yield item
 
     def export_inputs(self, axes_dims_rope, split: str = "calib", text_bucket: int | None = None,
-                      dtype=torch.float32):
-        """Yield input tuples in ExportableTransformer order (INPUT_NAMES), text padded to the runtime's
+                      dtype=torch.float32, zero_cond_t: bool = False):
+        """Yield input tuples in ExportableTransformer order (its input_names), text padded to the runtime's
         bucket exactly as EngineTransformer does, so the quantizers see what the engine will see."""
         for c in self.calls(split):
-            yield replay_inputs(c, axes_dims_rope, text_bucket, dtype)
+            yield replay_inputs(c, axes_dims_rope, text_bucket, dtype, zero_cond_t)
 
 
-def replay_inputs(call: dict, axes_dims_rope, text_bucket: int | None = None, dtype=torch.float32) -> tuple:
-    """One recorded call as ExportableTransformer inputs, text padded to the bucket with its mask."""
+def replay_inputs(call: dict, axes_dims_rope, text_bucket: int | None = None, dtype=torch.float32,
+                  zero_cond_t: bool = False) -> tuple:
+    """One recorded call as ExportableTransformer inputs, text padded to the bucket with its mask; the RoPE tables
+    cover the target and any condition grids, and Edit-2511 (`zero_cond_t`) gets its modulate_index."""
     states, mask = call["encoder_hidden_states"].to(dtype), call["encoder_hidden_states_mask"].bool()
     batch, length, width = states.shape
     padded = padded_text_len(length, text_bucket or DEFAULT_TEXT_BUCKET)
@@ -368,9 +380,14 @@ def replay_inputs(call: dict, axes_dims_rope, text_bucket: int | None = None, dt
     text[:, :length] = states
     text_mask = torch.zeros(batch, padded, dtype=torch.bool)
     text_mask[:, :length] = mask
-    frame, h, w = call["grid"]
-    rope = _rope(tuple(axes_dims_rope))(frame, h, w, padded)
-    return (call["hidden_states"].to(dtype), text, text_mask, call["timestep"].to(dtype), *rope)
+    grids = tuple(call.get("grids") or (call["grid"],))
+    rope = _rope(tuple(axes_dims_rope)).for_grids(grids, padded)
+    args = (call["hidden_states"].to(dtype), text, text_mask, call["timestep"].to(dtype), *rope)
+    if zero_cond_t:
+        from qwen_image_trt.models.transformer_export import modulate_index
+
+        args += (modulate_index(grids, batch),)
+    return args
 
 
 _ROPES: dict = {}

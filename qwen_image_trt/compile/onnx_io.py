@@ -28,6 +28,7 @@ import numpy as np
 from qwen_image_trt.core.errors import QitrtError
 from qwen_image_trt.core.files import HashingWriter, copy_range, disk_error, file_sha256, temporary_name
 from qwen_image_trt.core.manifest import GraphFile, TensorInfo
+from qwen_image_trt.core.ort_options import session_options
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def ort_session(path: str | os.PathLike, provider: str = "CPUExecutionProvider")
     (a second, repacked copy), no spinning threads."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])

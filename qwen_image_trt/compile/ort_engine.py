@@ -16,6 +16,7 @@ from pathlib import Path
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.files import file_sha256
 from qwen_image_trt.core.manifest import OrtEngine
+from qwen_image_trt.core.ort_options import session_options
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, prov
         stale.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
-    opts = ort.SessionOptions()
+    # Written for any CPU: without the non-VNNI kernel choice, which would store its uint8 weights in the file.
+    opts = session_options(overrides=True)
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     opts.optimized_model_filepath = str(target)
     opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
@@ -73,7 +75,7 @@ def build_ort_engine(onnx_path, out_dir, component: str, *, precision: str, prov
     seconds = time.perf_counter() - t0
 
     if check:  # the saved model must load on its own (external data found, ops known)
-        plain = ort.SessionOptions()
+        plain = session_options()
         plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             ort.InferenceSession(str(target), sess_options=plain, providers=providers)

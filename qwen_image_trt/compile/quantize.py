@@ -51,7 +51,7 @@ from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET, torch_dtype
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.lora import merge_into, read_loras, recorded_loras
 from qwen_image_trt.models.specs import TRANSFORMER
-from qwen_image_trt.models.transformer_export import INPUT_NAMES
+from qwen_image_trt.models.transformer_export import input_names
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,13 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
         if loras:  # the graph holds the merged weights: ModelOpt must calibrate and quantize the same model
             merge_into(module.transformer, read_loras(root, loras))
         module = module.to(device)
-        axes = module.transformer.config.axes_dims_rope
+        config = dict(module.transformer.config)
+        axes, zero_cond_t = config["axes_dims_rope"], bool(config.get("zero_cond_t"))
         split = "holdout" if calib.num_calls("holdout") else "calib"
         held_out = [args for _, args in zip(range(quant_evidence.CHECK_CALLS),
-                                            calib.export_inputs(axes, split, text_bucket=bucket))]
-        layers, kept, refs = _calibrate(module, calib, recipe, axes, held_out, bucket, device, progress)
+                                            calib.export_inputs(axes, split, text_bucket=bucket,
+                                                                zero_cond_t=zero_cond_t))]
+        layers, kept, refs = _calibrate(module, calib, recipe, axes, held_out, bucket, device, progress, zero_cond_t)
         timings["calibrate_s"] = time.perf_counter() - t0
         del module
         gc.collect()
@@ -224,8 +226,9 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
         timings["write_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        evidence_path = quant_evidence.save(out, held_out, *refs, TRANSFORMER.input_names, numbers=numbers)
-        check = verify_graph(graph.path(out), evidence_path, source.precision, recipe["precision"])
+        evidence_path = quant_evidence.save(out, held_out, *refs, input_names(config), numbers=numbers)
+        check = verify_graph(graph.path(out), evidence_path, source.precision, recipe["precision"],
+                             input_names(config))
         timings["check_s"] = time.perf_counter() - t2
     inputs, outputs = onnx_io.io_info(graph.path(out))
     entry = Component(graph=graph, precision=recipe["precision"], source=stage_source, inputs=inputs, outputs=outputs,
@@ -243,7 +246,8 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
     return entry, info
 
 
-def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, progress: bool):
+def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, progress: bool,
+               zero_cond_t: bool = False):
     """ModelOpt calibration; returns (quantized layers, kept layer names, (high_precision, fake_quant, bypassed))."""
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
@@ -258,7 +262,7 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
 
     def forward_loop(model):
         bar = tqdm(total=n_calls, desc=f"quantize {recipe['precision']} (calibrate)", unit="fwd", disable=not progress)
-        for args in calib.export_inputs(axes, "calib", text_bucket=bucket):
+        for args in calib.export_inputs(axes, "calib", text_bucket=bucket, zero_cond_t=zero_cond_t):
             model(*(a.to(device) for a in args))
             bar.update()
         bar.close()
@@ -277,7 +281,7 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
     return layers, kept, (high, fake, bypassed)
 
 
-def verify_graph(path: Path, evidence_path: Path, high_precision: str, precision: str) -> dict:
+def verify_graph(path: Path, evidence_path: Path, high_precision: str, precision: str, names=None) -> dict:
     """Refuse a written graph that is not the calibrated quantization: layer by layer, its Q/DQ numbers against
     the calibrated ones (exact, any depth); end to end, its ONNX Runtime output on the held-out calls against
     the saved references (a coarse guard for what numbers alone cannot show)."""
@@ -292,7 +296,7 @@ def verify_graph(path: Path, evidence_path: Path, high_precision: str, precision
     if high_precision == "bf16" and not on_gpu:  # ONNX Runtime's CPU provider has no bf16 kernels
         return {"skipped": "bf16 graph and no CUDA execution provider here: check it with `qitrt parity` on a GPU",
                 "provider": provider}
-    calls = quant_evidence.load(evidence_path, INPUT_NAMES)
+    calls = quant_evidence.load(evidence_path, names or input_names({}))
     sess = onnx_io.ort_session(path, provider)
     outputs = [sess.run(None, {n: t.numpy() for n, t in c["inputs"].items()})[0] for c in calls]
     del sess

@@ -180,6 +180,8 @@ class CalibrationCall(_Strict):
     grid: list[int]
     batch: int
     text_len: int
+    # The edit members: each condition image's (frame, h, w) after the target's, in sequence order.
+    condition_grids: list[list[int]] | None = None
 
 
 class CalibrationSample(_Strict):

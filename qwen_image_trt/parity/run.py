@@ -24,7 +24,7 @@ from qwen_image_trt.models.condition_images import sample_image_inputs
 from qwen_image_trt.models.lora import recorded_loras
 from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.models.pipelines import pipeline_kind
-from qwen_image_trt.models.specs import SPECS, TRANSFORMER, spec_for
+from qwen_image_trt.models.specs import SPECS, spec_for
 from qwen_image_trt.parity import metrics
 from qwen_image_trt.parity.gates import Gates, apply_gates, gates_for
 from qwen_image_trt.parity.report import write_html
@@ -262,7 +262,9 @@ def _quantization(cfg: ParityConfig, manifest) -> dict | None:
     path = Path(cfg.engines) / q.evidence["file"]
     if not path.is_file():
         return {"skipped": f"{path} is missing: rebuild the quantized engine folder"}
-    calls = quant_evidence.load(path, TRANSFORMER.input_names)
+    from qwen_image_trt.models.transformer_export import input_names
+
+    calls = quant_evidence.load(path, input_names(manifest.checkpoint.transformer_config or {}))
     runner = make_runner(cfg.backend, "transformer", engines_dir=cfg.engines, device=cfg.device,
                          trt_options=cfg.trt_options)
     with runner:

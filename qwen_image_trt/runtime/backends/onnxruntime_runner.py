@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.ort_options import session_options
 from qwen_image_trt.runtime.backends.base import Runner
 from qwen_image_trt.runtime.graph_weights import ONNX_ELEMENT_TYPES
 
@@ -73,7 +74,7 @@ class OnnxRuntimeRunner(Runner):
     def _activate_impl(self):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
+        opts = session_options(overrides=bool(self._overrides))
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
