@@ -49,6 +49,8 @@ def sample_image_inputs(kind: str, seed: int) -> dict:
     """Pipeline keyword arguments with this member's images for sample `seed` ({} for text-to-image)."""
     if kind == "text-to-image":
         return {}
+    if kind == "controlnet":  # a condition image as a ControlNet would get it (the pipeline resizes it)
+        return {"control_image": condition_image(seed * 7)}
     count = MAX_CONDITION_IMAGES.get(kind, 1)
     images = [condition_image(seed * 7 + i) for i in range(count)]
     kwargs = {"image": images if kind == "edit-plus" else images[0]}
