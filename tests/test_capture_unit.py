@@ -205,15 +205,15 @@ def test_recorder_keeps_every_kth_step_with_both_branches():
                                                                    (2, "uncond"), (4, "cond"), (4, "uncond")]
     for c, (hs, ehs) in zip(recorder.calls, [seen[i] for i in (0, 1, 4, 5, 8, 9)]):
         assert torch.equal(c["hidden_states"], hs) and torch.equal(c["encoder_hidden_states"], ehs)
-        assert c["encoder_hidden_states"].is_contiguous() and c["grid"] == (1, 2, 2)
-        assert all(type(v) is int for v in c["grid"])
+        assert c["encoder_hidden_states"].is_contiguous() and c["grids"] == [(1, 2, 2)]  # the target only
+        assert all(type(v) is int for v in c["grids"][0])
         assert c["encoder_hidden_states_mask"].dtype == torch.bool and c["encoder_hidden_states_mask"].all()
         assert c["encoder_hidden_states_mask"].shape == ehs.shape[:2]
         assert c["timestep"].shape == (1,)
     hs, _ = seen[0]
     hs.add_(1.0)  # the caller reuses its buffers: the recording is a copy
     assert not torch.equal(recorder.calls[0]["hidden_states"], hs)
-    assert sorted(recorder.calls[0]) == ["branch", "encoder_hidden_states", "encoder_hidden_states_mask", "grid",
+    assert sorted(recorder.calls[0]) == ["branch", "encoder_hidden_states", "encoder_hidden_states_mask", "grids",
                                          "hidden_states", "step", "timestep"]
 
 
