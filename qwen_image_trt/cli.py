@@ -48,9 +48,12 @@ def _add_core(sub) -> None:
                    "--sparse (default 60)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--real-width: weight dtype on disk "
                    "(bf16 like the real checkpoint)")
-    p.add_argument("--pipeline", default="t2i", choices=("t2i", "edit", "edit-plus", "edit-2511", "controlnet"),
+    p.add_argument("--pipeline", default="t2i",
+                   choices=("t2i", "edit", "edit-plus", "edit-2511", "controlnet", "qwen-image-2.1"),
                    help="tiny checkpoint kind: the pipeline class its model_index.json names (edit kinds add a "
-                   "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t; controlnet adds a 2-block ControlNet) "
+                   "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t; controlnet adds a 2-block ControlNet; "
+                   "qwen-image-2.1 is QwenImage21Pipeline: Qwen3-VL text encoder and processor, the 2.1 VAE, the "
+                   "block-causal transformer with causal_condition; eager diffusers only, not exported yet) "
                    "(default: t2i)")
     p.set_defaults(func=_cmd_tiny)
 
@@ -198,6 +201,11 @@ def _cmd_tiny(a) -> int:
         else:
             print(tiny.make_real_width_checkpoint(a.out, num_layers=layers, seed=a.seed, dtype=a.dtype,
                                                   overwrite=a.overwrite))
+        return 0
+    if a.pipeline == "qwen-image-2.1":
+        from qwen_image_trt.models.tiny21 import make_tiny_21_checkpoint
+
+        print(make_tiny_21_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
         return 0
     print(tiny.make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite, pipeline=a.pipeline))
     return 0

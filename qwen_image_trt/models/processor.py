@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import Qwen2VLProcessor
+from transformers import Qwen2VLProcessor, Qwen3VLProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -50,4 +50,31 @@ def save_processor(processor, folder: str | Path) -> None:
     processor.tokenizer.save_pretrained(folder)
 
 
-__all__ = ["ImageOnlyQwen2VLProcessor", "load_processor", "save_processor", "image_processor_class"]
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor (Qwen-Image-2.1's) without `video_processor`; `videos=` is refused, the rest is stock."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def __call__(self, *args, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError("videos: this processor was loaded without a video processor (torchvision is missing)")
+        return super().__call__(*args, **kwargs)
+
+
+def load_qwen3vl_processor(folder: str | Path):
+    """The stock Qwen3VLProcessor from `folder`, or the image-only one where its video processor cannot load
+    (no torchvision): same image processor, tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        return Qwen3VLProcessor.from_pretrained(folder)
+    except ImportError:  # torchvision missing: the video processor, which Qwen-Image-2.1 never uses
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return ImageOnlyQwen3VLProcessor(image_processor=image_processor_class().from_pretrained(folder),
+                                         tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+__all__ = ["ImageOnlyQwen2VLProcessor", "ImageOnlyQwen3VLProcessor", "load_processor", "load_qwen3vl_processor",
+           "save_processor", "image_processor_class"]
