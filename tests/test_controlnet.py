@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_a_controlnet_server_takes_the_control_image_on_the_edits_endpoint(tmp_p
     from tests.serve_helpers import KEY, Server
 
     root = make_tiny_checkpoint(tmp_path / "cn", pipeline="controlnet")
-    server = Server(root, tmp_path / "jobs", devices="cpu")
+    server = Server(root, tmp_path / "jobs", "--max-queue-delay-ms", "500", devices="cpu")
     try:
         buf = io.BytesIO()
         STRIPES.save(buf, format="PNG")
@@ -211,5 +212,37 @@ def test_a_controlnet_server_takes_the_control_image_on_the_edits_endpoint(tmp_p
         two = {"image": [base64.b64encode(buf.getvalue()).decode()] * 2, "prompt": "x", "size": "64x64"}
         r = server.post(two, path="/v1/jobs")
         assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+        r = server.post({**two, "image": two["image"][0], "controlnet_conditioning_scale": 2.5}, path="/v1/jobs")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "controlnet_conditioning_scale", r.text
+        assert r.json()["error"]["allowed"] == "a number in [0, 2]"
+        # two requests with their own control images and a conditioning scale: one pipeline call, each equal to its
+        # call alone (diffusers' ControlNet pipeline takes one control image per prompt)
+        got = {}
+
+        def send(name, image, seed):
+            got[name] = server.post({"image": _b64png(image), "prompt": f"a {name} fox", "size": "64x64",
+                                     "seed": seed, "num_inference_steps": 2, "controlnet_conditioning_scale": 0.5},
+                                    path="/v1/images/edits")
+
+        threads = [threading.Thread(target=send, args=a) for a in (("striped", STRIPES, 4), ("red", RED, 6))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         server.kill()
+    for name, image, seed in (("striped", STRIPES, 4), ("red", RED, 6)):
+        r = got[name]
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Batch-Images"] == "2"
+        want = pipe(prompt=f"a {name} fox", control_image=image, height=64, width=64, num_inference_steps=2,
+                    true_cfg_scale=1.0, controlnet_conditioning_scale=0.5,
+                    generator=torch.Generator().manual_seed(seed)).images[0]
+        img = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        assert np.abs(img.astype(np.int16) - np.asarray(want, np.int16)).max() <= 1
+
+
+def _b64png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

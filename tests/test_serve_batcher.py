@@ -102,9 +102,9 @@ def test_check_params_names_field_and_allowed_values():
 
     p = check(size="64x32", n=2, seed=5, negative_prompt=" ", num_inference_steps=3)
     assert (p.width, p.height, p.n, p.seed, p.cfg) == (64, 32, 2, 5, True)
-    # size, steps, CFG, member, strength, image group, adapter set, step-cache threshold
-    assert p.key == (64, 32, 3, True, "text-to-image", None, "", (), None)
-    assert check(size="64x32", step_cache=0.2).key[-1] == 0.2  # another threshold: another batch group
+    # size, steps, CFG, member, strength, image group, adapter set, step-cache threshold, ControlNet scale
+    assert p.key == (64, 32, 3, True, "text-to-image", None, "", (), None, None)
+    assert check(size="64x32", step_cache=0.2).key[-2] == 0.2  # another threshold: another batch group
     for kw, field in [({"size": "64"}, "size"), ({"size": "65x64"}, "size"), ({"size": "512x64"}, "size"),
                       ({"n": 0}, "n"), ({"n": 5}, "n"), ({"num_inference_steps": 51}, "num_inference_steps"),
                       ({"priority": 3}, "priority"), ({"timeout": 0.0}, "timeout"), ({"seed": -1}, "seed")]:
@@ -135,3 +135,24 @@ def test_take_where_removes_only_what_it_picks():
     taken = b.take_where(lambda it: it.payload["job"])
     assert taken == [items[0], items[2], items[4]] and len(b) == 2
     assert b.position(items[1]) == 0 and b.position(items[0]) is None
+
+
+def test_edit_requests_group_by_the_sizes_their_condition_images_resize_to():
+    """Edit requests co-batch when the pipelines resize their condition images to the same sizes (equal grids and
+    image tokens): grouping by aspect ratio, not by bytes or by size as sent."""
+    import io
+
+    from PIL import Image
+
+    from qwen_image_trt.serve.protocol import condition_layout
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    two = condition_layout([png(80, 48), png(64, 96)])
+    assert two == "1312x800,832x1248"  # diffusers' calculate_dimensions at 1024^2
+    assert condition_layout([png(160, 96), png(640, 960)]) == two  # same aspect ratios: same group
+    assert condition_layout([png(64, 96), png(80, 48)]) != two  # the order is the layout
+    assert condition_layout([png(80, 48)]) != two

@@ -138,6 +138,11 @@ def test_edits_refusals_at_the_door_and_on_other_endpoints(t2i_server):
     r = httpx.post(url + "/v1/images/edits", headers=AUTH, files={"image": ("r.png", _png(RED), "image/png")},
                    data={"prompt": "x", "colour": "red"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "colour"
+    # a ControlNet field on a server without one: refused by name, not ignored
+    r = httpx.post(url + "/v1/images/edits", headers=AUTH, files={"image": ("r.png", _png(RED), "image/png")},
+                   data={"prompt": "x", "controlnet_conditioning_scale": "0.5"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "controlnet_conditioning_scale", r.text
+    assert "ControlNet server" in r.json()["error"]["allowed"]
 
 
 def test_a_job_with_a_base64_image(t2i_server, twins):
@@ -155,24 +160,35 @@ def test_a_job_with_a_base64_image(t2i_server, twins):
 
 
 # -- an Edit-Plus (2511) server: several condition images through the official client -------------------------------
-@pytest.fixture(scope="module")
-def edit_plus_checkpoint(tmp_path_factory):
-    from qwen_image_trt.models.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("e2511") / "ckpt", pipeline="edit-2511")
+GREEN = Image.new("RGB", (160, 96), (20, 200, 30))  # RED's aspect ratio: resized to the same size
+GRAY = Image.new("RGB", (64, 96), (120, 120, 120))  # BLUE's
 
 
-def test_openai_client_edit_with_two_images_on_edit_plus(edit_plus_checkpoint, tmp_path):
+def test_openai_client_edits_with_two_images_on_edit_plus_co_batched(tiny_edit_2511, tmp_path):
+    """Edit-2511 on engines: the official client's images.edit with two condition images, and two concurrent
+    requests with their own images (resized to the same sizes) sharing one batch, each equal to its call alone."""
     from openai import OpenAI
 
     from qwen_image_trt import load_pipeline
 
-    server = Server(edit_plus_checkpoint, tmp_path / "jobs", devices="cpu")
+    root, engines = tiny_edit_2511
+    server = Server(root, tmp_path / "jobs", "--engines", str(engines), "--max-queue-delay-ms", "500",
+                    devices="cpu")
+    results = {}
     try:
-        client = OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=120)
-        res = client.images.edit(image=[("red.png", _png(RED), "image/png"), ("blue.png", _png(BLUE), "image/png")],
-                                 prompt="the cat wears a hat", n=2, size="64x64",
-                                 extra_body={"seed": 3, "negative_prompt": " "})
+        client = OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300)
+
+        def send(name, images, seed, n):
+            results[name] = client.images.with_raw_response.edit(
+                image=[(f"{k}.png", _png(im), "image/png") for k, im in enumerate(images)], prompt=f"the {name} cat",
+                n=n, size="64x64", extra_body={"seed": seed, "negative_prompt": " "})
+
+        threads = [threading.Thread(target=send, args=a) for a in (("red", (RED, BLUE), 3, 2),
+                                                                   ("green", (GREEN, GRAY), 8, 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         r = httpx.post(server.url + "/v1/images/generations", headers=AUTH, json={"prompt": "x"})
         assert r.status_code == 400 and "POST /v1/images/edits" in r.json()["error"]["message"]
         r = httpx.post(server.url + "/v1/images/edits", headers=AUTH, timeout=30, data={"prompt": "x"},
@@ -180,12 +196,16 @@ def test_openai_client_edit_with_two_images_on_edit_plus(edit_plus_checkpoint, t
         assert r.status_code == 400 and r.json()["error"]["allowed"] == "1 to 3 image(s) for edit-plus"
     finally:
         server.kill()
-    pipe = load_pipeline(edit_plus_checkpoint)
-    want = _twin(pipe, 3, n=2, prompt="the cat wears a hat", image=[RED, BLUE], negative_prompt=" ",
-                 true_cfg_scale=4.0, height=64, width=64, num_inference_steps=2)
-    assert len(res.data) == 2
-    for item, w in zip(res.data, want):
-        assert np.abs(_img(item) - w).max() <= 1
+    pipe = load_pipeline(root, engines=engines, backend="onnxruntime")
+    for name, images, seed, n in (("red", [RED, BLUE], 3, 2), ("green", [GREEN, GRAY], 8, 1)):
+        raw = results[name]
+        assert raw.headers["X-Batch-Images"] == "3"  # both requests' images in one batch
+        data = raw.parse().data
+        want = _twin(pipe, seed, n=n, prompt=f"the {name} cat", image=images, negative_prompt=" ",
+                     true_cfg_scale=4.0, height=64, width=64, num_inference_steps=2)
+        assert len(data) == n
+        for item, w in zip(data, want):
+            assert np.abs(_img(item) - w).max() <= 1
 
 
 def _without_vae_encoder(engines, out):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.shapes import (
+    CONDITION_AREA,
     DEFAULT_TEXT_BUCKET,
     Profile,
     check_shape_in_profile,
+    condition_dimensions,
     image_tokens,
     normalize_profile,
     padded_text_len,
@@ -38,20 +40,10 @@ QWEN_IMAGE_Z_DIM = 16
 # pixels at its own aspect ratio (diffusers' calculate_dimensions: sides rounded to multiples of 32) for the VAE,
 # and show the text encoder's vision tower the same image (Edit) or a ~384^2 view (Edit-Plus). Engines bound the
 # aspect ratio so the profile is finite; requests beyond it are refused by name (runtime.images).
-CONDITION_AREA = 1024 * 1024
 MAX_CONDITION_ASPECT = 4.0
 CONDITION_IMAGES = {"edit": 1, "edit-inpaint": 1, "edit-plus": 3}
 VISION_VIEW_AREA = {"edit": CONDITION_AREA, "edit-inpaint": CONDITION_AREA, "edit-plus": 384 * 384}
 VISION_TEMPLATE_TOKENS = 16  # "Picture N: <|vision_start|> ... <|vision_end|>" around each image's tokens
-
-
-def condition_dimensions(area: int, ratio: float) -> tuple[int, int]:
-    """(width, height) the edit pipelines resize an image of aspect `ratio` (width / height) to: diffusers'
-    calculate_dimensions, restated here so profiles stay pure arithmetic (a test pins the two together)."""
-    import math
-
-    width = math.sqrt(area * ratio)
-    return round(width / 32) * 32, round(width / ratio / 32) * 32
 
 
 def condition_bounds(kind: str, max_aspect: float = MAX_CONDITION_ASPECT, samples: int = 801) -> dict:

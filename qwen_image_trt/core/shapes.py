@@ -24,6 +24,18 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
+# The edit pipelines resize each condition image to ~1024^2 pixels at its own aspect ratio for the VAE.
+CONDITION_AREA = 1024 * 1024
+
+
+def condition_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """(width, height) the edit pipelines resize an image of aspect `ratio` (width / height) to: diffusers'
+    calculate_dimensions (sides rounded to multiples of 32), restated so shapes stay pure arithmetic (a test pins
+    the two together). The engine profiles and the server's batch grouping both read it."""
+    width = math.sqrt(area * ratio)
+    return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
 def parse_size(text, field: str = "size") -> tuple[int, int]:
     """'WxH' -> (width, height). Ranges are checked separately, against the engine's limits."""
     m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text) if isinstance(text, str) else None

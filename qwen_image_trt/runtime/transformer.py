@@ -40,6 +40,7 @@ class EngineTransformer(EngineModule):
         self._rope = RopeTables(config["axes_dims_rope"])
         self._text_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._modulate: dict[tuple, torch.Tensor] = {}
+        self.co_batcher = None  # runtime.co_batch: set while concurrent pipeline calls share this engine's calls
 
     @classmethod
     def from_record(cls, config: dict, record: dict):
@@ -89,6 +90,18 @@ class EngineTransformer(EngineModule):
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                 img_shapes=None, guidance=None, attention_kwargs=None, controlnet_block_samples=None,
                 additional_t_cond=None, return_dict: bool = True):
+        kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      encoder_hidden_states_mask=encoder_hidden_states_mask, timestep=timestep, img_shapes=img_shapes,
+                      guidance=guidance, attention_kwargs=attention_kwargs,
+                      controlnet_block_samples=controlnet_block_samples, additional_t_cond=additional_t_cond)
+        batcher = self.co_batcher
+        out = batcher.submit(kwargs) if batcher is not None else self.forward_tensor(**kwargs)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def forward_tensor(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                       timestep=None, img_shapes=None, guidance=None, attention_kwargs=None,
+                       controlnet_block_samples=None, additional_t_cond=None) -> torch.Tensor:
+        """The noise prediction for one (possibly co-batched) forward."""
         # What the graph does not take is refused by name: dropping it would be a silently wrong image.
         for name, value in (("guidance", guidance), ("additional_t_cond", additional_t_cond)):
             if value is not None:
@@ -98,15 +111,15 @@ class EngineTransformer(EngineModule):
         text, text_mask, text_len = self._padded_text(encoder_hidden_states, encoder_hidden_states_mask)
         if len(groups) == 1:  # the pipelines' case: every sample has the same grids
             (grids, _), = groups.items()
-            out = self._run(grids, hidden_states, text, text_mask, timestep, text_len, residuals)
-        else:  # samples with different condition grids but equal token counts: one call per grid layout
-            out = torch.empty(*hidden_states.shape[:2], self.runner_output_channels, dtype=hidden_states.dtype,
-                              device=hidden_states.device)
-            for grids, rows in groups.items():
-                idx = torch.tensor(rows, device=hidden_states.device)
-                out[idx] = self._run(grids, hidden_states[idx], text[idx], text_mask[idx], timestep[idx], text_len,
-                                     None if residuals is None else residuals[:, idx])
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+            return self._run(grids, hidden_states, text, text_mask, timestep, text_len, residuals)
+        # samples with different condition grids but equal token counts: one call per grid layout
+        out = torch.empty(*hidden_states.shape[:2], self.runner_output_channels, dtype=hidden_states.dtype,
+                          device=hidden_states.device)
+        for grids, rows in groups.items():
+            idx = torch.tensor(rows, device=hidden_states.device)
+            out[idx] = self._run(grids, hidden_states[idx], text[idx], text_mask[idx], timestep[idx], text_len,
+                                 None if residuals is None else residuals[:, idx])
+        return out
 
     def _controlnet_residuals(self, samples, hidden_states) -> torch.Tensor | None:
         """The ControlNet's per-block residuals as the graph's one input [blocks, batch, image_tokens, inner_dim]."""

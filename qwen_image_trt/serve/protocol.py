@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import io
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qwen_image_trt.core.errors import InputError
+from qwen_image_trt.core.shapes import CONDITION_AREA, condition_dimensions
 from qwen_image_trt.models.pipelines import IMAGE_MEMBERS
 from qwen_image_trt.runtime.images import ImageLimits, check_image_inputs
 from qwen_image_trt.runtime.limits import Limits, check_size
@@ -42,6 +43,7 @@ class ImageRequest(BaseModel):
     timeout: float | None = None
     lora: str | list[str] | None = None  # "name" or "name:scale", or a list: adapters from GET /v1/models
     step_cache: float | None = None  # threshold of runtime.step_cache; 0 turns the server's default off
+    controlnet_conditioning_scale: float | None = None  # ControlNet servers' edits: the residuals' weight (1.0)
     # accepted for OpenAI compatibility, no effect on this model
     model: str | None = None
     user: str | None = None
@@ -70,9 +72,10 @@ class GenParams:
     images: list[str] = field(default_factory=list)  # input images, base64 of the file as sent (checked)
     mask: str | None = None
     strength: float | None = None
-    group: str = ""  # edit members: the input images' digest (their pipelines take one prompt per call)
+    group: str = ""  # edit members: the condition images' resized sizes (requests that agree co-batch)
     loras: tuple = ()  # ((adapter name, scale), ...) sorted by name
     step_cache: float | None = None  # runtime.step_cache threshold; None: every step runs
+    control_scale: float | None = None  # ControlNet: controlnet_conditioning_scale (None: the pipeline's 1.0)
 
     def __post_init__(self):
         # A job read back from the job store comes through JSON, where tuples became lists: the batch key hashes it.
@@ -84,11 +87,12 @@ class GenParams:
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call: same size, steps, CFG on/off, member, strength and
-        adapter set and step-cache threshold; img2img and inpaint requests with different images batch (one image per
-        prompt). Within a batch each image's skip decisions stay its own (runtime.step_cache)."""
+        """Requests with equal keys share a batch: same size, steps, CFG on/off, member, strength, adapter set,
+        step-cache threshold and ControlNet scale; img2img, inpaint and ControlNet requests with different images share
+        one call (one image per prompt), edit requests whose condition images resize to the same sizes (`group`) share
+        each step's engine call. Within a batch each image's skip decisions stay its own (runtime.step_cache)."""
         return (self.width, self.height, self.steps, self.cfg, self.kind, self.strength, self.group, self.loras,
-                self.step_cache)
+                self.step_cache, self.control_scale)
 
 
 def check_text(name: str, text: str) -> None:
@@ -143,11 +147,39 @@ def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: fl
     else:
         check_image_inputs(kind, files, mask, req.strength, limits, max_aspect)  # decodes: bombs, truncation stop
     group = ""
-    if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint"):
-        group = hashlib.sha256(b"".join(hashlib.sha256(f).digest() for f in files + [mask or b""])).hexdigest()[:16]
+    if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint", "controlnet"):
+        group = condition_layout(files)
     return {"images": [base64.b64encode(f).decode() for f in files],
             "mask": base64.b64encode(mask).decode() if mask is not None else None,
             "strength": req.strength, "group": group}
+
+
+def condition_layout(files: list[bytes]) -> str:
+    """The sizes the edit pipelines resize these condition images to (diffusers' calculate_dimensions at ~1024^2,
+    by aspect ratio), e.g. "1024x1024,832x1248": requests that agree have equal image tokens and grids, so their
+    transformer forwards share one engine call (runtime.co_batch)."""
+    from PIL import Image
+
+    sizes = []
+    for f in files:
+        with Image.open(io.BytesIO(f)) as im:  # the header only: the file was checked and decoded above
+            w, h = condition_dimensions(CONDITION_AREA, im.width / im.height)
+        sizes.append(f"{w}x{h}")
+    return ",".join(sizes)
+
+
+def check_control_scale(value, kind: str) -> float | None:
+    if value is None:
+        return None
+    if kind != "controlnet":
+        raise InputError("controlnet_conditioning_scale", value, "only with a control image on a ControlNet server "
+                         f"(this request runs as {kind})")
+    if not 0 <= value <= CONTROL_SCALE_MAX:
+        raise InputError("controlnet_conditioning_scale", value, f"a number in [0, {CONTROL_SCALE_MAX:g}]")
+    return float(value)
+
+
+CONTROL_SCALE_MAX = 2.0  # diffusers sets no bound; above 2 the residuals swamp the base model's own features
 
 
 def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images, server_kind: str = "text-to-image",
@@ -192,6 +224,7 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
                   cfg.default_timeout_s if req.timeout is None else req.timeout, kind=kind,
                   loras=parse_lora_field(req.lora, cfg.max_loras),
                   step_cache=check_threshold(cfg.step_cache if req.step_cache is None else req.step_cache),
+                  control_scale=check_control_scale(req.controlnet_conditioning_scale, kind),
                   **(check_images(req, kind, cfg, limits.condition_aspect) if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:

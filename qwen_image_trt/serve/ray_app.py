@@ -285,9 +285,9 @@ class IngressHttp(BodyReader):
         item = {"request_id": request_id, "prompt": params.prompt, "negative_prompt": params.negative_prompt,
                 "n": params.n, "seed": params.seed, "true_cfg_scale": params.true_cfg_scale,
                 "images": params.images, "mask": params.mask, "key": list(params.key)}
-        # Edit members take one request per pipeline call: a key of its own keeps Ray's batch to one.
-        one_per_call = params.kind not in ("text-to-image", "img2img", "inpaint")
-        model_id = key_id(params.key) + (f"|{request_id}" if one_per_call else "")
+        # One batch key, one multiplexed id: Ray's batch then holds requests run_batch can run together (the edit
+        # members' requests co-batched per step, runtime.co_batch).
+        model_id = key_id(params.key)
         handle = denoiser.options(multiplexed_model_id=model_id)
         for attempt in range(cfg.max_retries + 1):
             try:

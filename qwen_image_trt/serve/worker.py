@@ -4,9 +4,11 @@ Messages to the parent: ("ready", pid), ("fatal", text), ("progress", batch_id, 
 ("done", batch_id, {request_id: [png bytes, ...]}, compute_s), ("failed", batch_id, kind, text), and ("heartbeat",)
 every `heartbeat_s` from a thread of its own, so a stopped or wedged process is told from a busy one.
 A batch is a list of dicts (request_id, prompt, negative_prompt, n, seed, true_cfg_scale, images, mask) sharing one
-key (width, height, steps, cfg, member, strength, group): text-to-image, img2img and inpaint batch across requests
-(one prompt and one input image per output image); the edit members take one prompt per call, so an edit batch is
-one request, its n images through num_images_per_prompt.
+key (width, height, steps, cfg, member, strength, group, ...): text-to-image, img2img, inpaint and ControlNet batch
+across requests in one pipeline call (one prompt, input image and control image per output image); the edit members
+take one prompt and its condition images per call, so each request of an edit batch runs its own call, its n images
+through num_images_per_prompt, and those calls share one engine call per step (runtime.co_batch); `group` (the
+condition images' resized sizes) makes them agree on image tokens.
 This is the only place the server touches torch or CUDA (spawned process, so CUDA starts here, not in the parent).
 """
 
@@ -170,74 +172,100 @@ def _decode(b64: str, mode: str = "RGB"):
 
 
 def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], conn, cancel) -> tuple[dict, float]:
-    """One pipeline call for the whole batch; one generator per image so each equals its unbatched twin."""
-    import torch
+    """One pipeline call for the whole batch (the edit members: one call per request, their transformer forwards
+    co-batched into one engine call per step); one generator per image so each equals its unbatched twin."""
+    from qwen_image_trt.runtime.co_batch import call_together
 
-    width, height, steps, cfg, kind, strength, _group, loras, step_cache = key
+    width, height, steps, cfg, kind, strength, _group, loras, step_cache, control_scale = key
     pipe = pipes.get(kind)
     pipes.adapters.activate(pipe, loras)  # before the fault check: a broken adapter fails its batch alone
     fault = os.environ.get(FAULT_PROMPT_ENV)
     if fault and any(fault in it["prompt"] for it in items):
         raise InjectedFault(f"injected fault: a prompt contains {fault!r} (${FAULT_PROMPT_ENV})")
-    prompts, negs, scales, gens, owners, images, masks = [], [], [], [], [], [], []
-    for it in items:
-        decoded = [_decode(b) for b in it.get("images") or []]
-        mask = _decode(it["mask"], "L") if it.get("mask") else None
-        for k in range(it["n"]):
-            prompts.append(it["prompt"])
-            negs.append(it["negative_prompt"])
-            scales.append(it["true_cfg_scale"])
-            gens.append(torch.Generator("cpu").manual_seed(it["seed"] + k))
-            owners.append(it["request_id"])
-            images.append(decoded)
-            masks.append(mask)
-
-    last_sent = [0.0]
+    progress, lock = [0, 0.0], threading.Lock()
     hang = os.environ.get(HANG_PROMPT_ENV)
     hang = bool(hang) and any(hang in it["prompt"] for it in items)
 
     def on_step(_pipe, i, _t, _kwargs):
         # Throttled: each message wakes the server's reader thread and event loop, which compete with
-        # the HTTP path for CPU; a person watching a job needs no more than ~20 updates a second.
+        # the HTTP path for CPU; a person watching a job needs no more than ~20 updates a second. Co-batched
+        # calls reach each step together: the first to get there reports it.
         while hang:  # the heartbeat thread goes on: only the stall watchdog can tell
             time.sleep(1)
-        now = time.monotonic()
-        if i + 1 == steps or now - last_sent[0] >= PROGRESS_INTERVAL_S:
-            conn.send(("progress", batch_id, i + 1, steps))
-            last_sent[0] = now
+        with lock:
+            now = time.monotonic()
+            if i + 1 > progress[0] and (i + 1 == steps or now - progress[1] >= PROGRESS_INTERVAL_S):
+                conn.send(("progress", batch_id, i + 1, steps))
+                progress[:] = [i + 1, now]
         if cancel.value == batch_id:
             raise BatchCancelled()
         return {}
 
-    kwargs = dict(prompt=prompts, height=height, width=width, num_inference_steps=steps, generator=gens,
-                  callback_on_step_end=on_step, step_cache=step_cache)
-    if cfg:
-        kwargs.update(negative_prompt=negs, true_cfg_scale=scales)
-    else:
-        kwargs.update(true_cfg_scale=1.0)
-    if kind in ("img2img", "inpaint"):  # one input image (and mask) per output image
-        kwargs["image"] = [im[0] for im in images]
-        if kind == "inpaint":
-            kwargs["mask_image"] = masks
-    elif kind == "controlnet":  # requests batch only with the same control image (the batch key's group)
-        kwargs["control_image"] = images[0][0]
-    elif kind != "text-to-image":  # edit members: one request per call, its images shared by its n outputs
-        if len(items) != 1:
-            raise ValueError(f"{kind} takes one request per pipeline call, got {len(items)}")
-        kwargs.update(prompt=prompts[0], num_images_per_prompt=len(prompts),
-                      image=images[0] if kind == "edit-plus" else images[0][0])
-        if cfg:
-            kwargs.update(negative_prompt=negs[0], true_cfg_scale=scales[0])
-        if kind == "edit-inpaint":
-            kwargs["mask_image"] = masks[0]
+    common = dict(height=height, width=width, num_inference_steps=steps, callback_on_step_end=on_step,
+                  step_cache=step_cache)
     if strength is not None:
-        kwargs["strength"] = strength
+        common["strength"] = strength
+    if control_scale is not None:
+        common["controlnet_conditioning_scale"] = control_scale
+    if kind in ("text-to-image", "img2img", "inpaint", "controlnet"):
+        calls, owners = [_one_call(kind, items, cfg, common)], [it["request_id"] for it in items for _ in range(it["n"])]
+    else:  # edit members: one prompt and its own condition images per call, so a call per request
+        calls = [_edit_call(kind, it, cfg, common) for it in items]
+        owners = [it["request_id"] for it in items for _ in range(it["n"])]
     t0 = time.perf_counter()
-    out = pipe(**kwargs).images
+    if step_cache is None:
+        outs, _ = call_together(pipe, calls)
+    else:  # the step cache keeps per-call state on the shared transformer: those calls run one after another
+        outs = [pipe(**kw) for kw in calls]
     compute_s = time.perf_counter() - t0
     results: dict = {it["request_id"]: [] for it in items}
-    for owner, image in zip(owners, out):
+    for owner, image in zip(owners, [im for out in outs for im in out.images]):
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
         results[owner].append(buf.getvalue())
     return results, compute_s
+
+
+def _generators(it: dict) -> list:
+    import torch
+
+    return [torch.Generator("cpu").manual_seed(it["seed"] + k) for k in range(it["n"])]
+
+
+def _one_call(kind: str, items: list[dict], cfg: bool, common: dict) -> dict:
+    """The kwargs of one pipeline call for every image of `items`: one prompt (and input image, mask, control image)
+    per output image."""
+    per_image = [(it, k) for it in items for k in range(it["n"])]
+    call = dict(common, prompt=[it["prompt"] for it, _ in per_image],
+                generator=[g for it in items for g in _generators(it)])
+    if cfg:
+        call.update(negative_prompt=[it["negative_prompt"] for it, _ in per_image],
+                    true_cfg_scale=[it["true_cfg_scale"] for it, _ in per_image])
+    else:
+        call["true_cfg_scale"] = 1.0
+    if kind != "text-to-image":
+        decoded = {it["request_id"]: _decode(it["images"][0]) for it in items}
+        images = [decoded[it["request_id"]] for it, _ in per_image]
+        if kind == "controlnet":  # one control image per output image (diffusers' ControlNet pipelines take a batch)
+            call["control_image"] = images
+        else:
+            call["image"] = images
+        if kind == "inpaint":
+            masks = {it["request_id"]: _decode(it["mask"], "L") for it in items}
+            call["mask_image"] = [masks[it["request_id"]] for it, _ in per_image]
+    return call
+
+
+def _edit_call(kind: str, it: dict, cfg: bool, common: dict) -> dict:
+    """The kwargs of one edit request's pipeline call: its prompt and condition images, its n images through
+    num_images_per_prompt."""
+    decoded = [_decode(b) for b in it["images"]]
+    call = dict(common, prompt=it["prompt"], num_images_per_prompt=it["n"], generator=_generators(it),
+                image=decoded if kind == "edit-plus" else decoded[0])
+    if cfg:
+        call.update(negative_prompt=it["negative_prompt"], true_cfg_scale=it["true_cfg_scale"])
+    else:
+        call["true_cfg_scale"] = 1.0
+    if kind == "edit-inpaint":
+        call["mask_image"] = _decode(it["mask"], "L")
+    return call
