@@ -170,3 +170,15 @@ def test_a_dropin_not_made_by_load_pipeline_cannot_be_saved(ort_pipe, tmp_path):
     loose = EngineTransformer(ort_pipe.transformer.runner, dict(ort_pipe.transformer.config))
     with pytest.raises(NotImplementedError, match="not made by load_pipeline"):
         loose.save_pretrained(tmp_path / "t")
+
+
+def test_several_prompts_with_num_images_per_prompt(ort_pipe, eager_pipe):
+    """The stock loop passes img_shapes with one entry per prompt while the latents hold prompts x
+    num_images_per_prompt rows (found by diffusers' own test_num_images_per_prompt, docs/diffusers-tests.md)."""
+    kw = dict(prompt=["a red cube", "a blue sphere"], num_images_per_prompt=2, height=32, width=32,
+              num_inference_steps=2, output_type="np", true_cfg_scale=1.0)
+    got = ort_pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    want = eager_pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert got.shape == want.shape == (4, 32, 32, 3)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got[0] - got[2]).max() > 1e-3  # the two prompts' images differ: rows not mixed up

@@ -168,6 +168,9 @@ def test_image_grid_groups_of_a_batch():
     # edit: the target then condition images; samples whose layouts differ (same token count) are grouped
     mixed = [[(1, 2, 2), (1, 2, 3)], [(1, 2, 2), (1, 3, 2)], [(1, 2, 2), (1, 2, 3)]]
     assert image_grid_groups(mixed, (3, 10)) == {((1, 2, 2), (1, 2, 3)): [0, 2], ((1, 2, 2), (1, 3, 2)): [1]}
+    # one entry per prompt for prompts x num_images_per_prompt rows (the stock pipelines' img_shapes), prompt-major
+    two = [[(1, 2, 2), (1, 2, 3)], [(1, 2, 2), (1, 3, 2)]]
+    assert image_grid_groups(two, (4, 10)) == {((1, 2, 2), (1, 2, 3)): [0, 1], ((1, 2, 2), (1, 3, 2)): [2, 3]}
 
 
 # -- the same forward as diffusers' own transformer ----------------------------------------------------------------

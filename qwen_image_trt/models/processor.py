@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import ProcessorMixin  # noqa: F401 - diffusers' loader finds a saved processor's base class by name here
 from transformers import Qwen2VLProcessor, Qwen3VLProcessor
 
 

@@ -186,8 +186,11 @@ def image_grid_groups(img_shapes, hidden_shape) -> dict[tuple, list[int]]:
     batch, image_tokens = int(hidden_shape[0]), int(hidden_shape[1])
     if not img_shapes:
         raise ValueError("img_shapes is required: [[(1, latent_h // 2, latent_w // 2), ...]] * batch")
-    if len(img_shapes) == 1 and batch > 1:
-        img_shapes = list(img_shapes) * batch
+    if len(img_shapes) != batch and batch % len(img_shapes) == 0:
+        # the stock pipelines pass one entry per prompt while hidden_states holds prompts x num_images_per_prompt
+        # rows (prompt-major, as diffusers repeats the latents)
+        per = batch // len(img_shapes)
+        img_shapes = [sample for sample in img_shapes for _ in range(per)]
     if len(img_shapes) != batch:
         raise ValueError(f"img_shapes has {len(img_shapes)} samples, hidden_states has {batch}")
     groups: dict[tuple, list[int]] = {}
