@@ -73,6 +73,7 @@ class Chaos:
         self.server = ServerProcess(cfg.checkpoint, args, log_path=Path(cfg.out) / "chaos_server.log")
         self.phase, self.t0, self.stop = "calm", 0.0, False
         self.background: list[asyncio.Task] = []
+        self.bad_inputs: list[asyncio.Task] = []  # the bad-input requests, awaited before the server is killed
 
     # ---- clients -------------------------------------------------------------------------------------------
     async def _send(self, c: httpx.AsyncClient, body: dict, path="/v1/images/generations"):
@@ -127,11 +128,12 @@ class Chaos:
             os.kill(w["pid"], signal.SIGKILL if kind == "worker_sigkill" else signal.SIGSTOP)
             return f"worker {w['index']} pid {w['pid']}"
         if kind == "bad_inputs":  # in the background: the schedule goes on while they are answered
-            self.background += [asyncio.create_task(self._bad(c, "poison", {"prompt": f"{POISON} {i}"}))
-                                for i in range(3)]
-            self.background += [asyncio.create_task(self._bad_raw(c, "surrogate", b'{"prompt": "\\ud800"}'))
+            self.bad_inputs = [asyncio.create_task(self._bad(c, "poison", {"prompt": f"{POISON} {i}"}))
+                               for i in range(3)]
+            self.bad_inputs += [asyncio.create_task(self._bad_raw(c, "surrogate", b'{"prompt": "\\ud800"}'))
                                 for _ in range(3)]
-            self.background.append(asyncio.create_task(self._bad_raw(c, "nested", b"[" * 20000)))
+            self.bad_inputs.append(asyncio.create_task(self._bad_raw(c, "nested", b"[" * 20000)))
+            self.background += self.bad_inputs
             return "3 poison, 3 surrogate, 1 nested"
         if kind == "wedge":
             self.background.append(asyncio.create_task(self._bad(c, "wedge", {"prompt": f"{HANG}", "timeout": 300})))
@@ -140,6 +142,11 @@ class Chaos:
             self.background += [asyncio.create_task(self._disconnect()) for _ in range(5)]
             return "5 clients gone mid-request"
         if kind == "server_sigkill":  # a burst of slower jobs first, so some are surely queued or running
+            # Bad inputs still in flight would lose their connection here, not get the answer they are counted for
+            # (a poison batch is retried alone before its 500: seconds on a loaded machine). Let them finish first.
+            pending = [t for t in self.bad_inputs if not t.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=120)
             burst = [await self._send(c, {"prompt": f"pending {i}", "size": "128x128", "num_inference_steps": 20,
                                           "seed": 9_000_000 + i, "timeout": 600}, "/v1/jobs") for i in range(10)]
             for r in burst:
