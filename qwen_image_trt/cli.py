@@ -49,12 +49,13 @@ def _add_core(sub) -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--real-width: weight dtype on disk "
                    "(bf16 like the real checkpoint)")
     p.add_argument("--pipeline", default="t2i",
-                   choices=("t2i", "edit", "edit-plus", "edit-2511", "controlnet", "qwen-image-2.1"),
+                   choices=("t2i", "edit", "edit-plus", "edit-2511", "controlnet", "qwen-image-2.1",
+                            "qwen-image-2.1-turbo"),
                    help="tiny checkpoint kind: the pipeline class its model_index.json names (edit kinds add a "
                    "Qwen2-VL processor; edit-2511 is Edit-Plus with zero_cond_t; controlnet adds a 2-block ControlNet; "
                    "qwen-image-2.1 is QwenImage21Pipeline: Qwen3-VL text encoder and processor, the 2.1 VAE, the "
-                   "block-causal transformer with causal_condition; eager diffusers only, not exported yet) "
-                   "(default: t2i)")
+                   "block-causal transformer with causal_condition; qwen-image-2.1-turbo the same with a 4-step "
+                   "sample_sigmas grid, which diffusers runs as its Turbo modular pipeline) (default: t2i)")
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("export", help="export transformer and VAE to ONNX, checked and run once in ONNX Runtime")
@@ -64,7 +65,8 @@ def _add_core(sub) -> None:
                    "fp32 (reference builds) | fp16 | bf16 (default: auto)")
     p.add_argument("--components", default=None, help="comma-separated subset of transformer, vae_decoder, "
                    "vae_encoder, transformer_controlnet (default: the first three, and transformer_controlnet when "
-                   "there is a ControlNet)")
+                   "there is a ControlNet); for a Qwen-Image-2.1 checkpoint of transformer_uncached, "
+                   "transformer_extract, transformer_cached, vae_decoder, vae_encoder (default: all)")
     p.add_argument("--controlnet", default=None, metavar="DIR", help="a QwenImageControlNetModel folder: also export "
                    "the transformer taking its residuals (default: the checkpoint's controlnet/ when it has one)")
     p.add_argument("--opset", type=int, default=None)
@@ -86,7 +88,7 @@ def _add_core(sub) -> None:
     p.add_argument("--pipeline", default=None, help="family member to run the checkpoint as (default: the one its "
                    "model_index.json names): text-to-image | img2img | inpaint for Qwen-Image, edit | edit-inpaint "
                    "for Qwen-Image-Edit, edit-plus for Edit-2509/2511, controlnet (with --controlnet or a checkpoint's "
-                   "controlnet/)")
+                   "controlnet/); qwen-image-2.1 | qwen-image-2.1-turbo (a checkpoint with sample_sigmas) for 2.1")
     p.add_argument("--control-image", default=None, metavar="PATH", help="the ControlNet's condition image "
                    "(controlnet member: canny, depth, pose... as the ControlNet was trained)")
     p.add_argument("--controlnet", default=None, metavar="DIR", help="QwenImageControlNetModel folder (default: the "
@@ -104,6 +106,9 @@ def _add_core(sub) -> None:
     p.add_argument("--step-cache", type=float, default=None, metavar="THRESHOLD", help="skip transformer calls "
                    "while the first block's modulated input changed less than THRESHOLD (relative L1, accumulated) "
                    "since the last computed step, reusing its output; 0.1-0.3 is the usual range (docs/performance.md)")
+    p.add_argument("--no-kv-cache", dest="kv_cache", action="store_false", help="Qwen-Image-2.1: run every step "
+                   "through the uncached pass (the stock use_kv_cache=False) instead of computing the prompt's and "
+                   "condition images' keys and values once")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("tiny-lora", help="write a random LoRA for a (tiny) checkpoint's transformer in a release "
@@ -202,10 +207,11 @@ def _cmd_tiny(a) -> int:
             print(tiny.make_real_width_checkpoint(a.out, num_layers=layers, seed=a.seed, dtype=a.dtype,
                                                   overwrite=a.overwrite))
         return 0
-    if a.pipeline == "qwen-image-2.1":
-        from qwen_image_trt.models.tiny21 import make_tiny_21_checkpoint
+    if a.pipeline.startswith("qwen-image-2.1"):
+        from qwen_image_trt.models.tiny21 import TURBO_SIGMAS, make_tiny_21_checkpoint
 
-        print(make_tiny_21_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite))
+        print(make_tiny_21_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite,
+                                      sample_sigmas=TURBO_SIGMAS if a.pipeline.endswith("turbo") else None))
         return 0
     print(tiny.make_tiny_checkpoint(a.out, seed=a.seed, overwrite=a.overwrite, pipeline=a.pipeline))
     return 0
@@ -249,7 +255,7 @@ def _cmd_generate(a) -> None:
                           device=a.device, true_cfg_scale=a.true_cfg_scale, trt_options=_trt_options(a),
                           image=a.image, mask=a.mask, strength=a.strength, pipeline=a.pipeline, loras=a.lora,
                           step_cache=a.step_cache, torch_options=a.torch_fast, control_image=a.control_image,
-                          controlnet=a.controlnet, controlnet_scale=a.controlnet_scale)
+                          controlnet=a.controlnet, controlnet_scale=a.controlnet_scale, kv_cache=a.kv_cache)
     print(path)
 
 

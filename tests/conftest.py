@@ -84,3 +84,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny21(tmp_path_factory):
+    """A tiny Qwen-Image-2.1 checkpoint and its fp32 export (the transformer's three passes, the 2.1 VAE's decoder
+    and encoder): (checkpoint, engines)."""
+    from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.tiny21 import make_tiny_21_checkpoint
+
+    root = make_tiny_21_checkpoint(tmp_path_factory.mktemp("q21") / "qwen-image-2.1-tiny")
+    engines = root.parent / "engines-fp32"
+    export_onnx(root, engines, precision="fp32", progress=False)
+    return root, engines

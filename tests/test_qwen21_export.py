@@ -15,7 +15,6 @@ from qwen_image_trt.models.transformer21_export import (
     Cached21,
     Extract21,
     Uncached21,
-    dynamic_axes,
     layout_21,
     sample_inputs_21,
     stock_cache_to_tensor,
@@ -25,8 +24,7 @@ from qwen_image_trt.models.transformer21_export import (
 TOL = 1e-5
 # (batch, text before/after the condition image, condition grid or None, target grid, padding of the last prompt)
 CASES = {"t2i": {"cond": None}, "edit": {"cond": (4, 4)}}
-# what the graphs are traced at (edit, batch 2) and run at besides
-TRACE = {"batch": 2, "text": (5, 7), "cond": (4, 4), "target": (4, 4), "pad": 3}
+# what the graphs are traced at (models.specs.TRACE_21: edit, batch 2) and run at besides
 OTHER = [
     # text-to-image, batch 3, a longer prompt, another target grid
     {"batch": 3, "text": (3, 9), "cond": None, "target": (4, 6), "pad": 4, "seed": 5},
@@ -41,10 +39,8 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from qwen_image_trt.models.tiny21 import make_tiny_21_checkpoint
-
-    return make_tiny_21_checkpoint(tmp_path_factory.mktemp("q21x") / "tiny21")
+def root(tiny21):
+    return tiny21[0]
 
 
 @pytest.fixture(scope="module")
@@ -156,21 +152,7 @@ def test_cached_equals_stock(transformer, name):
     assert _rel(_stock(tr, step, kv_cache=tensor_to_stock_cache(kv), kv_cache_mode="cached"), want) <= TOL
 
 
-# -- ONNX: exported once, run at other shapes --------------------------------------------------------------------
-def _export(module, args, path):
-    from torch.export import Dim
-
-    axes, dims, shapes = dynamic_axes(module.input_names), {}, []
-    for n in module.input_names:
-        shapes.append({a: dims.setdefault(label, Dim(label, min=1)) for a, label in axes.get(n, {}).items()} or None)
-    with torch.no_grad():
-        program = torch.onnx.export(module, tuple(args), input_names=module.input_names,
-                                    output_names=module.output_names, dynamic_shapes=tuple(shapes), opset_version=19,
-                                    dynamo=True, optimize=True, verbose=False)
-    program.save(str(path), external_data=True)
-    return path
-
-
+# -- ONNX: exported once (by `export_onnx`, the session's tiny21 fixture), run at other shapes -------------------
 def _graph_args(tr, graph, kw, lay):
     if graph == "uncached":
         return lay.uncached_inputs(kw["encoder_hidden_states"], kw["hidden_states"], kw["timestep"])
@@ -185,14 +167,13 @@ GRAPHS = {"uncached": Uncached21, "extract": Extract21, "cached": Cached21}
 
 
 @pytest.fixture(scope="module")
-def graphs(transformer, tmp_path_factory):
-    """The three graphs, traced once each at TRACE (edit layout, batch 2, padded prompt): {name: path}."""
-    out = tmp_path_factory.mktemp("q21x-onnx")
-    kw = sample_inputs_21(transformer.config, **TRACE)
-    lay = layout_21(kw["img_mask"], kw["img_shapes"], kw["encoder_hidden_states_mask"],
-                    transformer.config.axes_dims_rope)
-    return {graph: _export(cls(transformer), _graph_args(transformer, graph, kw, lay), out / f"{graph}.onnx")
-            for graph, cls in GRAPHS.items()}
+def graphs(tiny21):
+    """The three graphs `qitrt export` wrote for the checkpoint (traced at models.specs.TRACE_21: edit layout, batch 2,
+    a padded prompt): {name: path}, read from the manifest."""
+    from qwen_image_trt.compile.export import exported_file
+
+    _, engines = tiny21
+    return {graph: exported_file(engines, f"transformer_{graph}") for graph in GRAPHS}
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

@@ -161,6 +161,7 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
     from tqdm.auto import tqdm
 
     root = ckpt.validate_checkpoint(checkpoint)
+    ckpt.refuse_21(root, "calibration", "export, build --precision fp32|fp16|bf16, generate and parity take it")
     kind = pipeline_kind(root)
     if kind == "controlnet":  # its transformer_controlnet graph is not quantized (compile.stages refuses the build)
         raise InputError("checkpoint", str(root), "a text-to-image or edit checkpoint: ControlNet engines are not "

@@ -38,7 +38,7 @@ from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.lora import read_loras
 from qwen_image_trt.models.sampling import SamplingRecipe, load_recipe
 from qwen_image_trt.models.controlnet import controlnet_blocks, find_controlnet
-from qwen_image_trt.models.specs import DEFAULT_COMPONENTS, SPECS, ExportSpec, spec_for
+from qwen_image_trt.models.specs import SPECS, ExportSpec, components_for, default_components, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,18 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=None, o
     `controlnet`: a QwenImageControlNetModel folder (default: the checkpoint's controlnet/ when it has one); with
     one, `transformer_controlnet` (the transformer taking its residuals) is exported too, by default."""
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
-    net = find_controlnet(root, controlnet)
+    qwen21 = ckpt.is_qwen21(root)
+    if qwen21:
+        _check_21_options(root, loras, controlnet)
+    net = None if qwen21 else find_controlnet(root, controlnet)
     if components is None:
-        components = DEFAULT_COMPONENTS + (("transformer_controlnet",) if net else ())
+        components = default_components(qwen21) + (("transformer_controlnet",) if net else ())
     components = tuple(components)
-    unknown = [c for c in components if c not in SPECS]
+    allowed = components_for(qwen21)
+    unknown = [c for c in components if c not in allowed]
     if unknown:
-        raise InputError("components", unknown, f"a subset of {', '.join(SPECS)}")
+        raise InputError("components", unknown, f"a subset of {', '.join(allowed)} for a "
+                         f"{ckpt.pipeline_class(root)} checkpoint")
     if "transformer_controlnet" in components and net is None:
         raise InputError("controlnet", None, "a QwenImageControlNetModel folder to export transformer_controlnet "
                          "for (--controlnet, or a checkpoint with a controlnet/ subfolder)")
@@ -102,6 +107,8 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=None, o
     precision = resolve_precision(root, precision)
     merged = read_loras(root, loras)  # every adapter read and checked before anything is written
     recipe = sampling if sampling is None or isinstance(sampling, SamplingRecipe) else load_recipe(sampling)
+    if recipe is None and qwen21:
+        recipe = shipped_sigmas_recipe(root)  # a 2.1-Turbo checkpoint's own few-step grid
     out = _writable_folder(out_dir)
     identity = ckpt.checkpoint_identity(root)
     manifest = _load_or_new(out, root, identity, precision, opset)
@@ -126,6 +133,25 @@ def export_onnx(checkpoint, out_dir, precision: str = "auto", components=None, o
     if not todo:
         write_manifest(out, manifest)
     return manifest
+
+
+def _check_21_options(root: Path, loras, controlnet) -> None:
+    if loras:
+        raise InputError("loras", [str(x) for x in loras], f"none for {root} (a Qwen-Image-2.1 checkpoint): LoRA merging "
+                         "at export is modelled for the 2509 transformer only")
+    if controlnet is not None:
+        raise InputError("controlnet", str(controlnet), "none: Qwen-Image-2.1 has no ControlNet")
+
+
+def shipped_sigmas_recipe(root: Path) -> SamplingRecipe | None:
+    """The few-step recipe a 2.1-Turbo checkpoint ships (`sample_sigmas` in model_index.json: diffusers runs it as
+    QwenImage21TurboModularPipeline at exactly those sigmas), or None."""
+    import json
+
+    sigmas = json.loads((root / "model_index.json").read_text()).get("sample_sigmas")
+    if not sigmas:
+        return None
+    return SamplingRecipe("qwen-image-2.1-turbo", len(sigmas), 1.0, {}, sigmas=[float(x) for x in sigmas])
 
 
 def _writable_folder(out_dir) -> Path:

@@ -189,7 +189,8 @@ def limits_from_sizes(sizes, max_batch: int, kind: str = "text-to-image") -> dic
     tokens = [image_tokens(w, h) for w, h in sizes]
     limits = {"height": [min(hs), max(hs)], "width": [min(ws), max(ws)], "batch": [1, max_batch],
               "image_tokens": [min(tokens), max(tokens)]}
-    if kind in CONDITION_IMAGES:  # the profile covers condition images up to this aspect ratio (either way)
+    if kind in CONDITION_IMAGES or kind.startswith("qwen-image-2.1"):  # the profile covers condition images up to
+        # this aspect ratio (either way)
         limits["condition_aspect"] = MAX_CONDITION_ASPECT
     return limits
 

@@ -87,6 +87,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
         raise InputError("precision", precision, f"one of {', '.join(QUANT_PRECISIONS)} (bf16/fp16 need no "
                          "calibration: `qitrt export --precision bf16`)")
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
+    ckpt.refuse_21(root, "quantization")
     identity = ckpt.checkpoint_identity(root)
     calib = CalibrationSet(calibration)
     calib.check_checkpoint(identity)

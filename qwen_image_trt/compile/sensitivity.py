@@ -519,6 +519,7 @@ def run_sensitivity(checkpoint, precision: str, *, target_cosine: float | None =
     if eval_calls is not None and (isinstance(eval_calls, bool) or not isinstance(eval_calls, int) or eval_calls < 1):
         raise InputError("eval_calls", eval_calls, "an integer >= 1 (held-out forwards measured per graph)")
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
+    ckpt.refuse_21(root, "the sensitivity sweep")
     identity = ckpt.checkpoint_identity(root)
     num_blocks = int(ckpt.read_config(root, "transformer")["num_layers"])
     make_recipe(precision, num_blocks, overrides=_all_blocks())  # the recipe that quantizes every block part

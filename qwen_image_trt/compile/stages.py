@@ -27,6 +27,7 @@ from qwen_image_trt.compile.lint import lint_onnx
 from qwen_image_trt.compile.ort_engine import LEVELS, build_ort_engine, ort_engine_intact
 from qwen_image_trt.compile.plan import plan_build
 from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
+from qwen_image_trt.compile.profiles21 import component_profile_21
 from qwen_image_trt.compile.quantize import _require_modelopt, quantize_onnx
 from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
 from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
@@ -37,6 +38,7 @@ from qwen_image_trt.core.shapes import parse_sizes
 from qwen_image_trt.core.tensorrt import require_tensorrt
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.models.specs import default_components
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,12 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     identity = ckpt.checkpoint_identity(root)
     from qwen_image_trt.models.controlnet import find_controlnet
 
+    if ckpt.is_qwen21(root):
+        if o.precision in QUANTIZED:
+            ckpt.refuse_21(root, f"build --precision {o.precision} (calibration and quantization)",
+                           "build --precision fp32|fp16|bf16 takes it")
+        if o.components is None:
+            o.components = default_components(True)
     if o.components is None:
         o.components = COMPONENTS + (("transformer_controlnet",) if find_controlnet(root, o.controlnet) else ())
     if o.precision in QUANTIZED and "transformer_controlnet" in o.components:
@@ -325,7 +333,10 @@ def _tensorrt_engine(ctx: _Context, graphs_dir: Path, name: str, source: Compone
     if name == "transformer_controlnet":  # the residuals' block count is fixed in the graph
         cfg = {**cfg, "controlnet_blocks": source.source["controlnet_blocks"]}
     kind = pipeline_kind(ctx.root)  # edit members: condition images lengthen the sequences
-    profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg, kind=kind)
+    if ckpt.is_qwen21(ctx.root):
+        profiles = component_profile_21(name, ctx.sizes, o.max_batch, config=cfg)
+    else:
+        profiles = component_profile(name, ctx.sizes, o.max_batch, config=cfg, kind=kind)
     engine = build_tensorrt_engine(
         graphs_dir, source, ctx.out, name, profiles, precision=source.precision, recipe=ctx.recipe,
         timing_cache=Path(o.timing_cache) if o.timing_cache else ctx.out / "timing.cache", opt_level=o.opt_level,

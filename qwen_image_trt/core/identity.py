@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+                "tokenizer": "tokenizer_config.json", "processor": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
 SAMPLE_BYTES = 1 << 20
 
 

@@ -36,6 +36,13 @@ def condition_dimensions(area: int, ratio: float) -> tuple[int, int]:
     return round(width / 32) * 32, round(width / ratio / 32) * 32
 
 
+def condition_resolution(height: int, width: int) -> int:
+    """Qwen-Image-2.1 resizes each condition image to about output_resolution^2 pixels (stock default 1024, whatever
+    the output size). This project passes the output's own area, rounded to the pipeline's multiple of 32, so that a
+    small output is not conditioned on a 1 MP image (at 1024x1024 it is the stock default)."""
+    return max(32, round((height * width) ** 0.5 / 32) * 32)
+
+
 def parse_size(text, field: str = "size") -> tuple[int, int]:
     """'WxH' -> (width, height). Ranges are checked separately, against the engine's limits."""
     m = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text) if isinstance(text, str) else None
@@ -118,7 +125,7 @@ def check_shape_in_profile(name: str, shape: Iterable[int], profile: Profile) ->
                          "profile; rebuild with `qitrt build --sizes ... --max-batch ...` for other shapes)")
 
 
-__all__ = ["SIZE_MULTIPLE", "DEFAULT_SIZE_RANGE", "MAX_STEPS", "DEFAULT_TEXT_BUCKET", "Profile", "parse_size",
+__all__ = ["condition_resolution", "SIZE_MULTIPLE", "DEFAULT_SIZE_RANGE", "MAX_STEPS", "DEFAULT_TEXT_BUCKET", "Profile", "parse_size",
            "parse_sizes", "image_tokens", "padded_text_len", "profile_to_json", "profile_from_json",
            "normalize_profile", "check_shape_in_profile"]
 

@@ -23,10 +23,13 @@ from qwen_image_trt.core.identity import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
-                       "QwenImageControlNetPipeline")
-# Family checkpoints this project knows (`qitrt tiny` writes them) but whose export/engines/serving do not exist yet:
-# every stage refuses them by name instead of loading them into a Qwen-Image class they do not fit.
-KNOWN_PIPELINES = {"QwenImage21Pipeline": "Qwen-Image-2.1"}
+                       "QwenImageControlNetPipeline", "QwenImage21Pipeline")
+# Qwen-Image-2.1 (one pipeline for generation and editing, a single-stream transformer with a prefix KV cache, another
+# VAE): its own graphs (models.specs.COMPONENTS_21) and drop-ins (runtime.transformer21). The stages that do not take
+# it yet refuse it by name (`refuse_21`) instead of loading it into a 2509 class it does not fit.
+QWEN21_PIPELINES = ("QwenImage21Pipeline",)
+# Family checkpoints this project knows but no stage takes (none at present).
+KNOWN_PIPELINES: dict[str, str] = {}
 ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TINY_MARKER = "TINY_RANDOM_WEIGHTS.txt"
 # safetensors dtype names -> bytes per element and the precision name this project uses for them
@@ -49,6 +52,8 @@ def validate_checkpoint(path: str | os.PathLike, parts=ALL_PARTS) -> Path:
                               f"yet (supported: {', '.join(SUPPORTED_PIPELINES)}); diffusers' {cls} runs it eagerly")
     if cls not in SUPPORTED_PIPELINES:
         raise CheckpointError(f"{root} holds a {cls!r} checkpoint; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    if cls in QWEN21_PIPELINES:  # a Qwen3-VL processor (tokenizer inside) instead of a tokenizer folder
+        parts = tuple("processor" if p == "tokenizer" else p for p in parts)
     missing = [p for p in parts if not (root / p / CONFIG_FILES[p]).is_file()]
     if missing:
         raise CheckpointError(f"{root} is missing part(s) {', '.join(missing)} "
@@ -61,6 +66,18 @@ def validate_checkpoint(path: str | os.PathLike, parts=ALL_PARTS) -> Path:
 
 def pipeline_class(root: str | os.PathLike) -> str:
     return json.loads((Path(root) / "model_index.json").read_text()).get("_class_name")
+
+
+def is_qwen21(root: str | os.PathLike) -> bool:
+    """A Qwen-Image-2.1 checkpoint (also 2.1-Turbo: the same class with `sample_sigmas` in model_index.json)."""
+    return pipeline_class(root) in QWEN21_PIPELINES
+
+
+def refuse_21(root: str | os.PathLike, stage: str, instead: str = "") -> None:
+    """CheckpointError naming `stage` for a 2.1 checkpoint where that stage does not take 2.1 yet."""
+    if is_qwen21(root):
+        raise CheckpointError(f"{root} is a Qwen-Image-2.1 checkpoint ({pipeline_class(root)}): {stage} does not take "
+                              f"2.1 checkpoints yet{'; ' + instead if instead else ''}")
 
 
 def read_config(checkpoint: str | os.PathLike, part: str) -> dict:
@@ -118,20 +135,32 @@ def min_steps(checkpoint) -> int:
     return 2 if read_config(checkpoint, "scheduler").get("shift_terminal") else 1
 
 
+# The class of each part by checkpoint family: 2.1 has its own transformer and VAE.
+_PART_CLASSES = {"transformer": ("QwenImageTransformer2DModel", "QwenImage21Transformer2DModel"),
+                 "vae": ("AutoencoderKLQwenImage", "AutoencoderKLQwenImage21")}
+
+
+def part_class(checkpoint, part: str):
+    """The diffusers class of a checkpoint's transformer or VAE (by family, not by trusting model_index.json)."""
+    import diffusers
+
+    return getattr(diffusers, _PART_CLASSES[part][1 if is_qwen21(checkpoint) else 0])
+
+
 def load_transformer(checkpoint, dtype=None):
     import torch
-    from diffusers import QwenImageTransformer2DModel
 
-    return QwenImageTransformer2DModel.from_pretrained(
+    return part_class(checkpoint, "transformer").from_pretrained(
         checkpoint, subfolder="transformer", torch_dtype=dtype or torch.float32).eval()
 
 
 def load_vae(checkpoint, dtype=None):
     import torch
-    from diffusers import AutoencoderKLQwenImage
 
-    return AutoencoderKLQwenImage.from_pretrained(checkpoint, subfolder="vae", torch_dtype=dtype or torch.float32).eval()
+    return part_class(checkpoint, "vae").from_pretrained(checkpoint, subfolder="vae",
+                                                         torch_dtype=dtype or torch.float32).eval()
 
 
 __all__ = ["validate_checkpoint", "read_config", "checkpoint_identity", "pipeline_class", "is_tiny", "weights_info",
-           "WeightsInfo", "min_steps", "load_transformer", "load_vae", "SUPPORTED_PIPELINES", "KNOWN_PIPELINES"]
+           "WeightsInfo", "min_steps", "load_transformer", "load_vae", "part_class", "is_qwen21", "refuse_21", "SUPPORTED_PIPELINES", "KNOWN_PIPELINES",
+           "QWEN21_PIPELINES"]

@@ -22,6 +22,9 @@ FAMILY = {
     "edit-inpaint": "QwenImageEditInpaintPipeline",
     "edit-plus": "QwenImageEditPlusPipeline",
     "controlnet": "QwenImageControlNetPipeline",
+    "qwen-image-2.1": "QwenImage21Pipeline",
+    # 2.1-Turbo: diffusers' modular pipeline for a 2.1 checkpoint that ships `sample_sigmas` (runtime.pipeline21)
+    "qwen-image-2.1-turbo": "QwenImage21TurboModularPipeline",
 }
 # checkpoint class (model_index.json) -> the members its weights run, its own first
 MEMBERS = {
@@ -29,9 +32,12 @@ MEMBERS = {
     "QwenImageControlNetPipeline": ("controlnet", "text-to-image", "img2img", "inpaint"),
     "QwenImageEditPipeline": ("edit", "edit-inpaint"),
     "QwenImageEditPlusPipeline": ("edit-plus",),
+    "QwenImage21Pipeline": ("qwen-image-2.1", "qwen-image-2.1-turbo"),
 }
+# Qwen-Image-2.1's members: one pipeline generates (no image) and edits (`image=`, one or more condition images).
+QWEN21_MEMBERS = ("qwen-image-2.1", "qwen-image-2.1-turbo")
 # Members whose call takes images, and which of those also take a mask.
-IMAGE_MEMBERS = ("img2img", "inpaint", "edit", "edit-inpaint", "edit-plus", "controlnet")
+IMAGE_MEMBERS = ("img2img", "inpaint", "edit", "edit-inpaint", "edit-plus", "controlnet", *QWEN21_MEMBERS)
 MASK_MEMBERS = ("inpaint", "edit-inpaint")
 
 
@@ -42,10 +48,21 @@ def pipeline_kind(checkpoint, pipeline: str | None = None) -> str:
     if members is None:
         raise InputError("checkpoint", str(checkpoint), f"a checkpoint of {', '.join(MEMBERS)} (it holds {cls})")
     if pipeline is None:
-        return members[0]
+        return "qwen-image-2.1-turbo" if cls == "QwenImage21Pipeline" and shipped_sigmas(checkpoint) else members[0]
     if pipeline not in members:
         raise InputError("pipeline", pipeline, f"one of {', '.join(members)} for a {cls} checkpoint")
+    if pipeline == "qwen-image-2.1-turbo" and not shipped_sigmas(checkpoint):
+        raise InputError("pipeline", pipeline, f"qwen-image-2.1 for {checkpoint}: the Turbo pipeline needs a checkpoint "
+                         "whose model_index.json ships its few-step grid (sample_sigmas)")
     return pipeline
+
+
+def shipped_sigmas(checkpoint) -> list[float] | None:
+    """A 2.1-Turbo checkpoint's few-step sigma grid (model_index.json `sample_sigmas`), or None."""
+    import json
+
+    sigmas = json.loads((Path(checkpoint) / "model_index.json").read_text()).get("sample_sigmas")
+    return [float(x) for x in sigmas] if sigmas else None
 
 
 def uses_processor(kind: str) -> bool:
@@ -56,7 +73,7 @@ def uses_processor(kind: str) -> bool:
 def stock_class(kind: str):
     import diffusers
 
-    return getattr(diffusers, FAMILY[kind])
+    return getattr(diffusers, FAMILY["qwen-image-2.1" if kind == "qwen-image-2.1-turbo" else kind])
 
 
 def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-image",
@@ -69,6 +86,8 @@ def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     root = Path(root)
+    if kind in QWEN21_MEMBERS:
+        return _eager_parts_21(root, device, dtype, text_encoder)
     encoder = None
     if text_encoder:
         encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder",
@@ -93,6 +112,23 @@ def load_eager_parts(root: Path, device="cpu", dtype=None, kind: str = "text-to-
     return parts
 
 
+def _eager_parts_21(root: Path, device, dtype, text_encoder: bool) -> dict:
+    """Qwen-Image-2.1: a Qwen3-VL text encoder and its processor (the tokenizer inside), the scheduler, and the
+    checkpoint's shipped sigma grid (None but for Turbo)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qwen_image_trt.models.processor import load_qwen3vl_processor
+
+    encoder = None
+    if text_encoder:
+        encoder = Qwen3VLForConditionalGeneration.from_pretrained(root / "text_encoder",
+                                                                  dtype=dtype or torch.float32).eval().to(device)
+    return {"scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"), "text_encoder": encoder,
+            "processor": load_qwen3vl_processor(root / "processor"), "sample_sigmas": shipped_sigmas(root)}
+
+
 def load_stock_pipeline(checkpoint, device="cpu", dtype=None, pipeline: str | None = None, controlnet=None):
     """diffusers' own pipeline class for the checkpoint (or `pipeline`) with eager modules: nothing of this project
     in the denoising loop."""
@@ -108,5 +144,5 @@ def load_stock_pipeline(checkpoint, device="cpu", dtype=None, pipeline: str | No
     return pipe
 
 
-__all__ = ["FAMILY", "MEMBERS", "IMAGE_MEMBERS", "MASK_MEMBERS", "pipeline_kind", "uses_processor", "stock_class",
+__all__ = ["FAMILY", "MEMBERS", "QWEN21_MEMBERS", "shipped_sigmas", "IMAGE_MEMBERS", "MASK_MEMBERS", "pipeline_kind", "uses_processor", "stock_class",
            "load_eager_parts", "load_stock_pipeline"]

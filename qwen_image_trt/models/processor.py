@@ -71,7 +71,8 @@ def load_qwen3vl_processor(folder: str | Path):
     folder = Path(folder)
     try:
         return Qwen3VLProcessor.from_pretrained(folder)
-    except ImportError:  # torchvision missing: the video processor, which Qwen-Image-2.1 never uses
+    except (ImportError, OSError):  # torchvision missing, or a folder an image-only processor saved (no
+        # video_preprocessor_config.json): the video processor, which Qwen-Image-2.1 never uses
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return ImageOnlyQwen3VLProcessor(image_processor=image_processor_class().from_pretrained(folder),
                                          tokenizer=tokenizer, chat_template=tokenizer.chat_template)

@@ -39,15 +39,19 @@ class SamplingRecipe:
     steps: int
     true_cfg_scale: float = 1.0
     scheduler: dict = field(default_factory=dict)  # FlowMatchEulerDiscreteScheduler config fields to set
+    sigmas: list[float] | None = None  # a fixed sigma grid (2.1-Turbo's `sample_sigmas`): steps == len(sigmas)
 
     def record(self) -> dict:
-        return {"name": self.name, "steps": self.steps, "true_cfg_scale": self.true_cfg_scale,
-                "scheduler": dict(self.scheduler)}
+        out = {"name": self.name, "steps": self.steps, "true_cfg_scale": self.true_cfg_scale,
+               "scheduler": dict(self.scheduler)}
+        if self.sigmas is not None:
+            out["sigmas"] = list(self.sigmas)
+        return out
 
     @classmethod
     def from_record(cls, record: dict | None) -> "SamplingRecipe | None":
         return None if not record else cls(record["name"], int(record["steps"]), float(record["true_cfg_scale"]),
-                                           dict(record["scheduler"]))
+                                           dict(record["scheduler"]), sigmas=record.get("sigmas"))
 
     def scheduler_for(self, scheduler):
         """A scheduler of `scheduler`'s class with this recipe's fields over its config."""

@@ -156,8 +156,15 @@ def build_transformer(seed: int, **overrides):
     return transformer
 
 
-def make_tiny_21_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny Qwen-Image-2.1 checkpoint (diffusers layout, QwenImage21Pipeline) and return its path."""
+# A few-step grid for the tiny 2.1-Turbo checkpoint (the real Turbo ships its own in model_index.json).
+TURBO_SIGMAS = [1.0, 0.75, 0.5, 0.25]
+
+
+def make_tiny_21_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
+                            sample_sigmas: list[float] | None = None) -> Path:
+    """Write a tiny Qwen-Image-2.1 checkpoint (diffusers layout, QwenImage21Pipeline) and return its path.
+    `sample_sigmas`: a 2.1-Turbo checkpoint (the grid in model_index.json: diffusers runs it as
+    QwenImage21TurboModularPipeline)."""
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler
 
     out = _empty_folder(out_dir, overwrite)
@@ -168,14 +175,15 @@ def make_tiny_21_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool 
     torch.manual_seed(seed + 2)
     AutoencoderKLQwenImage21(**VAE_CONFIG).eval().save_pretrained(out / "vae")
     FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    _write_model_index(out)
+    _write_model_index(out, sample_sigmas)
+    kind = "qwen-image-2.1-turbo" if sample_sigmas else "qwen-image-2.1"
     (out / TINY_MARKER).write_text(
-        f"Random weights (seed {seed}, kind qwen-image-2.1) made by qwen_image_trt.models.tiny21 for tests. "
+        f"Random weights (seed {seed}, kind {kind}) made by qwen_image_trt.models.tiny21 for tests. "
         "Not a trained model.\n")
     return out
 
 
-def _write_model_index(out: Path) -> None:
+def _write_model_index(out: Path, sample_sigmas=None) -> None:
     import diffusers
 
     index = {
@@ -186,7 +194,7 @@ def _write_model_index(out: Path) -> None:
         "text_encoder": ["transformers", "Qwen3VLForConditionalGeneration"],
         "transformer": ["diffusers", "QwenImage21Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKLQwenImage21"],
-        "sample_sigmas": None,
+        "sample_sigmas": list(sample_sigmas) if sample_sigmas else None,
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

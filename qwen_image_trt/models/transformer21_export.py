@@ -294,10 +294,12 @@ class _Base21(nn.Module):
         temb = m.time_text_embed(timestep.to(self.compute_dtype), m.img_in.weight)
         return temb, m.modulation(temb)
 
-    def _prefix_tokens(self, encoder_hidden_states, hidden_states, prefix_index):
-        """The prefix's joint hidden states: txt_in(text) and img_in(latents) gathered into joint order."""
+    def _prefix_tokens(self, encoder_hidden_states, hidden_states, prefix_index, images=None):
+        """The prefix's joint hidden states: txt_in(text) and img_in(latents) gathered into joint order. `images`:
+        img_in(hidden_states) when the caller has it (each Linear appears once in a graph: weights are named by it)."""
         m, dtype = self.transformer, self.compute_dtype
-        rows = torch.cat([m.txt_in(encoder_hidden_states.to(dtype)), m.img_in(hidden_states.to(dtype))], dim=1)
+        images = m.img_in(hidden_states.to(dtype)) if images is None else images
+        rows = torch.cat([m.txt_in(encoder_hidden_states.to(dtype)), images], dim=1)
         return rows.index_select(1, prefix_index)
 
     def _out(self, h, temb):
@@ -329,10 +331,11 @@ class Uncached21(_Base21):
         m, dtype = self.transformer, self.compute_dtype
         n_target = target_rope_cos.shape[0]
         n_prefix = prefix_index.shape[0]
-        prefix = self._prefix_tokens(encoder_hidden_states, hidden_states, prefix_index)
+        images = m.img_in(hidden_states.to(dtype))
+        prefix = self._prefix_tokens(encoder_hidden_states, hidden_states, prefix_index, images)
         # the last T rows as a gather: a slice from the symbolic start Ni - T would leave the exporter an unbacked size
         last = torch.arange(n_target, device=hidden_states.device) + (hidden_states.shape[1] - n_target)
-        target = m.img_in(hidden_states.index_select(1, last).to(dtype))
+        target = images.index_select(1, last)
         h = torch.cat([prefix, target], dim=1)
         # the stock B + 1 rows: the real timesteps, then t = 0 for the prefix
         temb, mod = self._modulation(torch.cat([timestep, timestep.new_zeros(1)], dim=0))
@@ -435,25 +438,73 @@ class OrtGraph21:
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
-class GraphTransformer21(nn.Module):
-    """Stands in for QwenImage21Transformer2DModel inside diffusers' QwenImage21Pipeline: the stock forward's
-    signature (img_shapes, img_mask, encoder_hidden_states_mask, kv_cache, kv_cache_mode) on top of three callables
-    with the graphs' signatures (`Uncached21`/`Extract21`/`Cached21` modules, or `OrtGraph21` sessions).
+class StockForward21:
+    """The stock QwenImage21Transformer2DModel.forward signature (img_shapes, img_mask, encoder_hidden_states_mask,
+    kv_cache, kv_cache_mode) over three passes with the graphs' signatures, `_uncached`, `_extract`, `_cached` (each
+    takes the graph's inputs positionally and returns its one output). Mixed into `GraphTransformer21` (torch
+    wrappers or ONNX Runtime sessions) and the engine drop-in (runtime.transformer21, runners).
 
-    kv_cache=None          -> `uncached`;
-    kv_cache_mode="extract" -> `extract` (prefix K/V, kept on the pipeline's QwenImage21KVCache) then `cached` at this
-                              step (equal to the stock extract forward's target tokens);
-    kv_cache_mode="cached"  -> `cached` on the kept K/V.
+    kv_cache=None          -> uncached;
+    kv_cache_mode="extract" -> extract (prefix K/V, kept stacked on the pipeline's QwenImage21KVCache) then cached at
+                              this step (equal to the stock extract forward's target tokens);
+    kv_cache_mode="cached"  -> cached on the kept K/V.
     Returns the target's tokens only, (B, T, C), where the stock returns the whole joint sequence for the first two:
     the pipeline keeps `noise_pred[:, -T:]` either way.
     """
 
+    def cache_context(self, name: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def layout(self, img_mask, img_shapes, encoder_hidden_states_mask, batch: int) -> Layout21:
+        return layout_21(img_mask, img_shapes, encoder_hidden_states_mask, self.config["axes_dims_rope"], batch=batch)
+
+    def noise_pred(self, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
+                   encoder_hidden_states_mask=None, attention_kwargs=None, kv_cache=None, kv_cache_mode=None):
+        if attention_kwargs and attention_kwargs.get("scale", 1.0) != 1.0:
+            raise NotImplementedError("a LoRA scale at run time is not modelled by the exported graphs")
+        if kv_cache is not None and kv_cache_mode not in ("extract", "cached"):
+            raise ValueError(f"kv_cache_mode must be 'extract' or 'cached' when kv_cache is provided, "
+                             f"got {kv_cache_mode!r}.")
+        if kv_cache is None and kv_cache_mode is not None:
+            raise ValueError(f"kv_cache_mode is {kv_cache_mode!r} but no kv_cache was passed to hold the prefix.")
+        lay = self.layout(img_mask, img_shapes, encoder_hidden_states_mask, hidden_states.shape[0])
+        if kv_cache is None:
+            out = self._uncached(*lay.uncached_inputs(encoder_hidden_states, hidden_states, timestep))
+        else:
+            if kv_cache_mode == "extract":
+                kv = self._extract(*lay.prefix_inputs(encoder_hidden_states, hidden_states))
+                kv_cache.prefix_kv = kv  # stacked, for the next steps (no re-stacking per step)
+                for layer, layer_kv in zip(kv_cache.layer_caches, kv):  # views, for readers of the stock layout
+                    layer.store(layer_kv[0], layer_kv[1])
+            kv = getattr(kv_cache, "prefix_kv", None)
+            if kv is None:
+                kv = stock_cache_to_tensor(kv_cache)
+            out = self._cached(*lay.cached_inputs(hidden_states, kv, timestep))
+        return out.to(hidden_states.dtype)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
+                encoder_hidden_states_mask=None, attention_kwargs=None, kv_cache=None, kv_cache_mode=None,
+                return_dict: bool = True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        out = self.noise_pred(hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
+                              encoder_hidden_states_mask, attention_kwargs, kv_cache, kv_cache_mode)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+class GraphTransformer21(StockForward21, nn.Module):
+    """Stands in for QwenImage21Transformer2DModel inside diffusers' QwenImage21Pipeline (`StockForward21`) on top of
+    three callables with the graphs' signatures (`Uncached21`/`Extract21`/`Cached21` modules, or `OrtGraph21`
+    sessions)."""
+
     def __init__(self, config, uncached, extract, cached, device="cpu", dtype=torch.float32):
-        super().__init__()
+        nn.Module.__init__(self)
         self.config = config
         # read by DiffusionPipeline.device / .dtype / _execution_device (ModelMixin has them, nn.Module does not)
         self._device, self._dtype = torch.device(device), dtype
-        self.uncached, self.extract, self.cached = uncached, extract, cached
+        self._uncached, self._extract, self._cached = uncached, extract, cached
         # the pipeline sizes its QwenImage21KVCache with len(transformer.transformer_blocks)
         self.transformer_blocks = range(int(config["num_layers"]))
 
@@ -470,40 +521,6 @@ class GraphTransformer21(nn.Module):
         """Torch-backed: the three wrappers around `transformer`'s own weights."""
         return cls(transformer.config, Uncached21(transformer), Extract21(transformer), Cached21(transformer),
                    device=transformer.device, dtype=transformer.dtype)
-
-    def cache_context(self, name: str):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def forward(self, hidden_states, encoder_hidden_states, timestep, img_shapes, img_mask,
-                encoder_hidden_states_mask=None, attention_kwargs=None, kv_cache=None, kv_cache_mode=None,
-                return_dict: bool = True):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        if attention_kwargs and attention_kwargs.get("scale", 1.0) != 1.0:
-            raise NotImplementedError("a LoRA scale at run time is not modelled by the exported graphs")
-        if kv_cache is not None and kv_cache_mode not in ("extract", "cached"):
-            raise ValueError(f"kv_cache_mode must be 'extract' or 'cached' when kv_cache is provided, "
-                             f"got {kv_cache_mode!r}.")
-        if kv_cache is None and kv_cache_mode is not None:
-            raise ValueError(f"kv_cache_mode is {kv_cache_mode!r} but no kv_cache was passed to hold the prefix.")
-        lay = layout_21(img_mask, img_shapes, encoder_hidden_states_mask, self.config["axes_dims_rope"],
-                        batch=hidden_states.shape[0])
-        if kv_cache is None:
-            out = self.uncached(*lay.uncached_inputs(encoder_hidden_states, hidden_states, timestep))
-        else:
-            if kv_cache_mode == "extract":
-                kv = self.extract(*lay.prefix_inputs(encoder_hidden_states, hidden_states))
-                kv_cache.prefix_kv = kv  # stacked, for the next steps (no re-stacking per step)
-                for layer, layer_kv in zip(kv_cache.layer_caches, kv):  # views, for readers of the stock layout
-                    layer.store(layer_kv[0], layer_kv[1])
-            kv = getattr(kv_cache, "prefix_kv", None)
-            if kv is None:
-                kv = stock_cache_to_tensor(kv_cache)
-            out = self.cached(*lay.cached_inputs(hidden_states, kv, timestep))
-        out = out.to(hidden_states.dtype)
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 def sample_inputs_21(config, batch: int = 2, text=(5, 7), cond=(4, 4), target=(4, 4), pad: int = 3, seed: int = 0):
@@ -539,6 +556,7 @@ __all__ = [
     "GraphTransformer21",
     "Layout21",
     "OrtGraph21",
+    "StockForward21",
     "Uncached21",
     "block_causal_bias",
     "dynamic_axes",

@@ -48,8 +48,11 @@ def write_html(data: dict, out: Path) -> Path:
     images = ""
     for r in data["images"]:
         f = r["files"]
-        images += (f"<h3>{html.escape(r['prompt'])} <small>(negative: {html.escape(r['negative_prompt'])!s}, "
-                   f"seed {r['seed']}, {r['size'][0]}x{r['size'][1]})</small></h3>"
+        extra = "".join(f", {label}" for label, on in (
+            (f"{len(r.get('input_images') or [])} condition image(s)", r.get("input_images")),
+            (f"prefix KV cache {'on' if r.get('kv_cache') else 'off'}", "kv_cache" in r)) if on)
+        images += (f"<h3>{html.escape(r['prompt'])} <small>(negative: {html.escape(str(r['negative_prompt']))}, "
+                   f"seed {r['seed']}, {r['size'][0]}x{r['size'][1]}{extra})</small></h3>"
                    f"<p>{psnr_text(r['psnr_db'])}, SSIM {r['ssim']:.4f}, max |diff| {r['max_abs_levels']} levels</p>"
                    "<div class=row>"
                    + "".join(f"<figure><img src='{f[k]}'><figcaption>{cap}</figcaption></figure>"

@@ -19,11 +19,12 @@ from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.core.shapes import parse_size as _size, torch_dtype
-from qwen_image_trt.models.checkpoint import checkpoint_identity, read_config, validate_checkpoint
+from qwen_image_trt.models.checkpoint import checkpoint_identity, is_qwen21, read_config, validate_checkpoint
 from qwen_image_trt.models.condition_images import sample_image_inputs
 from qwen_image_trt.models.lora import recorded_loras
 from qwen_image_trt.models.sampling import SamplingRecipe
-from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.models.pipelines import pipeline_kind, shipped_sigmas
+from qwen_image_trt.runtime.transformer21 import COMPONENTS as COMPONENTS_21
 from qwen_image_trt.models.specs import SPECS, spec_for
 from qwen_image_trt.parity import metrics
 from qwen_image_trt.parity.gates import Gates, apply_gates, gates_for
@@ -118,6 +119,13 @@ def _validate(cfg: ParityConfig) -> tuple[dict, Gates]:
     if None in cfg.step_cache:
         raise InputError("step_cache", 0, "thresholds > 0: the uncached run is always measured")
     root = validate_checkpoint(cfg.checkpoint)
+    if is_qwen21(root):
+        if cfg.step_cache:
+            raise InputError("step_cache", cfg.step_cache, "none for Qwen-Image-2.1 (its prefix KV cache is compared "
+                             "instead: every image is made with and without it)")
+        for w, h in [*cfg.sizes, cfg.image_size]:
+            check_size("width", w, (32, 4096), 32)
+            check_size("height", h, (32, 4096), 32)
     if not Path(cfg.engines).is_dir():
         raise InputError("engines", str(cfg.engines), "an existing engine folder")
     manifest = read_manifest(cfg.engines)
@@ -161,20 +169,29 @@ def run_parity(cfg: ParityConfig) -> ParityReport:
     return ParityReport(data, write_html(data, cfg.out))
 
 
+def _forward_cases(cfg: ParityConfig, component: str) -> list[dict]:
+    if component == "transformer":
+        return [dict(batch=b, grid=(h // 16, w // 16), text_len=t)
+                for b in cfg.batches for (w, h) in cfg.sizes for t in cfg.text_lens]
+    if component.startswith("transformer_"):  # Qwen-Image-2.1's passes: with and without a condition image (the
+        # output's grid), prompts split around it, the last one padded where the batch has several
+        return [dict(batch=b, target=(h // 16, w // 16), text=(max(1, t // 2), max(1, t - t // 2)),
+                     cond=(h // 16, w // 16) if i % 2 else None, pad=min(2, t - 1) if b > 1 else 0)
+                for b in cfg.batches for (w, h) in cfg.sizes for i, t in enumerate(cfg.text_lens)]
+    return [dict(batch=b, height=h, width=w) for b in cfg.batches for (w, h) in cfg.sizes]
+
+
 def _per_forward(cfg: ParityConfig, saved: dict, loras=()) -> list[dict]:
     rows = []
-    for component in ("transformer", "vae_decoder"):
+    qwen21 = is_qwen21(cfg.checkpoint)
+    for component in (*COMPONENTS_21, "vae_decoder") if qwen21 else ("transformer", "vae_decoder"):
         config = read_config(cfg.checkpoint, SPECS[component].part)
         spec = spec_for(component, config)
         ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
                           precision=cfg.reference_dtype, loras=loras)
         got = make_runner(cfg.backend, component, engines_dir=cfg.engines, device=cfg.device,
                           trt_options=cfg.trt_options)
-        if component == "transformer":
-            cases = [dict(batch=b, grid=(h // 16, w // 16), text_len=t)
-                     for b in cfg.batches for (w, h) in cfg.sizes for t in cfg.text_lens]
-        else:
-            cases = [dict(batch=b, height=h, width=w) for b in cfg.batches for (w, h) in cfg.sizes]
+        cases = _forward_cases(cfg, component)
         with ref, got:
             for i, case in enumerate(tqdm(cases, desc=f"parity {component}", disable=not cfg.progress)):
                 args = spec.sample_inputs(config, **case, seed=cfg.seed + i)
@@ -192,8 +209,11 @@ def _per_forward(cfg: ParityConfig, saved: dict, loras=()) -> list[dict]:
 def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) -> tuple[list, list, list]:
     from PIL import Image
 
+    qwen21 = is_qwen21(cfg.checkpoint)
+    # 2.1 (and 2.1-Turbo, whose shipped sigma grid the stock QwenImage21Pipeline runs as well): diffusers' own class
+    member = "qwen-image-2.1" if qwen21 else None
     eager = load_pipeline(cfg.checkpoint, backend="torch", batch_cfg=False, device=cfg.device,
-                          dtype=torch_dtype(cfg.reference_dtype))  # the stock two-call loop
+                          dtype=torch_dtype(cfg.reference_dtype), pipeline=member)  # the stock two-call loop
     if loras:  # diffusers' own LoRA path (PEFT layers): the reference for adapters merged at build
         names = [f"lora{i}" for i in range(len(loras))]
         for name, spec in zip(names, loras):
@@ -202,12 +222,18 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
     if recipe is not None:  # the engine pipeline has it from its manifest; the reference runs the same schedule
         recipe.apply(eager)
     engine = load_pipeline(cfg.checkpoint, engines=cfg.engines, backend=cfg.backend, device=cfg.device,
-                           trt_options=cfg.trt_options)
+                           trt_options=cfg.trt_options, pipeline=member)
     width, height = cfg.image_size
     steps, images, cached = [], [], []
-    kind = pipeline_kind(cfg.checkpoint)
-    for k, (prompt, negative) in enumerate(tqdm(PROMPTS, desc="parity images", disable=not cfg.progress)):
-        inputs = sample_image_inputs(kind, seed=cfg.seed + k)  # edit members: shipped condition images
+    kind = pipeline_kind(cfg.checkpoint, member)
+    turbo = qwen21 and shipped_sigmas(cfg.checkpoint) is not None
+    edits = "vae_encoder" in read_manifest(cfg.engines).components
+    for r, (k, (prompt, negative), extra) in enumerate(_image_runs(qwen21, cfg, edits, tqdm(
+            PROMPTS, desc="parity images", disable=not cfg.progress))):
+        # edit members: shipped condition images (2.1: `_image_runs` says which runs edit)
+        inputs = extra if qwen21 else sample_image_inputs(kind, seed=cfg.seed + k)
+        if turbo:  # Turbo runs without guidance at its own steps
+            negative = None
         runs = {}
         for name, pipe in (("eager", eager), ("engine", engine)):
             latents = []
@@ -217,9 +243,10 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
                 return {}
 
             start = time.perf_counter()
-            img = pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, height=height, width=width,
-                       num_inference_steps=cfg.steps, generator=torch.Generator().manual_seed(cfg.seed + k),
-                       output_type="np", callback_on_step_end=keep, **inputs).images[0]
+            img = pipe(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0 if negative else 1.0,
+                       height=height, width=width, num_inference_steps=cfg.steps,
+                       generator=torch.Generator().manual_seed(cfg.seed + k), output_type="np",
+                       callback_on_step_end=keep, **inputs).images[0]
             runs[name] = ((img * 255).round().clip(0, 255).astype(np.uint8), latents, time.perf_counter() - start)
         (ref_img, ref_lat, _), (got_img, got_lat, engine_s) = runs["eager"], runs["engine"]
         for threshold in cfg.step_cache:  # steps skipped against image quality, each threshold vs eager uncached
@@ -234,19 +261,40 @@ def _per_step_and_images(cfg: ParityConfig, saved: dict, loras=(), recipe=None) 
                            "seconds": round(seconds, 4), "uncached_seconds": round(engine_s, 4),
                            "speedup": round(engine_s / seconds, 3)})
         for i, (a, b) in enumerate(zip(ref_lat, got_lat)):
-            key = f"step.{k}.{i}"
+            key = f"step.{r}.{i}"
             saved[f"{key}.eager"], saved[f"{key}.engine"] = a, b
-            steps.append({"prompt": k, "step": i, "key": key, **metrics.tensor_metrics(a, b)})
+            steps.append({"prompt": k, "step": i, "key": key, **metrics.tensor_metrics(a, b),
+                          **({"kv_cache": inputs["use_kv_cache"]} if "use_kv_cache" in inputs else {})})
         files = {}
         for name, arr in (("eager", ref_img), ("engine", got_img), ("diff", metrics.diff_image(ref_img, got_img))):
-            files[name] = f"prompt{k}_{name}.png"
+            files[name] = f"prompt{r}_{name}.png"
             Image.fromarray(arr).save(cfg.out / files[name])
         images.append({"prompt": prompt, "negative_prompt": negative, "seed": cfg.seed + k, "size": [width, height],
                        "pipeline": kind, "input_images": [list(im.size) for im in _as_list(inputs.get("image"))],
+                       **({"kv_cache": inputs["use_kv_cache"]} if "use_kv_cache" in inputs else {}),
                        "psnr_db": metrics.psnr(ref_img, got_img), "ssim": metrics.ssim(ref_img, got_img),
                        "max_abs_levels": int(np.abs(ref_img.astype(int) - got_img.astype(int)).max()),
                        "files": files})
     return steps, images, cached
+
+
+def _image_runs(qwen21: bool, cfg: ParityConfig, edits: bool, prompts):
+    """(prompt index, (prompt, negative), extra pipeline kwargs) per image compared. Qwen-Image-2.1: each prompt
+    with the prefix KV cache and without (the stock `use_kv_cache`), the second with a condition image (editing)
+    where the folder has a vae_encoder (`edits`)."""
+    for k, pair in enumerate(prompts):
+        if not qwen21:
+            yield k, pair, {}
+            continue
+        edit = {}
+        if k % 2 and edits:
+            from qwen_image_trt.models.condition_images import condition_image
+            from qwen_image_trt.core.shapes import condition_resolution
+
+            edit = {"image": condition_image(cfg.seed + k),
+                    "output_resolution": condition_resolution(cfg.image_size[1], cfg.image_size[0])}
+        for cache in (True, False):
+            yield k, pair, {**edit, "use_kv_cache": cache}
 
 
 def _as_list(image) -> list:

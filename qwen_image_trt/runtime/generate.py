@@ -10,7 +10,8 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.models.lora import LoraSpec
 from qwen_image_trt.core.manifest import try_read_manifest
 from qwen_image_trt.models.checkpoint import generation_defaults, validate_checkpoint
-from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.core.shapes import condition_resolution
+from qwen_image_trt.models.pipelines import QWEN21_MEMBERS, pipeline_kind
 from qwen_image_trt.runtime.backends import check_backend
 from qwen_image_trt.runtime.images import check_image_inputs
 from qwen_image_trt.runtime.limits import check_request, request_limits
@@ -36,7 +37,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
                    device="cpu", true_cfg_scale: float = 4.0, pipe=None, trt_options: dict | None = None,
                    image=None, mask=None, strength: float | None = None, pipeline: str | None = None,
                    loras=(), step_cache: float | None = None, torch_options=None, control_image=None,
-                   controlnet=None, controlnet_scale: float | None = None) -> Path:
+                   controlnet=None, controlnet_scale: float | None = None, kv_cache: bool = True) -> Path:
     """One PNG. Size and steps default to what the engine folder was built for and the checkpoint recommends.
 
     `image` (one, or a list of 1-3 for Edit-Plus), `mask` and `strength` go to the members that take them: the
@@ -44,7 +45,7 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     `loras` ("PATH[:SCALE]" or LoraSpec) are loaded into the pipeline with diffusers' API (engines: weights swapped
     by name) and set active together with their scales. `step_cache` is the threshold of runtime.step_cache.
     `control_image`, `controlnet` (folder; default the checkpoint's controlnet/) and `controlnet_scale` are the
-    controlnet member's."""
+    controlnet member's. `kv_cache=False`: Qwen-Image-2.1 without its prefix KV cache (`use_kv_cache=False`)."""
     check_backend(backend)
     validate_checkpoint(checkpoint)
     kind = pipeline_kind(checkpoint, pipeline)
@@ -57,6 +58,12 @@ def generate_image(checkpoint, out, *, prompt: str, negative_prompt=None, seed: 
     step_cache = check_threshold(step_cache)
     image_kwargs = check_image_inputs(kind, image, mask, strength, max_aspect=limits.condition_aspect,
                                       control_image=control_image, controlnet_scale=controlnet_scale)
+    if kind in QWEN21_MEMBERS and image_kwargs.get("image"):
+        image_kwargs["output_resolution"] = condition_resolution(height, width)
+    if not kv_cache:
+        if kind not in QWEN21_MEMBERS:
+            raise InputError("kv_cache", kv_cache, f"on for {kind}: only Qwen-Image-2.1 has a prefix KV cache")
+        image_kwargs["use_kv_cache"] = False
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError("out", str(out), "a .png file path")

@@ -16,7 +16,9 @@ from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.models.pipelines import IMAGE_MEMBERS, MASK_MEMBERS
 
 # Edit-Plus takes 1-3 condition images (Qwen's model card); every other image member exactly one.
-MAX_IMAGES = {"edit-plus": 3}
+MAX_IMAGES = {"edit-plus": 3, "qwen-image-2.1": 3, "qwen-image-2.1-turbo": 3}
+# Members that take condition images but also run without one (2.1: no image generates, images edit).
+OPTIONAL_IMAGES = ("qwen-image-2.1", "qwen-image-2.1-turbo")
 STRENGTH_MEMBERS = ("img2img", "inpaint", "edit-inpaint")
 
 
@@ -77,18 +79,22 @@ def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits:
                                  "(pick one with --pipeline / pipeline=)")
         return {}
     most = MAX_IMAGES.get(kind, 1)
+    if kind in OPTIONAL_IMAGES and not images:
+        return _no_mask_or_strength(kind, mask, strength)
     if not 1 <= len(images) <= most:
         raise InputError("image", f"{len(images)} image(s)", f"{'1' if most == 1 else f'1 to {most}'} image(s) "
                          f"for {kind}")
     names = [f"image[{i}]" if most > 1 else "image" for i in range(len(images))]
     decoded = [decode_image(im, name, limits) for name, im in zip(names, images)]
-    if max_aspect is not None and kind.startswith("edit"):
+    if max_aspect is not None and (kind.startswith("edit") or kind in OPTIONAL_IMAGES):
         for name, im in zip(names, decoded):
             w, h = im.size
             if max(w / h, h / w) > max_aspect:
                 raise InputError(name, f"{w}x{h}", f"an aspect ratio within 1:{max_aspect:g} and {max_aspect:g}:1 "
                                  "(the engine profile's condition-image range)")
-    kwargs = {"image": decoded if kind == "edit-plus" else decoded[0]}
+    kwargs = {"image": decoded if most > 1 else decoded[0]}
+    if kind in OPTIONAL_IMAGES:
+        return {**kwargs, **_no_mask_or_strength(kind, mask, strength)}
     if kind in MASK_MEMBERS:
         if mask is None:
             raise InputError("mask", None, f"a mask image for {kind} (white = repaint)")
@@ -105,6 +111,13 @@ def check_image_inputs(kind: str, images=None, mask=None, strength=None, limits:
             raise InputError("strength", strength, "a number in (0, 1]")
         kwargs["strength"] = float(strength)
     return kwargs
+
+
+def _no_mask_or_strength(kind, mask, strength) -> dict:
+    for field, given in (("mask", mask), ("strength", strength)):
+        if given is not None:
+            raise InputError(field, "given", f"no {field} for {kind} (its condition images go in as image)")
+    return {}
 
 
 def _controlnet_inputs(kind, images, mask, strength, control_image, scale, limits):

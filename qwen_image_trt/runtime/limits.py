@@ -12,7 +12,7 @@ from pathlib import Path
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.core.shapes import DEFAULT_SIZE_RANGE, MAX_STEPS, SIZE_MULTIPLE
-from qwen_image_trt.models.checkpoint import min_steps
+from qwen_image_trt.models.checkpoint import is_qwen21, min_steps
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class Limits:
     image_tokens: tuple[int, int] = (1, (DEFAULT_SIZE_RANGE[1] // SIZE_MULTIPLE) ** 2)
     # Edit engines: condition images' aspect ratio (width/height or its inverse) the profile covers; None: any.
     condition_aspect: float | None = None
+    # Sides are multiples of this: 16 (2509: x8 VAE, 2x2 patches), 32 for Qwen-Image-2.1 (x16 VAE, 2x2 groups per
+    # vision-language slot).
+    size_multiple: int = SIZE_MULTIPLE
 
     @classmethod
     def from_json(cls, raw: dict | None) -> "Limits":
@@ -40,10 +43,11 @@ class Limits:
         return cls.from_json(manifest.limits if manifest is not None else None)
 
 
-def check_size(field: str, value, bounds: tuple[int, int]) -> int:
+def check_size(field: str, value, bounds: tuple[int, int], multiple: int = SIZE_MULTIPLE) -> int:
     lo, hi = bounds
-    if isinstance(value, bool) or not isinstance(value, int) or value % SIZE_MULTIPLE or not lo <= value <= hi:
-        raise InputError(field, value, f"a multiple of {SIZE_MULTIPLE} in [{lo}, {hi}]")
+    lo = -(-lo // multiple) * multiple
+    if isinstance(value, bool) or not isinstance(value, int) or value % multiple or not lo <= value <= hi:
+        raise InputError(field, value, f"a multiple of {multiple} in [{lo}, {hi}]")
     return value
 
 
@@ -54,8 +58,8 @@ def check_request(prompt, height: int, width: int, steps: int, limits: Limits = 
         raise InputError("prompt", prompt, "a non-empty string")
     if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
         raise InputError("negative_prompt", negative_prompt, "a string (use ' ' for an empty one)")
-    check_size("height", height, limits.height)
-    check_size("width", width, limits.width)
+    check_size("height", height, limits.height, limits.size_multiple)
+    check_size("width", width, limits.width, limits.size_multiple)
     tokens = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
     lo, hi = limits.image_tokens
     if not lo <= tokens <= hi:
@@ -78,6 +82,8 @@ def request_limits(engines=None, checkpoint=None) -> Limits:
         limits = Limits.from_manifest(read_manifest(engines))
     if checkpoint is not None and min_steps(checkpoint) > limits.steps[0]:
         limits = replace(limits, steps=(min_steps(checkpoint), limits.steps[1]))
+    if checkpoint is not None and is_qwen21(checkpoint):
+        limits = replace(limits, size_multiple=32)
     return limits
 
 

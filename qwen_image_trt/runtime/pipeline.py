@@ -246,6 +246,17 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     root = ckpt.validate_checkpoint(checkpoint)
     kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
+    if ckpt.is_qwen21(root):
+        for name, value in (("torch_options", TorchOptions.parse(torch_options).any),
+                            ("embedding_cache_bytes", embedding_cache_bytes),
+                            ("controlnet", controlnet), ("text_bucket", text_bucket)):
+            if value:
+                raise InputError(name, value, "none for a Qwen-Image-2.1 checkpoint (not modelled for 2.1)")
+        from qwen_image_trt.runtime.pipeline21 import load_pipeline_21
+
+        return load_pipeline_21(root, kind, engines=engines, backend=backend, device=device, dtype=dtype,
+                                providers=providers, threads=threads, trt_options=trt_options, progress=progress,
+                                text_encoder=text_encoder)
     fast = check_torch_options(TorchOptions.parse(torch_options), device)
     if fast.any and backend != "torch":
         raise InputError("torch_options", torch_options, f"only with backend torch ({backend} engines are already "
@@ -312,6 +323,10 @@ def _load_saved(folder, pipeline, dtype, batch_cfg, progress, text_encoder, embe
     _, record = read_saved(root / "transformer")
     kind = pipeline_kind(root, pipeline)
     dtype = dtype or torch.float32
+    if ckpt.is_qwen21(root):
+        from qwen_image_trt.runtime.pipeline21 import load_saved_21
+
+        return load_saved_21(root, kind, record, dtype, progress, text_encoder)
     transformer = EngineTransformer.from_pretrained(root / "transformer", torch_dtype=dtype)
     vae = EngineVAE.from_pretrained(root / "vae", torch_dtype=dtype)
     device = record["device"]
@@ -342,6 +357,9 @@ def engine_pipeline_class(kind: str) -> type:
         def __call__(self, *args, batch_cfg: bool | None = None, step_cache: float | None = None, **kwargs):
             if batch_cfg:
                 raise InputError("batch_cfg", batch_cfg, f"False or None for {kind}: batched CFG is text-to-image only")
+            if step_cache and kind.startswith("qwen-image-2.1"):
+                raise InputError("step_cache", step_cache, "none for Qwen-Image-2.1 (its prefix KV cache already "
+                                 "skips the text and condition images after the first step)")
             return _cached(self, step_cache, lambda: base.__call__(self, *args, **kwargs))
 
         _with_batch_cfg(__call__, base.__call__)  # help() shows the stock call

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from qwen_image_trt.core.errors import InputError
 from qwen_image_trt.core.manifest import check_engines_match, read_manifest
 from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models.pipelines import pipeline_kind
+from qwen_image_trt.models.pipelines import QWEN21_MEMBERS, pipeline_kind
 from qwen_image_trt.runtime.limits import Limits, request_limits
 from qwen_image_trt.serve.adapters import AdapterCatalog, UnknownAdapter
 from qwen_image_trt.serve.bodies import BodyReader, _Refused
@@ -54,13 +54,19 @@ def check_start(cfg: ServerConfig) -> None:
     a checkpoint that is not one, an engine folder built from another checkpoint, an edit checkpoint's folder
     without the VAE encoder its every request needs."""
     root = ckpt.validate_checkpoint(cfg.checkpoint)
+    if ckpt.is_qwen21(root) and cfg.role != "all":
+        ckpt.refuse_21(root, f"qitrt serve --role {cfg.role}", "serve it with --role all")
     if cfg.engines:
         if not Path(cfg.engines).is_dir():
             raise InputError("engines", cfg.engines, "an existing engine folder made by `qitrt export`/`qitrt build`")
         manifest = read_manifest(cfg.engines)
         check_engines_match(manifest, ckpt.checkpoint_identity(root), cfg.engines)
         kind = pipeline_kind(root)
-        if kind != "text-to-image" and "vae_encoder" not in manifest.components and cfg.role != "denoiser":
+        if kind in QWEN21_MEMBERS:
+            missing = [c for c in ("transformer_uncached", "transformer_extract", "transformer_cached", "vae_decoder") if c not in manifest.components]
+            if missing:
+                raise InputError("engines", cfg.engines, f"a Qwen-Image-2.1 engine folder with {', '.join(missing)}")
+        elif kind != "text-to-image" and "vae_encoder" not in manifest.components and cfg.role != "denoiser":
             raise InputError("engines", cfg.engines, f"a folder with a vae_encoder graph: the {kind} pipeline encodes "
                              "its input images (export with --components transformer,vae_decoder,vae_encoder)")
 

@@ -165,6 +165,7 @@ def load_batching_profile(cfg: ServerConfig) -> BatchingLimits:
                          f"({kind}); measure these devices with `qitrt bench batching --device ...`")
 
     root = ckpt.validate_checkpoint(cfg.checkpoint)
+    ckpt.refuse_21(root, "the batching profile")
     theirs = (data.get("checkpoint") or {}).get("identity") if isinstance(data.get("checkpoint"), dict) else None
     ours = ckpt.checkpoint_identity(root)
     if theirs != ours:

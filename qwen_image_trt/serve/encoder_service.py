@@ -77,6 +77,7 @@ class EncoderService:
         from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
 
         root = ckpt.validate_checkpoint(self.cfg.checkpoint, parts=("text_encoder", "vae"))
+        ckpt.refuse_21(root, "the encoder service")
         device = self.cfg.device_list()[0]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
             self.cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)

@@ -13,8 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.core.shapes import CONDITION_AREA, condition_dimensions
-from qwen_image_trt.models.pipelines import IMAGE_MEMBERS
+from qwen_image_trt.core.shapes import CONDITION_AREA, condition_dimensions, condition_resolution
+from qwen_image_trt.models.pipelines import IMAGE_MEMBERS, QWEN21_MEMBERS
 from qwen_image_trt.runtime.images import ImageLimits, check_image_inputs
 from qwen_image_trt.runtime.limits import Limits, check_size
 from qwen_image_trt.runtime.limits import check_threshold
@@ -112,6 +112,8 @@ def request_kind(server_kind: str, edit: bool, has_mask: bool) -> str:
     endpoint runs the ControlNet."""
     if server_kind == "controlnet":
         return "controlnet" if edit else "text-to-image"
+    if server_kind in QWEN21_MEMBERS:  # one pipeline generates (no image) and edits (1-3 images, no mask)
+        return server_kind
     if not edit:
         if server_kind != "text-to-image":
             raise InputError("image", None, f"one or more input images: this server runs the {server_kind} model "
@@ -133,8 +135,10 @@ def _b64(field_name: str, text: str, max_bytes: int) -> bytes:
         raise InputError(field_name, f"<{len(text)} characters>", "base64 of a PNG, JPEG or WebP file") from None
 
 
-def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: float | None = None) -> dict:
-    """Decode (bounded) and check the request's images for `kind`; {images, mask, strength, group} for GenParams."""
+def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: float | None = None,
+                 condition_area: int = CONDITION_AREA) -> dict:
+    """Decode (bounded) and check the request's images for `kind`; {images, mask, strength, group} for GenParams.
+    `condition_area`: the pixels each condition image is resized to (Qwen-Image-2.1: the output's area)."""
     raw = req.image if isinstance(req.image, list) else [] if req.image is None else [req.image]
     names = [f"image[{i}]" if len(raw) > 1 else "image" for i in range(len(raw))]
     files = [_b64(n, t, cfg.max_image_bytes) for n, t in zip(names, raw)]
@@ -148,13 +152,13 @@ def check_images(req: ImageRequest, kind: str, cfg: ServerConfig, max_aspect: fl
         check_image_inputs(kind, files, mask, req.strength, limits, max_aspect)  # decodes: bombs, truncation stop
     group = ""
     if kind in IMAGE_MEMBERS and kind not in ("img2img", "inpaint", "controlnet"):
-        group = condition_layout(files)
+        group = condition_layout(files, condition_area)
     return {"images": [base64.b64encode(f).decode() for f in files],
             "mask": base64.b64encode(mask).decode() if mask is not None else None,
             "strength": req.strength, "group": group}
 
 
-def condition_layout(files: list[bytes]) -> str:
+def condition_layout(files: list[bytes], area: int = CONDITION_AREA) -> str:
     """The sizes the edit pipelines resize these condition images to (diffusers' calculate_dimensions at ~1024^2,
     by aspect ratio), e.g. "1024x1024,832x1248": requests that agree have equal image tokens and grids, so their
     transformer forwards share one engine call (runtime.co_batch)."""
@@ -163,7 +167,7 @@ def condition_layout(files: list[bytes]) -> str:
     sizes = []
     for f in files:
         with Image.open(io.BytesIO(f)) as im:  # the header only: the file was checked and decoded above
-            w, h = condition_dimensions(CONDITION_AREA, im.width / im.height)
+            w, h = condition_dimensions(area, im.width / im.height)
         sizes.append(f"{w}x{h}")
     return ",".join(sizes)
 
@@ -182,6 +186,14 @@ def check_control_scale(value, kind: str) -> float | None:
 CONTROL_SCALE_MAX = 2.0  # diffusers sets no bound; above 2 the residuals swamp the base model's own features
 
 
+def _condition_area(kind: str, width: int, height: int) -> int:
+    """The area the pipeline resizes condition images to: ~1024^2 for the edit members; Qwen-Image-2.1 is given
+    the output's own (core.shapes.condition_resolution, as `qitrt generate` does)."""
+    if kind in QWEN21_MEMBERS:
+        return condition_resolution(height, width) ** 2
+    return CONDITION_AREA
+
+
 def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_images, server_kind: str = "text-to-image",
                  edit: bool | None = None) -> GenParams:
     """Range checks of a well-typed request; raises InputError naming the field and the allowed values.
@@ -197,8 +209,8 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
             raise InputError(name, f"<{len(text)} characters>", f"at most {cfg.max_prompt_chars} characters")
     width, height = parse_size(req.size or cfg.default_size)
     try:
-        check_size("width", width, limits.width)
-        check_size("height", height, limits.height)
+        check_size("width", width, limits.width, limits.size_multiple)
+        check_size("height", height, limits.height, limits.size_multiple)
     except InputError as e:
         raise InputError("size", req.size, f"'WxH' with {e.field} {e.allowed}") from None
     lo, hi = limits.image_tokens
@@ -225,7 +237,8 @@ def check_params(req: ImageRequest, cfg: ServerConfig, limits: Limits, max_image
                   loras=parse_lora_field(req.lora, cfg.max_loras),
                   step_cache=check_threshold(cfg.step_cache if req.step_cache is None else req.step_cache),
                   control_scale=check_control_scale(req.controlnet_conditioning_scale, kind),
-                  **(check_images(req, kind, cfg, limits.condition_aspect) if edit else {}))
+                  **(check_images(req, kind, cfg, limits.condition_aspect, _condition_area(kind, width, height))
+                     if edit else {}))
     top = min(cfg.max_n, max_images(p.cfg))
     if not 1 <= p.n <= top:
         raise InputError("n", p.n, f"an integer in [1, {top}]")

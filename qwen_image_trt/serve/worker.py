@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 
+from qwen_image_trt.models.pipelines import QWEN21_MEMBERS
 from qwen_image_trt.serve.adapters import WorkerAdapters
 
 PROGRESS_INTERVAL_S = 0.05
@@ -129,6 +130,8 @@ def prompt_source(pipe, remote, cache_bytes: int):
         if cache is not None:  # one cache for every member
             cache_prompt_embeddings(p, cache)
 
+    if pipe.pipeline_kind in QWEN21_MEMBERS:  # its prompt encoder takes the condition images too: no cache yet
+        cache = None
     prepare(pipe)
     return pipe, prepare
 
@@ -207,7 +210,9 @@ def run_batch(pipes: Pipelines, batch_id: int, key: tuple, items: list[dict], co
         common["strength"] = strength
     if control_scale is not None:
         common["controlnet_conditioning_scale"] = control_scale
-    if kind in ("text-to-image", "img2img", "inpaint", "controlnet"):
+    if kind in QWEN21_MEMBERS:
+        calls, owners = _calls_21(pipe, kind, items, cfg, common)
+    elif kind in ("text-to-image", "img2img", "inpaint", "controlnet"):
         calls, owners = [_one_call(kind, items, cfg, common)], [it["request_id"] for it in items for _ in range(it["n"])]
     else:  # edit members: one prompt and its own condition images per call, so a call per request
         calls = [_edit_call(kind, it, cfg, common) for it in items]
@@ -254,6 +259,53 @@ def _one_call(kind: str, items: list[dict], cfg: bool, common: dict) -> dict:
             masks = {it["request_id"]: _decode(it["mask"], "L") for it in items}
             call["mask_image"] = [masks[it["request_id"]] for it, _ in per_image]
     return call
+
+
+def _calls_21(pipe, kind: str, items: list[dict], cfg: bool, common: dict) -> tuple[list[dict], list]:
+    """Qwen-Image-2.1's calls for a batch, and the request each output image belongs to.
+
+    Its pipeline takes a list of prompts but one set of condition images for all of them, and pads the prompts of
+    a call to the longest, which in 2.1 moves every later token's RoPE position (the image's too): so requests share
+    a call only when they have no condition images and their prompts (and negative prompts) have equal token counts;
+    each image is one prompt of the call with its own generator, so each equals its request run alone. A request
+    with condition images is a call of its own (its n images share them). Turbo runs without guidance and reports
+    no steps (the modular pipeline has no step callback)."""
+    common = {k: v for k, v in common.items() if k != "step_cache"}
+    if kind.endswith("turbo"):
+        common = {k: v for k, v in common.items() if k not in ("callback_on_step_end", "num_inference_steps")}
+    if any(it["images"] for it in items):
+        from qwen_image_trt.core.shapes import condition_resolution
+
+        common["output_resolution"] = condition_resolution(common["height"], common["width"])
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        key = ("request", it["request_id"]) if it["images"] else (
+            prompt_tokens_21(pipe, it["prompt"]), prompt_tokens_21(pipe, it["negative_prompt"]) if cfg else None)
+        groups.setdefault(key, []).append(it)
+    calls, owners = [], []
+    for group in groups.values():
+        per_image = [it for it in group for _ in range(it["n"])]
+        call = dict(common, prompt=[it["prompt"] for it in per_image],
+                    generator=[g for it in group for g in _generators(it)])
+        if group[0]["images"]:
+            call["image"] = [_decode(b) for b in group[0]["images"]]
+        if cfg:
+            call.update(negative_prompt=[it["negative_prompt"] for it in per_image],
+                        true_cfg_scale=group[0]["true_cfg_scale"])
+        elif not kind.endswith("turbo"):
+            call["true_cfg_scale"] = 1.0
+        calls.append(call)
+        owners += [it["request_id"] for it in per_image]
+    return calls, owners
+
+
+def prompt_tokens_21(pipe, prompt: str) -> int:
+    """Tokens of `prompt` in the 2.1 text-to-image chat template (what the text encoder sees; Turbo's modular
+    pipeline has no template attribute: the prompt alone, between the template's special tokens): prompts with equal
+    counts share a call unpadded."""
+    text = prompt or " "
+    template = getattr(pipe, "prompt_template_t2i", None)
+    return len(pipe.processor.tokenizer(template.format(text) if template else text).input_ids)
 
 
 def _edit_call(kind: str, it: dict, cfg: bool, common: dict) -> dict:
