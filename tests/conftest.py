@@ -88,12 +88,13 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny21(tmp_path_factory):
-    """A tiny Qwen-Image-2.1 checkpoint and its fp32 export (the transformer's three passes, the 2.1 VAE's decoder
-    and encoder): (checkpoint, engines)."""
+    """A tiny Qwen-Image-2.1 checkpoint and its fp32 export (the transformer's three passes, the optional uncached one
+    included, and the 2.1 VAE's decoder and encoder): (checkpoint, engines)."""
     from qwen_image_trt.compile.export import export_onnx
+    from qwen_image_trt.models.specs import ALL_COMPONENTS_21
     from qwen_image_trt.models.tiny21 import make_tiny_21_checkpoint
 
     root = make_tiny_21_checkpoint(tmp_path_factory.mktemp("q21") / "qwen-image-2.1-tiny")
     engines = root.parent / "engines-fp32"
-    export_onnx(root, engines, precision="fp32", progress=False)
+    export_onnx(root, engines, precision="fp32", components=ALL_COMPONENTS_21, progress=False)
     return root, engines

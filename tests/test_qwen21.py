@@ -221,11 +221,12 @@ def test_turbo_modular_pipeline_loads_and_runs_it(root, pipe, tmp_path):
 
 
 # -- (e) stages that cannot run it yet refuse it by name ---------------------------------------------------------
-@pytest.mark.parametrize("command", [["calibrate", "--out", "{tmp}/calib"],
-                                     ["build", "--precision", "int8", "--out", "{tmp}/int8"]])
+@pytest.mark.parametrize("command", [["sensitivity", "--precision", "int8", "--target-cosine", "0.99", "--out",
+                                      "{tmp}/sens"]])
 def test_stages_without_2_1_refuse_it_by_name(root, tmp_path, capsys, command):
-    """Export, build (fp32/fp16/bf16), generate and parity take a 2.1 checkpoint (tests/test_qwen21_engines.py);
-    the stages that do not yet say so in one line, before writing anything."""
+    """Export, calibrate, quantize, build, generate, parity and serve take a 2.1 checkpoint
+    (tests/test_qwen21_engines.py, test_qwen21_quantize.py, test_serve_qwen21.py); the per-layer sensitivity sweep
+    does not yet, and says so in one line, before writing anything."""
     args = [a.format(tmp=tmp_path) for a in command]
     assert main([args[0], root, *args[1:]]) == 2
     err = capsys.readouterr().err
@@ -233,11 +234,14 @@ def test_stages_without_2_1_refuse_it_by_name(root, tmp_path, capsys, command):
     assert len(err.strip().splitlines()) == 1 and not any(tmp_path.iterdir())
 
 
-def test_serve_refuses_a_21_checkpoint_by_name(root):
-    """The server's start check (what `qitrt serve` runs before binding a port or starting a worker)."""
+def test_serve_takes_a_21_checkpoint_but_not_a_split_encoder(root):
+    """The server's start check (what `qitrt serve` runs before binding a port or starting a worker): a 2.1
+    checkpoint serves whole (tests/test_serve_qwen21.py); the encoder/denoiser split is refused by name."""
     from qwen_image_trt.core.errors import CheckpointError
     from qwen_image_trt.serve.app import check_start
     from qwen_image_trt.serve.config import ServerConfig
 
-    with pytest.raises(CheckpointError, match=r"Qwen-Image-2.1 checkpoint \(QwenImage21Pipeline\)"):
-        check_start(ServerConfig(checkpoint=str(root)))
+    check_start(ServerConfig(checkpoint=str(root)))
+    with pytest.raises(CheckpointError, match=r"Qwen-Image-2.1 checkpoint \(QwenImage21Pipeline\): qitrt serve "
+                                              r"--role denoiser does not take"):
+        check_start(ServerConfig(checkpoint=str(root), role="denoiser", encoder_url="http://127.0.0.1:1"))

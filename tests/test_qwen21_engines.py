@@ -122,6 +122,23 @@ def test_engine_pipeline_equals_stock(pipes, case, cache):
     assert calls == expected
 
 
+def test_without_the_uncached_graph_a_cacheless_step_is_extract_then_cached(tiny21, pipes):
+    """`qitrt export` leaves the uncached pass out by default (a third copy of the weights): `use_kv_cache=False`
+    then runs extract and cached at every step, equal to the stock uncached forward."""
+    from qwen_image_trt.runtime.pipeline import load_pipeline
+
+    root, engines = tiny21
+    eager, _ = pipes
+    engine = load_pipeline(root, engines=engines, backend="onnxruntime")
+    del engine.transformer.runners["uncached"]
+    kw = {"prompt": PROMPT, **EDIT, "negative_prompt": NEGATIVE, "true_cfg_scale": 4.0, "use_kv_cache": False, **RUN}
+    want = eager(generator=torch.Generator().manual_seed(0), **kw).images
+    got = engine(generator=torch.Generator().manual_seed(0), **kw).images
+    assert _rel(got, want) <= TOL
+    steps = RUN["num_inference_steps"]
+    assert engine.transformer.calls == {"uncached": 0, "extract": 2 * steps, "cached": 2 * steps}
+
+
 def test_layouts_are_computed_once_per_request_and_branch(pipes):
     _, engine = pipes
     engine.transformer._layouts.clear()
@@ -221,6 +238,8 @@ def test_turbo_runs_on_the_engines_at_its_steps(turbo):
     from qwen_image_trt.runtime.pipeline import load_pipeline
 
     root, engines = turbo
+    assert list(read_manifest(engines).components) == ["transformer_extract", "transformer_cached", "vae_decoder",
+                                                      "vae_encoder"]  # the default: no uncached copy
     sampling = read_manifest(engines).sampling
     assert sampling["name"] == "qwen-image-2.1-turbo" and sampling["steps"] == len(TURBO_SIGMAS) == 4
     assert sampling["sigmas"] == TURBO_SIGMAS

@@ -134,14 +134,19 @@ class _Recorder:
         mask = kwargs.get("encoder_hidden_states_mask")
         if mask is None:  # diffusers passes None when nothing is padded
             mask = torch.ones(ehs.shape[:2], dtype=torch.bool, device=ehs.device)
-        self.calls.append({
+        grids = [tuple(int(v) for v in g) for g in _sample_grids(kwargs["img_shapes"][0])]
+        call = {
             "step": self.step, "branch": ("cond", "uncond")[min(self.branch, 1)],
-            "grids": [tuple(int(v) for v in g) for g in _sample_grids(kwargs["img_shapes"][0])],
+            "grids": grids,
             "hidden_states": hs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states": ehs.detach().to("cpu", copy=True).contiguous(),
             "encoder_hidden_states_mask": mask.detach().to("cpu").bool().clone(),
             "timestep": kwargs["timestep"].detach().to("cpu", copy=True).reshape(-1).contiguous(),
-        })
+        }
+        if kwargs.get("img_mask") is not None:  # Qwen-Image-2.1: the joint layout; its grids list the target last
+            call["img_mask"] = kwargs["img_mask"].detach().to("cpu").bool().clone()
+            call["grids"] = [grids[-1], *grids[:-1]]
+        self.calls.append(call)
         return None
 
 
@@ -161,8 +166,7 @@ def calibrate(checkpoint, out_dir, *, num_prompts=None, steps=None, sizes=None, 
     from tqdm.auto import tqdm
 
     root = ckpt.validate_checkpoint(checkpoint)
-    ckpt.refuse_21(root, "calibration", "export, build --precision fp32|fp16|bf16, generate and parity take it")
-    kind = pipeline_kind(root)
+    kind = pipeline_kind(root, "qwen-image-2.1" if ckpt.is_qwen21(root) else None)  # 2.1-Turbo: its stock loop
     if kind == "controlnet":  # its transformer_controlnet graph is not quantized (compile.stages refuses the build)
         raise InputError("checkpoint", str(root), "a text-to-image or edit checkpoint: ControlNet engines are not "
                          "quantized yet, so there is nothing to calibrate for")
@@ -255,12 +259,16 @@ def _record_prompt(pipe, recorder: _Recorder, sample: CalibrationSample, text: s
 
     recorder.reset()
     w, h = sample.size
+    if kind.startswith("qwen-image-2.1"):  # generation and editing: every other prompt with a condition image
+        images = _inputs_21(sample, w, h)
+    else:
+        images = sample_image_inputs(kind, sample.seed)
     pipe(prompt=text, negative_prompt=NEGATIVE_PROMPT, true_cfg_scale=TRUE_CFG_SCALE, height=h, width=w,
          num_inference_steps=settings.steps, generator=torch.Generator("cpu").manual_seed(sample.seed),
-         output_type="latent", **sample_image_inputs(kind, sample.seed))
+         output_type="latent", **images)
     tensors, calls = {}, []
     for k, c in enumerate(recorder.calls):
-        for key in KEYS:
+        for key in KEYS + (("img_mask",) if "img_mask" in c else ()):
             tensors[f"{k:03d}.{key}"] = c[key]
         target, *conditions = c["grids"]
         calls.append(CalibrationCall(key=f"{k:03d}", step=c["step"], branch=c["branch"], grid=list(target),
@@ -272,6 +280,17 @@ def _record_prompt(pipe, recorder: _Recorder, sample: CalibrationSample, text: s
     # file's bytes (and the set id) differ between identical runs.
     save_file(tensors, str(path), metadata={"qitrt": json.dumps({"prompt_id": sample.prompt_id})})
     return sample.model_copy(update={"sha256": file_sha256(path), "bytes": path.stat().st_size, "calls": calls})
+
+
+def _inputs_21(sample: CalibrationSample, width: int, height: int) -> dict:
+    """Qwen-Image-2.1's calibration prompts alternate generation and editing (a shipped condition image, resized to
+    the output's area as `qitrt generate` does), so both prefix layouts reach the quantizers."""
+    if sample.index % 2 == 0:
+        return {}
+    from qwen_image_trt.core.shapes import condition_resolution
+    from qwen_image_trt.models.condition_images import condition_image
+
+    return {"image": condition_image(sample.seed), "output_resolution": condition_resolution(height, width)}
 
 
 def _finish(manifest: CalibrationManifest, old: CalibrationManifest | None, seconds: float, recorded: int) -> None:
@@ -358,6 +377,8 @@ class CalibrationSet:
             tensors = load_file(str(self.folder / s.file))
             for c in s.calls:
                 item = {key: tensors[f"{c.key}.{key}"] for key in KEYS}
+                if f"{c.key}.img_mask" in tensors:  # Qwen-Image-2.1
+                    item["img_mask"] = tensors[f"{c.key}.img_mask"]
                 item.update(grid=tuple(c.grid), step=c.step, branch=c.branch, prompt_id=s.prompt_id,
                             grids=(tuple(c.grid), *(tuple(g) for g in c.condition_grids or ())))
                 yield item

@@ -119,15 +119,18 @@ def _cmd_quantize(a) -> int:
     m = quantize_onnx(a.checkpoint, a.calibration, a.out, a.precision, graphs=a.graphs,
                       recipe=load_recipe_file(a.recipe) if a.recipe else None, keep=_keep(a.keep),
                       sizes=sizes, device=a.device or default_device(), force=a.force)
-    t = m.components["transformer"]
+    name = "transformer" if "transformer" in m.components else "transformer_cached"  # 2.1: its two graphs
+    t = m.components[name]
     q = m.quantization
     state = f"{t.seconds:.1f}s" if m.ran else "unchanged, skipped"
     chk = t.check or {}
     check = chk.get("skipped") or (f"ONNX Runtime on held-out calls: mismatch vs ModelOpt fake-quant "
                                    f"{chk['mismatch']:.3f} (x quantization error), error vs high precision "
                                    f"{chk['block_rel_err']:.3f} (x the quantized blocks' contribution)")
-    print(f"transformer {a.precision}: {len(q.quantized_layers)} layers quantized, {len(q.kept_layers)} kept; "
-          f"{t.graph.bytes / 1e6:.1f} MB; {check} ({state})")
+    graphs = [n for n in m.components if n.startswith("transformer")]
+    size = sum(m.components[n].graph.bytes for n in graphs) / 1e6
+    print(f"{'+'.join(graphs)} {a.precision}: {len(q.quantized_layers)} layers quantized, {len(q.kept_layers)} "
+          f"kept; {size:.1f} MB; {check} ({state})")
     print(f"manifest: {a.out}/manifest.json")
     return 0
 

@@ -273,10 +273,26 @@ def activation_bytes(config: dict, image_tokens: int, text_tokens: int, batch: i
     not fused (CPU math SDPA), the [heads, tokens, tokens] scores; doubled for the allocator."""
     from qwen_image_trt.models.flops import MLP_MULT, TransformerShape
 
-    s = TransformerShape.from_config(config)
+    if _is_21(config):  # single stream, SwiGLU MLP of mlp_ratio x dim
+        from qwen_image_trt.models.flops21 import Shape21
+
+        s21 = Shape21.from_config(config)
+        dim, heads, mlp = s21.dim, s21.heads, s21.mlp_hidden // s21.dim
+    else:
+        s = TransformerShape.from_config(config)
+        dim, heads, mlp = s.dim, s.heads, MLP_MULT
     n = image_tokens + text_tokens
-    live = 8 * n * s.dim + 2 * n * MLP_MULT * s.dim + (s.heads * n * n if attention_scores else 0)
+    live = 8 * n * dim + 2 * n * mlp * dim + (heads * n * n if attention_scores else 0)
     return int(2 * batch * live * width)
+
+
+def _is_21(config: dict) -> bool:
+    """A Qwen-Image-2.1 transformer config (single stream: `context_in_dim` instead of `joint_attention_dim`)."""
+    return "context_in_dim" in config and "joint_attention_dim" not in config
+
+
+def _text_width(config: dict) -> int:
+    return int(config.get("joint_attention_dim") or config["context_in_dim"])
 
 
 def _text_encoder_flops(weights: dict, prompts: int) -> float:
@@ -311,6 +327,11 @@ def _forward_flops(config: dict, sizes, text_tokens: int) -> list[tuple[int, flo
     """[(image tokens, FLOPs of one batch-1 forward)] per size."""
     from qwen_image_trt.models.flops import forward_cost, image_tokens_for
 
+    if _is_21(config):  # generation; an edit's condition image about doubles it (models.flops21)
+        from qwen_image_trt.models.flops21 import forward_cost_21
+
+        return [(image_tokens_for(w, h), forward_cost_21(config, image_tokens_for(w, h), text_tokens,
+                                                         precision="fp32").flops) for w, h in sizes]
     return [(image_tokens_for(w, h), forward_cost(config, image_tokens_for(w, h), text_tokens, 1, "fp32").flops)
             for w, h in sizes]
 
@@ -324,10 +345,16 @@ def quantized_graph_bytes(root: Path, precision: str, high: str, recipe_override
     config = ckpt.read_config(root, "transformer")
     layers = int(config["num_layers"])
     params = ckpt.weights_info(root, "transformer").parameters
-    outside = param_count(replace(TransformerShape.from_config(config), layers=0))
+    if _is_21(config):
+        from qwen_image_trt.models.flops21 import Shape21, param_count_21
+
+        outside = param_count_21(replace(Shape21.from_config(config), layers=0))
+    else:
+        outside = param_count(replace(TransformerShape.from_config(config), layers=0))
     per_block = max(0, params - outside) / max(1, layers)
     overrides = load_recipe_file(recipe_overrides) if isinstance(recipe_overrides, (str, Path)) else recipe_overrides
-    recipe = make_recipe(precision, layers, overrides=overrides, keep=keep)
+    recipe = make_recipe(precision, layers, overrides=overrides, keep=keep,
+                         family="qwen-image-2.1" if _is_21(config) else None)
     units = sum(PART_UNITS.get(k, 0) for k in recipe.get("keep", []))
     if not recipe.get("quantize_modulation", True):
         units += PART_UNITS["img_mod"] + PART_UNITS["txt_mod"]
@@ -421,7 +448,7 @@ def plan_build(root: Path, out: Path, options) -> BuildPlan:
             cuda_host = int(fixed + per * max(t_params, te_params, vae_params) * 2)
             calls = sum(calib["recorded"].values())
             call_bytes = sum(n * 4 * (image_tokens * int(config["in_channels"]) + text * int(
-                config["joint_attention_dim"]) + text + 1) for (size, n) in calib["recorded"].items()
+                _text_width(config)) + text + 1) for (size, n) in calib["recorded"].items()
                 for image_tokens, _ in _forward_flops(config, [size], text))
             plan.stages.append(StagePlan(
                 "calibrate", device, "bf16" if on_cuda else "fp32", cuda_host if on_cuda else cpu_host,
@@ -434,7 +461,7 @@ def plan_build(root: Path, out: Path, options) -> BuildPlan:
                  (f"time = fit + {calib['settings']}: {flops / 1e12:.0f} TFLOP of transformer and text-encoder "
                  f"forwards at {rate_basis}"),
                  (f"disk = {calls} recorded calls x (image latents + {text} text tokens x "
-                 f"{config['joint_attention_dim']}) in fp32")],
+                 f"{_text_width(config)}) in fp32")],
                 cuda_host_bytes=cuda_host, note=calib["settings"]))
         # --- quantize: the transformer in the graph's precision under ModelOpt, then the Q/DQ graph written
         w_hp = t_params * WIDTH[high]
@@ -461,8 +488,9 @@ def plan_build(root: Path, out: Path, options) -> BuildPlan:
              (f"disk = Q/DQ graph: quantized layers at {WIDTH[o.precision]} byte, kept layers and blocks "
              f"(recipe) at {WIDTH[high]}; VAE graphs are copied")],
             cuda_host_bytes=cuda_host))
-        graph_bytes = q_bytes + (disk - export_bytes(root, high, ("transformer",)) if "transformer" in components
-                                 else disk)
+        graphs = [c for c in components if c in ("transformer", "transformer_extract", "transformer_cached")]
+        # 2.1: each of its two transformer graphs holds (most of) the weights
+        graph_bytes = len(graphs) * q_bytes + disk - export_bytes(root, high, graphs) if graphs else disk
 
     # --- engine
     if o.target == "tensorrt":

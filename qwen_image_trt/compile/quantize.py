@@ -34,7 +34,14 @@ import torch
 
 from qwen_image_trt.calibration.capture import CalibrationSet
 from qwen_image_trt.compile import onnx_io, qdq
-from qwen_image_trt.compile.recipe import QUANT_PRECISIONS, is_excluded, make_recipe, modelopt_config, recipe_hash
+from qwen_image_trt.compile.recipe import (
+    FAMILY_21,
+    QUANT_PRECISIONS,
+    is_excluded,
+    make_recipe,
+    modelopt_config,
+    recipe_hash,
+)
 from qwen_image_trt.core import quant_evidence
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.identity import tool_versions
@@ -87,7 +94,7 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
         raise InputError("precision", precision, f"one of {', '.join(QUANT_PRECISIONS)} (bf16/fp16 need no "
                          "calibration: `qitrt export --precision bf16`)")
     root = ckpt.validate_checkpoint(checkpoint, parts=("transformer", "vae"))
-    ckpt.refuse_21(root, "quantization")
+    qwen21 = ckpt.is_qwen21(root)
     identity = ckpt.checkpoint_identity(root)
     calib = CalibrationSet(calibration)
     calib.check_checkpoint(identity)
@@ -95,10 +102,11 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
         calib.check_sizes(sizes)
     elif calib.num_calls("calib") < 1:
         raise InputError("calibration", str(calibration), "a set with calibration forwards")
-    source_manifest, source_graph = _source_graph(graphs, identity)
+    source_manifest, source_graph = _source_graph(graphs, identity, qwen21)
     check_same_loras(calib.manifest.source.get("loras"), source_manifest.loras, calibration, graphs)
     tconfig = ckpt.read_config(root, "transformer")
-    recipe = make_recipe(precision, tconfig["num_layers"], overrides=recipe, keep=keep)
+    recipe = make_recipe(precision, tconfig["num_layers"], overrides=recipe, keep=keep,
+                         family=FAMILY_21 if qwen21 else None)
     bucket = int(text_bucket or DEFAULT_TEXT_BUCKET)
     _require_modelopt()
 
@@ -106,6 +114,9 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     out.mkdir(parents=True, exist_ok=True)
     import modelopt
 
+    if qwen21:
+        return _quantize_21(root, calib, out, precision, recipe, Path(graphs), source_manifest, force, device,
+                            progress)
     source = {"checkpoint": identity, "graph": source_graph.graph.identity(), "calibration": calib.set_id,
               "recipe": recipe_hash(recipe), "precision": precision, "opset": QUANT_OPSET, "writer": WRITER,
               "text_bucket": bucket, "modelopt": modelopt.__version__}
@@ -127,7 +138,40 @@ def quantize_onnx(checkpoint, calibration, out_dir, precision: str, *, graphs, r
     return manifest
 
 
-def _source_graph(graphs, identity: str):
+def _quantize_21(root, calib, out: Path, precision: str, recipe: dict, graphs: Path, source_manifest, force: bool,
+                 device: str, progress: bool) -> Manifest:
+    """Qwen-Image-2.1: both transformer graphs from one calibration (compile.quantize21)."""
+    import modelopt
+
+    from qwen_image_trt.compile.quantize21 import GRAPHS, check_source, quantize_transformer_21
+
+    sources = check_source(source_manifest)
+    source = {"checkpoint": source_manifest.checkpoint.identity,
+              "graphs": {n: c.graph.identity() for n, c in sources.items()}, "calibration": calib.set_id,
+              "recipe": recipe_hash(recipe), "precision": precision, "opset": QUANT_OPSET, "writer": WRITER,
+              "modelopt": modelopt.__version__}
+    old = try_read_manifest(out)
+    manifest = Manifest(stage="quantize", checkpoint=source_manifest.checkpoint, precision=precision,
+                        opset=QUANT_OPSET, exporter=f"{source_manifest.exporter} + {WRITER}", versions=tool_versions(),
+                        sampling=source_manifest.sampling)
+    done = old is not None and old.stage == "quantize" and all(
+        n in old.components and old.components[n].source == source and old.components[n].graph.intact(out)
+        for n in GRAPHS)
+    if not force and done:
+        log.info("quantize: 2.1 transformer graphs unchanged (calibration %s), skipped", calib.set_id)
+        manifest.components.update({n: old.components[n] for n in GRAPHS})
+        manifest.quantization, manifest.ran = old.quantization, False
+    else:
+        components, manifest.quantization = quantize_transformer_21(root, calib, recipe, graphs, sources, out,
+                                                                    source, device, progress)
+        manifest.components.update(components)
+    manifest.components.update(_copy_components(graphs, source_manifest, out,
+                                                [c for c in VAE_COMPONENTS if c in source_manifest.components]))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _source_graph(graphs, identity: str, qwen21: bool = False):
     """The high-precision export the quantized graph is written from, checked against the checkpoint."""
     if graphs is None or not Path(graphs).is_dir():
         raise InputError("graphs", str(graphs), "a folder made by `qitrt export` for this checkpoint")
@@ -135,6 +179,10 @@ def _source_graph(graphs, identity: str):
     if m.checkpoint.identity != identity:
         raise InputError("graphs", str(graphs), f"an export of this checkpoint ({identity}); it holds graphs of "
                          f"{m.checkpoint.identity}")
+    if qwen21:
+        from qwen_image_trt.compile.quantize21 import check_source
+
+        return m, check_source(m)["transformer_cached"]
     missing = [c for c in ("transformer", *VAE_COMPONENTS) if c not in m.components]
     if missing:
         raise InputError("graphs", str(graphs), f"an export holding {', '.join(missing)}")
@@ -250,6 +298,16 @@ def _quantize_transformer(root, calib, recipe, graphs, source: Component, out: P
 def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, progress: bool,
                zero_cond_t: bool = False):
     """ModelOpt calibration; returns (quantized layers, kept layer names, (high_precision, fake_quant, bypassed))."""
+    def calls():
+        yield from calib.export_inputs(axes, "calib", text_bucket=bucket, zero_cond_t=zero_cond_t)
+
+    return _calibrate_module(module, recipe, held_out, calls, calib.num_calls("calib"), device, progress)
+
+
+def _calibrate_module(module, recipe, held_out, calls, n_calls: int, device: str, progress: bool):
+    """ModelOpt calibration of `module` (its transformer under `.transformer`, a `skip_blocks` attribute) on the
+    input tuples `calls()` yields; returns (quantized layers, kept layer names, (high_precision, fake_quant,
+    bypassed) outputs on `held_out`)."""
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 
@@ -259,11 +317,10 @@ def _calibrate(module, calib, recipe, axes, held_out, bucket: int, device: str, 
                      if isinstance(m, torch.nn.Linear) and n.startswith("transformer_blocks.")
                      and not is_excluded(n, recipe)})
     bypassed = quant_evidence.reference_outputs(module, held_out, skip_blocks=blocks)
-    n_calls = calib.num_calls("calib")
 
     def forward_loop(model):
         bar = tqdm(total=n_calls, desc=f"quantize {recipe['precision']} (calibrate)", unit="fwd", disable=not progress)
-        for args in calib.export_inputs(axes, "calib", text_bucket=bucket, zero_cond_t=zero_cond_t):
+        for args in calls():
             model(*(a.to(device) for a in args))
             bar.update()
         bar.close()

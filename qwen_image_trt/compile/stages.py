@@ -29,7 +29,7 @@ from qwen_image_trt.compile.plan import plan_build
 from qwen_image_trt.compile.profiles import component_profile, limits_from_sizes
 from qwen_image_trt.compile.profiles21 import component_profile_21
 from qwen_image_trt.compile.quantize import _require_modelopt, quantize_onnx
-from qwen_image_trt.compile.recipe import load_recipe_file, make_recipe
+from qwen_image_trt.compile.recipe import FAMILY_21, load_recipe_file, make_recipe
 from qwen_image_trt.compile.tensorrt_engine import build_tensorrt_engine
 from qwen_image_trt.core.errors import InputError, QitrtError
 from qwen_image_trt.core.manifest import Component, Manifest, StageRun, read_manifest, try_read_manifest, write_manifest
@@ -154,12 +154,9 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     identity = ckpt.checkpoint_identity(root)
     from qwen_image_trt.models.controlnet import find_controlnet
 
-    if ckpt.is_qwen21(root):
-        if o.precision in QUANTIZED:
-            ckpt.refuse_21(root, f"build --precision {o.precision} (calibration and quantization)",
-                           "build --precision fp32|fp16|bf16 takes it")
-        if o.components is None:
-            o.components = default_components(True)
+    qwen21 = ckpt.is_qwen21(root)
+    if qwen21 and o.components is None:
+        o.components = default_components(True)
     if o.components is None:
         o.components = COMPONENTS + (("transformer_controlnet",) if find_controlnet(root, o.controlnet) else ())
     if o.precision in QUANTIZED and "transformer_controlnet" in o.components:
@@ -170,7 +167,10 @@ def _check(checkpoint, out_dir, o: BuildOptions) -> _Context:
     if o.precision in QUANTIZED:
         recipe_overrides = load_recipe_file(o.recipe) if isinstance(o.recipe, (str, Path)) else o.recipe
         recipe = make_recipe(o.precision, ckpt.read_config(root, "transformer")["num_layers"],
-                             overrides=recipe_overrides, keep=o.keep)
+                             overrides=recipe_overrides, keep=o.keep, family=FAMILY_21 if qwen21 else None)
+        if qwen21 and "transformer_uncached" in o.components:
+            raise InputError("components", list(o.components), "no transformer_uncached in a quantized 2.1 build "
+                             "(only the prefix cache's two graphs are quantized)")
         if o.calibration:
             cs = CalibrationSet(o.calibration)
             cs.check_checkpoint(identity)
@@ -254,7 +254,7 @@ def _quantize_stage(ctx: _Context, onnx_dir: Path, calib_dir: Path, bar) -> Path
         o = ctx.o
         qm = quantize_onnx(ctx.root, calib_dir, quant_dir, o.precision, graphs=onnx_dir, recipe=ctx.recipe_overrides,
                            keep=o.keep, sizes=ctx.sizes, device=o.device, force=o.force, progress=o.progress)
-        chk = qm.components["transformer"].check or {}
+        chk = qm.components["transformer" if "transformer" in qm.components else "transformer_cached"].check or {}
         check = chk.get("skipped") or (f"mismatch vs fake-quant {chk['mismatch']:.3g}, "
                                        f"err/blocks {chk['block_rel_err']:.3f}")
         return qm.ran, f"{len(qm.quantization.quantized_layers)} layers, {check}", qm

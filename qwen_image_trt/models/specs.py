@@ -165,8 +165,12 @@ TRANSFORMER_CONTROLNET = ExportSpec(
 SPECS = {s.name: s for s in (TRANSFORMER, VAE_DECODER, VAE_ENCODER, TRANSFORMER_CONTROLNET, *SPECS_21)}
 # What every export holds; transformer_controlnet is added where a ControlNet is given.
 DEFAULT_COMPONENTS = ("transformer", "vae_decoder", "vae_encoder")
-# A Qwen-Image-2.1 export: the transformer's three passes (prefix cache) and the 2.1 VAE.
-DEFAULT_COMPONENTS_21 = (*(s.name for s in SPECS_21), "vae_decoder", "vae_encoder")
+# A Qwen-Image-2.1 export: the prefix cache's two passes and the 2.1 VAE. The uncached pass is optional: under
+# causal_condition the prefix never attends to the target and is modulated at t = 0, so a forward without the cache
+# equals extract then cached on the same inputs (tested), and each transformer graph holds a copy of the weights
+# (14 GB in bf16 at real size): a third copy is exported only when asked for.
+DEFAULT_COMPONENTS_21 = ("transformer_extract", "transformer_cached", "vae_decoder", "vae_encoder")
+ALL_COMPONENTS_21 = ("transformer_uncached", *DEFAULT_COMPONENTS_21)
 
 
 def default_components(qwen21: bool) -> tuple[str, ...]:
@@ -175,7 +179,7 @@ def default_components(qwen21: bool) -> tuple[str, ...]:
 
 def components_for(qwen21: bool) -> tuple[str, ...]:
     """Every component a checkpoint of this family can be exported as."""
-    return DEFAULT_COMPONENTS_21 if qwen21 else DEFAULT_COMPONENTS + ("transformer_controlnet",)
+    return ALL_COMPONENTS_21 if qwen21 else DEFAULT_COMPONENTS + ("transformer_controlnet",)
 
 
 def spec_for(name: str, config: dict | None = None, controlnet_blocks: int | None = None) -> ExportSpec:

@@ -183,6 +183,47 @@ def make_tiny_21_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool 
     return out
 
 
+# Qwen-Image-2.1's real transformer width (models.flops21.REAL_21_CONFIG: 7.1 B parameters at 32 blocks; ~0.22 B a
+# block, ~0.14 B outside them) and a one-layer Qwen3-VL text encoder of the real width 4096 (32 heads x 128, 8 KV heads)
+# so that the pipeline runs end to end.
+REAL_WIDTH_21_TEXT_ENCODER = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=4096, layers=1)
+
+
+def make_real_width_21_checkpoint(out_dir: str | Path, num_layers: int = 1, seed: int = 0, dtype: str = "bf16",
+                                  overwrite: bool = False) -> Path:
+    """A Qwen-Image-2.1 checkpoint with the real transformer config and `num_layers` of its 32 blocks, random weights
+    saved in `dtype` (bf16 like the real one, or fp32), the tiny 2.1 VAE: for measuring export and engine builds at
+    real width. 1 block is 0.35 B parameters (0.71 GB in bf16), 2 blocks 0.57 B (2.3 GB in fp32: over protobuf's
+    2 GB). Marked RANDOM_WEIGHTS.txt: the stages treat it as a real checkpoint."""
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+
+    from qwen_image_trt.models.flops21 import REAL_21_CONFIG
+    from qwen_image_trt.models.tiny import DTYPES, RANDOM_MARKER, _cast_floats
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    out = _empty_folder(out_dir, overwrite)
+    tokenizer = build_tokenizer()
+    save_processor(build_processor(tokenizer), out / "processor")
+    build_text_encoder(tokenizer, seed, **REAL_WIDTH_21_TEXT_ENCODER).to(DTYPES[dtype]).save_pretrained(
+        out / "text_encoder")
+    torch.manual_seed(seed + 1)
+    transformer = QwenImage21Transformer2DModel(**{**REAL_21_CONFIG, "num_layers": int(num_layers),
+                                                   "out_channels": 64, "axes_dims_rope": (16, 56, 56),
+                                                   "causal_condition": True}).eval()
+    _scale_up_modulation(transformer)
+    _cast_floats(transformer, DTYPES[dtype])
+    transformer.save_pretrained(out / "transformer")
+    del transformer
+    torch.manual_seed(seed + 2)
+    AutoencoderKLQwenImage21(**VAE_CONFIG).eval().save_pretrained(out / "vae")
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    _write_model_index(out)
+    (out / RANDOM_MARKER).write_text(f"Random weights (seed {seed}): Qwen-Image-2.1's real transformer width with "
+                                     f"{num_layers} of its 32 blocks, {dtype}. Not a trained model.\n")
+    return out
+
+
 def _write_model_index(out: Path, sample_sigmas=None) -> None:
     import diffusers
 

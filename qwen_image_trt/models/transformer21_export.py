@@ -282,6 +282,9 @@ class _Base21(nn.Module):
         if transformer.config.patch_size != 1:
             raise NotImplementedError("patch_size != 1 is not modelled (2.1 consumes latents unpatched)")
         self.transformer = transformer
+        # blocks whose residual update is skipped (h passes through): the quantization evidence's `bypassed`
+        # reference (core.quant_evidence); empty in every graph
+        self.skip_blocks = frozenset()
         self.eval()
 
     @property
@@ -375,7 +378,9 @@ class Extract21(_Base21):
         blocks = list(m.transformer_blocks)
         kv = []
         for i, block in enumerate(blocks):
-            h, k, v = run_block(block, h, mod, prefix_rope_cos, prefix_rope_sin, bias, kv_only=i == len(blocks) - 1)
+            last_or_skipped = i == len(blocks) - 1 or i in self.skip_blocks
+            new_h, k, v = run_block(block, h, mod, prefix_rope_cos, prefix_rope_sin, bias, kv_only=last_or_skipped)
+            h = h if last_or_skipped else new_h
             kv.append(torch.stack([k, v]))
         return torch.stack(kv)
 
@@ -404,7 +409,9 @@ class Cached21(_Base21):
         bias = key_bias(key_valid, dtype)
         kv = prefix_kv.to(dtype)
         for i, block in enumerate(m.transformer_blocks):
-            h, _, _ = run_block(block, h, mod, target_rope_cos, target_rope_sin, bias, past_kv=(kv[i, 0], kv[i, 1]))
+            if i not in self.skip_blocks:
+                h, _, _ = run_block(block, h, mod, target_rope_cos, target_rope_sin, bias,
+                                    past_kv=(kv[i, 0], kv[i, 1]))
         return self._out(h, temb)
 
 

@@ -184,7 +184,9 @@ def _forward_cases(cfg: ParityConfig, component: str) -> list[dict]:
 def _per_forward(cfg: ParityConfig, saved: dict, loras=()) -> list[dict]:
     rows = []
     qwen21 = is_qwen21(cfg.checkpoint)
-    for component in (*COMPONENTS_21, "vae_decoder") if qwen21 else ("transformer", "vae_decoder"):
+    exported = read_manifest(cfg.engines).components
+    for component in [c for c in (*COMPONENTS_21, "vae_decoder") if c in exported] if qwen21 \
+            else ("transformer", "vae_decoder"):
         config = read_config(cfg.checkpoint, SPECS[component].part)
         spec = spec_for(component, config)
         ref = make_runner("torch", component, checkpoint=cfg.checkpoint, device=cfg.device,
@@ -312,6 +314,21 @@ def _quantization(cfg: ParityConfig, manifest) -> dict | None:
         return {"skipped": f"{path} is missing: rebuild the quantized engine folder"}
     from qwen_image_trt.models.transformer_export import input_names
 
+    if "transformer_cached" in manifest.components:  # Qwen-Image-2.1: the first step end to end on both graphs
+        from qwen_image_trt.compile.quantize21 import E2E_INPUTS, run_end_to_end
+
+        calls = quant_evidence.load(path, E2E_INPUTS)
+        runners = {n: make_runner(cfg.backend, f"transformer_{n}", engines_dir=cfg.engines, device=cfg.device,
+                                  trt_options=cfg.trt_options) for n in ("extract", "cached")}
+
+        def run(name, output):
+            return lambda feeds: runners[name].infer({k: v.to(cfg.device) for k, v in feeds.items()})[output]
+
+        with runners["extract"], runners["cached"]:
+            outputs = [run_end_to_end(run("extract", "prefix_kv"), run("cached", "noise_pred"), c["inputs"]).cpu()
+                       for c in calls]
+        return {**quant_evidence.compare(outputs, calls), "evidence_file": q.evidence["file"],
+                "bypassed_blocks": q.evidence.get("bypassed_blocks")}
     calls = quant_evidence.load(path, input_names(manifest.checkpoint.transformer_config or {}))
     runner = make_runner(cfg.backend, "transformer", engines_dir=cfg.engines, device=cfg.device,
                          trt_options=cfg.trt_options)

@@ -19,7 +19,7 @@ from qwen_image_trt.models.pipelines import load_eager_parts, shipped_sigmas
 from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.runtime.backends import make_runner
 from qwen_image_trt.runtime.saved import engine_record
-from qwen_image_trt.runtime.transformer21 import COMPONENTS, PASSES, EngineTransformer21
+from qwen_image_trt.runtime.transformer21 import PASSES, REQUIRED, EngineTransformer21
 from qwen_image_trt.runtime.vae import EngineVAE
 
 TURBO = "qwen-image-2.1-turbo"
@@ -61,12 +61,13 @@ def _engine_modules(root, engines, backend, device, providers, threads, trt_opti
         raise InputError("engines", str(engines), "an existing engine folder")
     manifest = read_manifest(engines)
     check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
-    missing = [c for c in (*COMPONENTS, "vae_decoder") if c not in manifest.components]
+    missing = [c for c in (*(f"transformer_{p}" for p in REQUIRED), "vae_decoder") if c not in manifest.components]
     if missing:
         raise InputError("engines", str(engines), f"a Qwen-Image-2.1 engine folder with {', '.join(missing)} "
-                         "(`qitrt export` of a 2.1 checkpoint makes every one)")
+                         "(`qitrt export` of a 2.1 checkpoint makes them)")
     opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads, trt_options=trt_options)
-    transformer = EngineTransformer21({p: make_runner(backend, f"transformer_{p}", **opts) for p in PASSES},
+    transformer = EngineTransformer21({p: make_runner(backend, f"transformer_{p}", **opts) for p in PASSES
+                                       if f"transformer_{p}" in manifest.components},
                                       ckpt.read_config(root, "transformer"), device=device)
     transformer.checkpoint = root
     encoder = make_runner(backend, "vae_encoder", **opts) if "vae_encoder" in manifest.components else None

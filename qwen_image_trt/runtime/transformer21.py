@@ -38,6 +38,7 @@ ModelMixin = EngineModule.__mro__[1]
 
 PASSES = ("uncached", "extract", "cached")
 COMPONENTS = tuple(f"transformer_{p}" for p in PASSES)
+REQUIRED = ("extract", "cached")  # without an uncached graph, a forward without the cache runs extract then cached
 _LAYOUTS_KEPT = 32  # a few requests' layouts (each with its CFG branch)
 
 
@@ -49,9 +50,9 @@ class EngineTransformer21(StockForward21, EngineModule):
     def __init__(self, runners: dict[str, Runner], config: dict, device="cpu"):
         super().__init__()
         self._register_checkpoint_config(config)
-        missing = [p for p in PASSES if p not in runners]
+        missing = [p for p in REQUIRED if p not in runners]
         if missing:
-            raise ValueError(f"EngineTransformer21 needs a runner per pass; missing {missing}")
+            raise ValueError(f"EngineTransformer21 needs the extract and cached passes; missing {missing}")
         self.runners = dict(runners)
         self._device = torch.device(device)
         self._layouts: OrderedDict[tuple, Layout21] = OrderedDict()
@@ -64,10 +65,10 @@ class EngineTransformer21(StockForward21, EngineModule):
         from qwen_image_trt.runtime.backends import make_runner
         from qwen_image_trt.runtime.saved import engines_for
 
-        folder, _ = engines_for(record)
+        folder, manifest = engines_for(record)
         opts = dict(engines_dir=folder, device=record["device"], threads=record.get("threads"))
-        module = cls({p: make_runner(record["backend"], f"transformer_{p}", **opts) for p in PASSES}, config,
-                     device=record["device"])
+        module = cls({p: make_runner(record["backend"], f"transformer_{p}", **opts) for p in PASSES
+                      if f"transformer_{p}" in manifest.components}, config, device=record["device"])
         module.engine_source = record
         if record.get("checkpoint") and Path(record["checkpoint"]).is_dir():
             module.checkpoint = Path(record["checkpoint"])
@@ -103,7 +104,16 @@ class EngineTransformer21(StockForward21, EngineModule):
         return self.runners[name].infer(feeds)[output]
 
     def _uncached(self, *args):
-        return self._run("uncached", UNCACHED_INPUTS, args, NOISE_PRED)
+        if "uncached" in self.runners:
+            return self._run("uncached", UNCACHED_INPUTS, args, NOISE_PRED)
+        # No uncached graph: the prefix's K/V for this step, then the target against them; equal to the uncached
+        # forward under causal_condition (the prefix sees neither the target nor the timestep)
+        prefix = args[:len(EXTRACT_INPUTS)]
+        names = dict(zip(UNCACHED_INPUTS, args))
+        kv = self._extract(*prefix)
+        latents = names["hidden_states"][:, names["hidden_states"].shape[1] - names["target_rope_cos"].shape[0]:]
+        return self._cached(latents, kv, names["prefix_key_valid"], names["target_rope_cos"],
+                            names["target_rope_sin"], names["timestep"])
 
     def _extract(self, *args):
         return self._run("extract", EXTRACT_INPUTS, args, PREFIX_KV)
@@ -133,4 +143,4 @@ def _feed(name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
     return value.to(device).contiguous()
 
 
-__all__ = ["EngineTransformer21", "COMPONENTS", "PASSES"]
+__all__ = ["EngineTransformer21", "COMPONENTS", "PASSES", "REQUIRED"]

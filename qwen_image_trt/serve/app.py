@@ -63,7 +63,7 @@ def check_start(cfg: ServerConfig) -> None:
         check_engines_match(manifest, ckpt.checkpoint_identity(root), cfg.engines)
         kind = pipeline_kind(root)
         if kind in QWEN21_MEMBERS:
-            missing = [c for c in ("transformer_uncached", "transformer_extract", "transformer_cached", "vae_decoder") if c not in manifest.components]
+            missing = [c for c in ("transformer_extract", "transformer_cached", "vae_decoder") if c not in manifest.components]
             if missing:
                 raise InputError("engines", cfg.engines, f"a Qwen-Image-2.1 engine folder with {', '.join(missing)}")
         elif kind != "text-to-image" and "vae_encoder" not in manifest.components and cfg.role != "denoiser":
