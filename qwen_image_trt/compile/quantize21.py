@@ -189,7 +189,7 @@ def verify_graphs_21(paths: dict[str, Path], evidence_path: Path, high_precision
     calls = quant_evidence.load(evidence_path, E2E_INPUTS)
     outputs = [run_end_to_end(runner("transformer_extract"), runner("transformer_cached"), c["inputs"])
                for c in calls]
-    del sessions
+    sessions.clear()  # free the two sessions before the figures
     figures = quant_evidence.compare(outputs, calls)
     problem = quant_evidence.verdict(figures, precision)
     if problem:
