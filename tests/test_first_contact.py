@@ -79,7 +79,7 @@ def test_report_says_na_with_its_reason_and_identical_not_a_cap(tmp_path):
     assert ">None<" not in page and "200.00 dB" not in page
 
 
-def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tiny_edit_2511, tmp_path):
+def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, tiny_edit_2511, tiny21, tmp_path):
     """Every ```python block of README.md, run in a folder laid out as `qitrt quickstart` and README's editing
     commands leave it."""
     import re
@@ -92,6 +92,8 @@ def test_readme_python_snippets_run_as_written(tiny_checkpoint, tiny_engines, ti
     (runs / "engines-fp32").symlink_to(tiny_engines)
     (tmp_path / "runs" / "tiny-edit-2511").symlink_to(tiny_edit_2511[0])
     (tmp_path / "runs" / "engines-edit-2511").symlink_to(tiny_edit_2511[1])
+    (tmp_path / "runs" / "tiny-21").symlink_to(tiny21[0])
+    (tmp_path / "runs" / "engines-21").symlink_to(tiny21[1])
     from qwen_image_trt.models.condition_images import condition_image
 
     condition_image(0).save(tmp_path / "cat.png")  # as README's editing commands make them

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HP = ["img_in", "img_in.*", "txt_in", "txt_in.*", "txt_norm", "txt_norm.*", "time_text_embed", "time_text_embed.*",
       "norm_out", "norm_out.*", "proj_out", "proj_out.*"]
-KEYS = "activations, algorithm, format, keep, keep_first_blocks, keep_last_blocks, keep_modules, precision, " \
+KEYS = "activations, algorithm, family, format, keep, keep_first_blocks, keep_last_blocks, keep_modules, precision, " \
        "quantize_modulation, smoothquant_alpha, weights"
 
 

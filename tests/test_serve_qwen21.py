@@ -103,3 +103,31 @@ def test_21_server_refuses_what_21_has_not_by_name(server):
                    json={"prompt": "x", "size": "48x64"})
     assert r.status_code == 400 and "multiple of 32" in r.json()["error"]["message"]
     assert server.health()["status"] == "ok"
+
+
+def test_worker_runs_a_turbo_batch_each_image_equal_to_its_request_alone(tmp_path):
+    """The worker's batch for a 2.1-Turbo server (in process, a real pipe): Turbo's modular pipeline has no step
+    callback and its own step count, so the calls carry neither; equal-length prompts share a call."""
+    import multiprocessing
+
+    from qwen_image_trt.models.tiny21 import TURBO_SIGMAS, make_tiny_21_checkpoint
+    from qwen_image_trt.runtime.pipeline import load_pipeline
+    from qwen_image_trt.serve.worker import Pipelines, prompt_tokens_21, run_batch
+
+    root = make_tiny_21_checkpoint(tmp_path / "turbo", sample_sigmas=TURBO_SIGMAS)
+    pipe = load_pipeline(root, backend="torch")
+    assert pipe.pipeline_kind == "qwen-image-2.1-turbo"
+    items = [dict(request_id="a", prompt="a red cat", negative_prompt=None, n=2, seed=1, true_cfg_scale=1.0,
+                  images=[], mask=None),
+             dict(request_id="b", prompt="a blue dog", negative_prompt=None, n=1, seed=7, true_cfg_scale=1.0,
+                  images=[], mask=None)]
+    assert prompt_tokens_21(pipe, "a red cat") == prompt_tokens_21(pipe, "a blue dog")
+    key = (64, 64, len(TURBO_SIGMAS), False, "qwen-image-2.1-turbo", None, "", (), None, None)
+    _, child = multiprocessing.Pipe()
+    results, _ = run_batch(Pipelines(pipe), 1, key, items, child, multiprocessing.Value("i", -1))
+    for it in items:
+        got = [np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16) for png in results[it["request_id"]]]
+        want = [np.asarray(im, dtype=np.int16) for im in pipe(
+            prompt=[it["prompt"]] * it["n"], height=64, width=64,
+            generator=[torch.Generator("cpu").manual_seed(it["seed"] + k) for k in range(it["n"])]).images]
+        assert len(got) == it["n"] and all(np.abs(g - w).max() <= 1 for g, w in zip(got, want))

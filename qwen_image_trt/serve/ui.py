@@ -147,12 +147,16 @@ def mount_ui(app, cfg, limits, engine_of, adapters=None) -> None:
 
     pickers: list = []  # the LoRA dropdowns, refreshed when a page loads (files may have been added)
     what_edit = {"text-to-image": "img2img, or inpaint with a mask", "edit": "Qwen-Image-Edit (edit-inpaint with a "
-                 "mask)", "edit-plus": "Qwen-Image-Edit-Plus: 1 to 3 images"}.get(server_kind, server_kind)
+                 "mask)", "edit-plus": "Qwen-Image-Edit-Plus: 1 to 3 images",
+                 "qwen-image-2.1": "Qwen-Image-2.1: 1 to 3 images, no mask",
+                 "qwen-image-2.1-turbo": "Qwen-Image-2.1-Turbo: 1 to 3 images, no mask"}.get(server_kind, server_kind)
+    generates = server_kind in ("text-to-image", "qwen-image-2.1", "qwen-image-2.1-turbo")
+    masks = server_kind not in ("edit-plus", "qwen-image-2.1", "qwen-image-2.1-turbo")  # members without a mask
     with gr.Blocks(title="qitrt serve") as page:
         gr.Markdown("## Qwen-Image on qitrt")
         status = gr.Markdown(elem_id="qitrt-health")
         history = gr.State([])
-        with gr.Tab("Text to image", visible=server_kind == "text-to-image"):
+        with gr.Tab("Text to image", visible=generates):
             fields = settings("qitrt")
             run = gr.Button("Generate", variant="primary", elem_id="qitrt-generate")
             info = gr.Markdown(elem_id="qitrt-info")
@@ -163,9 +167,9 @@ def mount_ui(app, cfg, limits, engine_of, adapters=None) -> None:
                 files = gr.File(label="Input image(s)", file_count="multiple", file_types=["image"],
                                 elem_id="qitrt-edit-images")
                 mask = gr.Image(label="Mask (white = repaint; optional)", type="filepath", image_mode="L",
-                                elem_id="qitrt-edit-mask", visible=server_kind != "edit-plus")
+                                elem_id="qitrt-edit-mask", visible=masks)
             strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength (img2img, inpaint)",
-                                 visible=server_kind != "edit-plus")
+                                 visible=masks)
             edit_fields = settings("qitrt-edit")
             edit_run = gr.Button("Edit", variant="primary", elem_id="qitrt-edit-run")
             edit_info = gr.Markdown(elem_id="qitrt-edit-info")
