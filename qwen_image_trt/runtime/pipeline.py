@@ -13,7 +13,7 @@ from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutpu
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.core.shapes import DEFAULT_TEXT_BUCKET
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import load_eager_parts, pipeline_kind, stock_class
@@ -22,7 +22,7 @@ from qwen_image_trt.runtime.backends import check_backend, make_runner
 from qwen_image_trt.runtime.cfg import combine_cfg, stack_cfg_text
 from qwen_image_trt.runtime.embed_cache import EmbeddingCache, cache_prompt_embeddings
 from qwen_image_trt.runtime.lora import EngineLoraLoader
-from qwen_image_trt.runtime.saved import engine_record, is_saved_engine_pipeline
+from qwen_image_trt.runtime.saved import engine_record, is_saved_engine_pipeline, open_engine_folder
 from qwen_image_trt.runtime.step_cache import step_cache
 from qwen_image_trt.runtime.torch_fast import TorchOptions, apply_torch_options, check_torch_options
 from qwen_image_trt.runtime.transformer import EngineTransformer
@@ -268,12 +268,7 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
         transformer = apply_torch_options(ckpt.load_transformer(root, dtype).to(device), fast)
         vae = ckpt.load_vae(root, dtype).to(device)
     else:
-        if engines is None:
-            raise InputError("engines", None, f"an engine folder made by `qitrt export`/`qitrt build` for backend {backend}")
-        if not Path(engines).is_dir():
-            raise InputError("engines", str(engines), "an existing engine folder")
-        manifest = read_manifest(engines)
-        check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
+        manifest = open_engine_folder(engines, ckpt.checkpoint_identity(root), backend)
         opts = dict(engines_dir=engines, device=device, providers=providers, threads=threads,
                     trt_options=trt_options)
         runner = make_runner(backend, "transformer", **opts)

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from qwen_image_trt.core.errors import InputError
-from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+from qwen_image_trt.core.manifest import read_manifest
 from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import load_eager_parts, shipped_sigmas
 from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.runtime.backends import make_runner
-from qwen_image_trt.runtime.saved import engine_record
+from qwen_image_trt.runtime.saved import engine_record, open_engine_folder
 from qwen_image_trt.runtime.transformer21 import PASSES, REQUIRED, EngineTransformer21
 from qwen_image_trt.runtime.vae import EngineVAE
 
@@ -55,12 +55,7 @@ def load_pipeline_21(root: Path, kind: str, engines=None, backend: str = "torch"
 
 
 def _engine_modules(root, engines, backend, device, providers, threads, trt_options):
-    if engines is None:
-        raise InputError("engines", None, f"an engine folder made by `qitrt export`/`qitrt build` for backend {backend}")
-    if not Path(engines).is_dir():
-        raise InputError("engines", str(engines), "an existing engine folder")
-    manifest = read_manifest(engines)
-    check_engines_match(manifest, ckpt.checkpoint_identity(root), engines)
+    manifest = open_engine_folder(engines, ckpt.checkpoint_identity(root), backend)
     missing = [c for c in (*(f"transformer_{p}" for p in REQUIRED), "vae_decoder") if c not in manifest.components]
     if missing:
         raise InputError("engines", str(engines), f"a Qwen-Image-2.1 engine folder with {', '.join(missing)} "

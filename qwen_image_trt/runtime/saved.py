@@ -110,10 +110,25 @@ def engines_for(record: dict):
     return folder, manifest
 
 
+def open_engine_folder(engines, identity: str, backend: str):
+    """The manifest of the engine folder `load_pipeline` was given, checked: given, a folder, built from the
+    checkpoint of `identity`."""
+    from qwen_image_trt.core.manifest import check_engines_match, read_manifest
+
+    if engines is None:
+        raise InputError("engines", None, f"an engine folder made by `qitrt export`/`qitrt build` for backend {backend}")
+    if not Path(engines).is_dir():
+        raise InputError("engines", str(engines), "an existing engine folder")
+    manifest = read_manifest(engines)
+    check_engines_match(manifest, identity, engines)
+    return manifest
+
+
 def is_saved_engine_pipeline(folder) -> bool:
     """A folder written by an engine pipeline's save_pretrained: its transformer is a recorded drop-in."""
     path = Path(folder) / "transformer" / "config.json"
     return path.is_file() and RECORD in json.loads(path.read_text())
 
 
-__all__ = ["EngineModule", "RECORD", "engine_record", "read_saved", "engines_for", "is_saved_engine_pipeline"]
+__all__ = ["EngineModule", "RECORD", "engine_record", "read_saved", "engines_for", "open_engine_folder",
+           "is_saved_engine_pipeline"]
