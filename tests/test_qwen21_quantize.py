@@ -53,6 +53,15 @@ def test_calibration_records_generation_and_edits_and_replays_them(tiny21, calib
     assert checked == cs.num_calls("calib") >= 8
 
 
+def test_evidence_names_are_the_graphs_own():
+    """core.quant_evidence (read by parity, which may not import the build stage) spells the 2.1 graphs' inputs."""
+    from qwen_image_trt.core.quant_evidence import E2E_INPUTS_21
+    from qwen_image_trt.models.transformer21_export import CACHED_INPUTS, EXTRACT_INPUTS
+
+    assert E2E_INPUTS_21[:7] == EXTRACT_INPUTS
+    assert set(E2E_INPUTS_21[7:]) == set(CACHED_INPUTS) - {"prefix_kv", "prefix_key_valid"}
+
+
 def test_recipe_names_the_21_block_parts():
     from qwen_image_trt.compile.recipe import FAMILY_21, is_excluded, make_recipe
 

@@ -31,10 +31,11 @@ from qwen_image_trt.core.manifest import Component, Quantization
 from qwen_image_trt.core.resources import PeakRSS
 from qwen_image_trt.core.shapes import torch_dtype
 from qwen_image_trt.models import checkpoint as ckpt
-from qwen_image_trt.models.transformer21_export import EXTRACT_INPUTS, Cached21, Extract21, layout_21
+from qwen_image_trt.models.transformer21_export import Cached21, Extract21, layout_21
 
 GRAPHS = ("transformer_extract", "transformer_cached")
-E2E_INPUTS = EXTRACT_INPUTS + ["latents", "target_rope_cos", "target_rope_sin", "timestep"]
+E2E_INPUTS = quant_evidence.E2E_INPUTS_21  # the graphs' own names (tests/test_qwen21_quantize.py pins them)
+run_end_to_end = quant_evidence.run_end_to_end_21
 
 
 class Passes21(nn.Module):
@@ -153,14 +154,6 @@ def quantize_transformer_21(root, calib, recipe, graphs: Path, sources: dict[str
         evidence={"file": quant_evidence.EVIDENCE_FILE, "split": split, "inputs": E2E_INPUTS,
                   "graphs": list(GRAPHS), "bypassed_blocks": quant_evidence.quantized_blocks(quantized), **check})
     return components, info
-
-
-def run_end_to_end(run_extract, run_cached, feeds: dict) -> torch.Tensor:
-    """The first step on two graph runners (callables {name: tensor} -> tensor): extract, then cached."""
-    kv = run_extract({n: feeds[n] for n in EXTRACT_INPUTS})
-    return run_cached({"latents": feeds["latents"], "prefix_kv": kv, "prefix_key_valid": feeds["prefix_key_valid"],
-                       "target_rope_cos": feeds["target_rope_cos"], "target_rope_sin": feeds["target_rope_sin"],
-                       "timestep": feeds["timestep"]})
 
 
 def verify_graphs_21(paths: dict[str, Path], evidence_path: Path, high_precision: str, precision: str) -> dict:

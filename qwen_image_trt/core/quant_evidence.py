@@ -35,6 +35,22 @@ CHECK_CALLS = 4  # held-out forwards
 MISMATCH_MAX = {"int8": 0.75, "fp8": 0.25}
 
 
+# Qwen-Image-2.1 quantizes two graphs that run in turn (compile.quantize21): an evidence call is the first denoising
+# step end to end, the extract graph's inputs (models.transformer21_export.EXTRACT_INPUTS) then the cached graph's
+# others; the extract graph's K/V go into the cached graph.
+EXTRACT_INPUTS_21 = ("encoder_hidden_states", "hidden_states", "prefix_index", "prefix_block_ids", "prefix_key_valid",
+                     "prefix_rope_cos", "prefix_rope_sin")
+E2E_INPUTS_21 = [*EXTRACT_INPUTS_21, "latents", "target_rope_cos", "target_rope_sin", "timestep"]
+
+
+def run_end_to_end_21(run_extract, run_cached, feeds: dict):
+    """The first step on the two 2.1 graphs' runners (callables {name: tensor} -> tensor): extract, then cached."""
+    kv = run_extract({n: feeds[n] for n in EXTRACT_INPUTS_21})
+    return run_cached({"latents": feeds["latents"], "prefix_kv": kv, "prefix_key_valid": feeds["prefix_key_valid"],
+                       "target_rope_cos": feeds["target_rope_cos"], "target_rope_sin": feeds["target_rope_sin"],
+                       "timestep": feeds["timestep"]})
+
+
 def quantized_blocks(layer_names) -> list[int]:
     blocks = {int(m.group(1)) for n in layer_names if (m := re.match(r"transformer_blocks\.(\d+)\.", n))}
     return sorted(blocks)
@@ -137,5 +153,5 @@ def verdict(figures: dict, precision: str) -> str | None:
     return None
 
 
-__all__ = ["EVIDENCE_FILE", "CHECK_CALLS", "MISMATCH_MAX", "reference_outputs", "save", "load", "compare", "verdict",
+__all__ = ["EVIDENCE_FILE", "CHECK_CALLS", "MISMATCH_MAX", "E2E_INPUTS_21", "EXTRACT_INPUTS_21", "run_end_to_end_21", "reference_outputs", "save", "load", "compare", "verdict",
            "quantized_blocks"]

@@ -315,9 +315,7 @@ def _quantization(cfg: ParityConfig, manifest) -> dict | None:
     from qwen_image_trt.models.transformer_export import input_names
 
     if "transformer_cached" in manifest.components:  # Qwen-Image-2.1: the first step end to end on both graphs
-        from qwen_image_trt.compile.quantize21 import E2E_INPUTS, run_end_to_end
-
-        calls = quant_evidence.load(path, E2E_INPUTS)
+        calls = quant_evidence.load(path, quant_evidence.E2E_INPUTS_21)
         runners = {n: make_runner(cfg.backend, f"transformer_{n}", engines_dir=cfg.engines, device=cfg.device,
                                   trt_options=cfg.trt_options) for n in ("extract", "cached")}
 
@@ -325,8 +323,8 @@ def _quantization(cfg: ParityConfig, manifest) -> dict | None:
             return lambda feeds: runners[name].infer({k: v.to(cfg.device) for k, v in feeds.items()})[output]
 
         with runners["extract"], runners["cached"]:
-            outputs = [run_end_to_end(run("extract", "prefix_kv"), run("cached", "noise_pred"), c["inputs"]).cpu()
-                       for c in calls]
+            outputs = [quant_evidence.run_end_to_end_21(run("extract", "prefix_kv"), run("cached", "noise_pred"),
+                                                        c["inputs"]).cpu() for c in calls]
         return {**quant_evidence.compare(outputs, calls), "evidence_file": q.evidence["file"],
                 "bypassed_blocks": q.evidence.get("bypassed_blocks")}
     calls = quant_evidence.load(path, input_names(manifest.checkpoint.transformer_config or {}))
