@@ -106,8 +106,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_engine_pipeline_equals_stock(pipes, case, cache):
     """QwenImage21Pipeline's own loop with the engine drop-ins gives the stock modules' latents; the engine calls show
-    which passes ran: with the cache one extract per CFG branch and a cached pass per step and branch, without it
-    the uncached pass every time."""
+    which passes ran: with the cache one extract per CFG branch, then at the first step a cached pass per branch and
+    at every later step one cached pass for both branches (batched CFG, the engines' default); without the cache
+    the uncached pass every time and branch."""
     eager, engine = pipes
     kw, branches = CASES[case]
     kw = {"prompt": PROMPT, **kw, "use_kv_cache": cache}
@@ -117,9 +118,177 @@ def test_engine_pipeline_equals_stock(pipes, case, cache):
     calls = {k: v - before[k] for k, v in engine.transformer.calls.items()}
     assert got.shape == want.shape and _rel(got, want) <= TOL
     steps = RUN["num_inference_steps"]
-    expected = {"uncached": 0, "extract": branches, "cached": steps * branches} if cache else \
+    cfg = branches == 2
+    expected = {"uncached": 0, "extract": branches, "cached": steps + 1 if cfg else steps} if cache else \
         {"uncached": steps * branches, "extract": 0, "cached": 0}
     assert calls == expected
+    batched = steps - 1 if cfg and cache else 0
+    assert engine.cfg_stats == {"batched": batched, "taken": batched, "missed": 0}
+
+
+@pytest.mark.parametrize("case", ["cfg", "edit-cfg-batch"])
+def test_batched_cfg_equals_the_stock_two_calls(pipes, case):
+    """The same request with batch_cfg off (diffusers' two calls per step) and on (one call per step after the
+    first, prompt and negative of different lengths padded with masked keys): equal latents, 2 * steps against
+    steps + 1 cached calls, and the cached graph saw both branches stacked."""
+    _, engine = pipes
+    kw = {"prompt": PROMPT, **CASES[case][0], **RUN}
+    seen = []
+    runner = engine.transformer.runners["cached"]
+    infer = runner.infer
+    runner.infer = lambda feeds: (seen.append(feeds["prefix_kv"].shape), infer(feeds))[1]
+    try:
+        results = {}
+        for on in (False, True):
+            before = engine.transformer.calls["cached"]
+            results[on] = engine(generator=torch.Generator().manual_seed(0), batch_cfg=on, **kw).images
+            results[on, "calls"] = engine.transformer.calls["cached"] - before
+    finally:
+        runner.infer = infer
+    steps, batch = RUN["num_inference_steps"], len(kw["prompt"]) if isinstance(kw["prompt"], list) else 1
+    assert _rel(results[True], results[False]) <= TOL
+    assert (results[False, "calls"], results[True, "calls"]) == (2 * steps, steps + 1)
+    stacked = [s for s in seen[2 * steps:] if s[2] == 2 * batch]
+    assert len(stacked) == steps - 1
+    # the prompt's and the negative's prefixes differ in length: the stacked K/V hold the longer one
+    assert stacked[0][3] == max(s[3] for s in seen[:2 * steps])
+
+
+def test_a_mispredicted_uncond_call_runs_as_usual(tiny21):
+    """At a cond call the drop-in computes the uncond branch it predicts will follow; an uncond call with other
+    latents or timestep (a custom loop) must not take it: it runs on its own cache and equals the plain forward."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    from qwen_image_trt.models.transformer21_export import sample_inputs_21
+    from qwen_image_trt.runtime.pipeline import load_pipeline
+
+    root, engines = tiny21
+    t = load_pipeline(root, engines=engines, backend="onnxruntime", text_encoder=False).transformer
+    cond_kw = sample_inputs_21(t.config, batch=1, pad=0, seed=1)
+    neg_kw = sample_inputs_21(t.config, batch=1, text=(3, 2), pad=0, seed=2)
+    neg_kw["hidden_states"], neg_kw["timestep"] = cond_kw["hidden_states"], cond_kw["timestep"]
+    caches = {b: QwenImage21KVCache(len(t.transformer_blocks)) for b in ("cond", "uncond")}
+    t.batch_cfg, t.cfg_stats = True, {"batched": 0, "taken": 0, "missed": 0}
+
+    def step(branch, kw, mode, **change):
+        with t.cache_context(branch):
+            return t(**{**kw, **change}, kv_cache=caches[branch], kv_cache_mode=mode, return_dict=False)[0]
+
+    step("cond", cond_kw, "extract")
+    step("uncond", neg_kw, "extract")
+    step("cond", cond_kw, "cached")  # predicts the uncond call with these latents and timestep
+    other = {"hidden_states": cond_kw["hidden_states"] + 0.5, "timestep": cond_kw["timestep"] * 0.5}
+    got = step("uncond", neg_kw, "cached", **other)
+    assert t.cfg_stats == {"batched": 1, "taken": 0, "missed": 1}
+    t.batch_cfg = False
+    want = step("uncond", neg_kw, "cached", **other)
+    assert _rel(got, want) <= TOL
+    # latents changed in place after the cond call (same tensor object): not taken either
+    t.batch_cfg = True
+    step("cond", cond_kw, "cached")
+    cond_kw["hidden_states"].mul_(0.5)
+    moved = step("uncond", neg_kw, "cached")
+    assert t.cfg_stats["missed"] == 2
+    t.batch_cfg = False
+    assert _rel(moved, step("uncond", neg_kw, "cached")) <= TOL
+    # the predicted call itself is taken, and equals the plain forward
+    t.batch_cfg = True
+    step("cond", cond_kw, "cached")
+    taken = step("uncond", neg_kw, "cached")
+    t.batch_cfg = False
+    assert t.cfg_stats["taken"] == 1 and _rel(taken, step("uncond", neg_kw, "cached")) <= TOL
+
+
+def test_co_batched_requests_of_other_layouts_share_the_cached_calls(pipes, monkeypatch):
+    """Three requests with prompts of different lengths, one with its own condition image, each with CFG, run as
+    concurrent pipeline calls (runtime.co_batch): after the first step, every step is one engine call for all three
+    requests and both branches (K/V padded to the longest prefix), the padded merge made once, not per step; each
+    request's latents equal its run alone."""
+    from qwen_image_trt.runtime import co_batch21
+    from qwen_image_trt.runtime.co_batch import call_together
+
+    _, engine = pipes
+    requests = [{"prompt": "a red cat", "negative_prompt": "blurry", "true_cfg_scale": 4.0, "seed": 1},
+                {"prompt": "two dogs on a long green sofa in the afternoon sun", "negative_prompt": NEGATIVE,
+                 "true_cfg_scale": 3.0, "seed": 2},
+                {"prompt": "make it blue", **EDIT, "negative_prompt": "dark", "true_cfg_scale": 4.0, "seed": 3}]
+
+    def call(r):
+        kw = {k: v for k, v in r.items() if k != "seed"}
+        return {**RUN, **kw, "generator": torch.Generator().manual_seed(r["seed"])}
+
+    alone = [engine(**call(r)).images for r in requests]
+    merges = []
+    merge = co_batch21.merge_prefixes
+    monkeypatch.setattr(co_batch21, "merge_prefixes", lambda sources: (merges.append(len(sources)), merge(sources))[1])
+    before = dict(engine.transformer.calls)
+    outs, batcher = call_together(engine, [call(r) for r in requests])
+    calls = {k: v - before[k] for k, v in engine.transformer.calls.items()}
+    steps = RUN["num_inference_steps"]
+    # first step: three extracts and a merged cached call per branch; then one call per step
+    assert calls == {"uncached": 0, "extract": 6, "cached": 2 + (steps - 1)}
+    assert batcher.engine_calls[-1] == (3,) and merges == [3, 3, 3]
+    for got, want in zip(outs, alone):
+        assert _rel(got.images, want) <= TOL
+
+
+def test_padding_bound_splits_what_padding_would_slow(pipes):
+    """Padding a prefix costs attention work: merges stay within MAX_PADDING_COST of the work. At real width a
+    1024^2 generation and an edit with a 1024^2 condition image merge; on the tiny checkpoint at 256^2 they do not.
+    A CFG pair whose padding is over the bound (a long prompt, a one-token negative) keeps diffusers' two calls,
+    equal to them."""
+    from qwen_image_trt.models.flops21 import REAL_21_CONFIG, linear_cost_in_keys
+    from qwen_image_trt.runtime.co_batch21 import MAX_PADDING_COST, padding_cost, padding_groups
+
+    _, engine = pipes
+    real, tiny = linear_cost_in_keys(REAL_21_CONFIG), engine.transformer.linear_keys
+    assert (real, tiny) == (26624, 416)
+    t2i, edit = 40, 40 + 16 + 4096  # prefix tokens: prompt and template; + an image wrapper and a 1024^2 image
+    assert padding_groups([t2i, edit, t2i + 30], 4096, real) == [[0, 2, 1]]
+    assert padding_cost([t2i, edit], 4096, real) < MAX_PADDING_COST
+    assert padding_groups([t2i, 40 + 16 + 256, t2i + 30], 256, tiny) == [[0, 2], [1]]
+    prompt = " ".join(["a very detailed painting of a red cat"] * 20)
+    kw = {"prompt": prompt, "negative_prompt": " ", "true_cfg_scale": 4.0, **RUN}
+    results = {}
+    for on in (False, True):
+        before = engine.transformer.calls["cached"]
+        results[on] = engine(generator=torch.Generator().manual_seed(0), batch_cfg=on, **kw).images
+        results[on, "calls"] = engine.transformer.calls["cached"] - before
+    assert engine.cfg_stats["batched"] == 0
+    assert results[False, "calls"] == results[True, "calls"] == 2 * RUN["num_inference_steps"]
+    assert _rel(results[True], results[False]) <= TOL
+
+
+def test_embedding_cache_serves_prompts_without_images(tiny21, pipes):
+    """`embedding_cache_bytes` on a 2.1 pipeline: prompts without images (and the negatives) are encoded once, a
+    repeat hits, and the latents equal the uncached pipeline's; an edit's prompt (encoded with its images) does not go
+    through the cache; a text encoder of another identity never hits."""
+    from qwen_image_trt.runtime.embed_cache import cache_prompt_embeddings
+    from qwen_image_trt.runtime.pipeline import load_pipeline
+
+    root, engines = tiny21
+    _, plain = pipes
+    pipe = load_pipeline(root, engines=engines, backend="onnxruntime", embedding_cache_bytes=1 << 20)
+    stats = pipe.embedding_cache.stats
+    two = {"prompt": [PROMPT, "two dogs"], "negative_prompt": ["", NEGATIVE], "true_cfg_scale": 4.0, **RUN}
+    for expected in ({"hits": 0, "misses": 4}, {"hits": 4, "misses": 4}):
+        got = pipe(generator=torch.Generator().manual_seed(0), **two).images
+        assert {k: getattr(stats, k) for k in expected} == expected
+        assert _rel(got, plain(generator=torch.Generator().manual_seed(0), **two).images) <= TOL
+    edit = {"prompt": PROMPT, **EDIT, **RUN}
+    got = pipe(generator=torch.Generator().manual_seed(0), **edit).images
+    assert (stats.hits, stats.misses) == (4, 4)
+    assert _rel(got, plain(generator=torch.Generator().manual_seed(0), **edit).images) <= TOL
+    pipe.encoder_identity = "another-encoder"
+    cache_prompt_embeddings(pipe, pipe.embedding_cache)
+    pipe(generator=torch.Generator().manual_seed(0), **{**two, "num_inference_steps": 1})
+    assert stats.misses == 8  # the new keys miss (the wrapped encoder underneath is the earlier cached one)
+
+
+def test_batched_cfg_is_refused_by_name_on_the_torch_backend(pipes):
+    eager, _ = pipes
+    with pytest.raises(InputError, match="batch_cfg.*torch backend"):
+        eager(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, batch_cfg=True, **RUN)
 
 
 def test_without_the_uncached_graph_a_cacheless_step_is_extract_then_cached(tiny21, pipes):
@@ -349,6 +518,13 @@ def test_tensorrt_profiles_cover_what_the_pipeline_feeds(tiny21, pipes):
         for component, shapes in big:
             for name, shape in shapes.items():
                 check_shape_in_profile(name, shape, profiles[component])
+    # batched CFG stacks both branches of two prompts (batch 4) in the cached graph: beyond a profile without doubling
+    single = component_profile_21("transformer_cached", SIZES, 2, config=config, cfg=False)
+    stacked = [s for c, s in seen if c == "transformer_cached" and s["latents"][0] == 4]
+    assert stacked
+    with pytest.raises(InputError, match="latents|prefix_kv|batch"):
+        for name, shape in stacked[0].items():
+            check_shape_in_profile(name, shape, single)
 
 
 def test_21_vae_profiles_and_build_plan_refusals(tiny21):
@@ -365,6 +541,11 @@ def test_21_vae_profiles_and_build_plan_refusals(tiny21):
         transformer21_profile("cached", SIZES, 2, config=ckpt.read_config(root, "transformer"), condition_images=4)
     with pytest.raises(InputError, match="vae_encoder"):
         component_profile_21("vae_encoder", SIZES, 2, config=vae, condition_images=0)
+    config = ckpt.read_config(root, "transformer")
+    # only the cached graph runs both CFG branches in one call
+    assert transformer21_profile("cached", SIZES, 2, config=config)["latents_rope_cos"][2][0] == 4
+    assert transformer21_profile("cached", SIZES, 2, config=config, cfg=False)["latents"][2][0] == 2
+    assert transformer21_profile("extract", SIZES, 2, config=config)["prefix_key_valid"][2][0] == 2
     t2i = transformer21_profile("uncached", SIZES, 2, config=ckpt.read_config(root, "transformer"),
                                 condition_images=0)
     edit = transformer21_profile("uncached", SIZES, 2, config=ckpt.read_config(root, "transformer"))

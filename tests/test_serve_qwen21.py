@@ -3,7 +3,9 @@ and edits over HTTP, concurrent requests batched, each image equal to the same r
 
 2.1 pads a call's prompts to the longest, and a padded token moves the RoPE positions of everything after it, so the
 worker puts requests in one pipeline call only when their prompts (and negative prompts) have equal token counts: a
-request with a longer prompt in the same batch would differ from its twin if it were padded into their call."""
+request with a longer prompt in the same batch would differ from its twin if it were padded into their call. The
+pipeline calls of a batch then co-batch their engine calls (runtime.co_batch21), which must leave every image equal
+to its twin."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 Pure arithmetic over the request sizes, as compile.profiles is for 2509. The dims (names as the graphs' dynamic axes):
 
-- batch: images per engine call. QwenImage21Pipeline runs true CFG as a second call with its own prefix cache, so
-  there is no CFG doubling: (1, opt_batch, max_batch).
+- batch: images per engine call. QwenImage21Pipeline runs true CFG as a second call with its own prefix cache: the
+  extract and uncached graphs see (1, opt_batch, max_batch). The engine drop-in runs both branches' cached passes as
+  one call (runtime.cfg21), so with `cfg=True` the cached graph's batch is (1, 2 * opt_batch, 2 * max_batch).
 - target_tokens T: the output's latent tokens, (w/16) * (h/16) (x16 VAE, latents unpatched).
 - text_tokens Lt: the encoder's rows that are text (the vision slots dropped): the prompt, the chat template around
   it, and per condition image its "<imageN><|vision_start|>...<|vision_end|>" wrapper. Not padded to buckets: in 2.1
@@ -39,7 +40,7 @@ def condition_tokens(sizes, max_aspect: float = MAX_CONDITION_ASPECT, samples: i
 
 
 def transformer21_profile(graph: str, sizes, max_batch: int, *, config: dict, opt_batch: int | None = None,
-                          condition_images: int = DEFAULT_CONDITION_IMAGES,
+                          condition_images: int = DEFAULT_CONDITION_IMAGES, cfg: bool = True,
                           text_len_range: tuple[int, int] = DEFAULT_TEXT_LEN_RANGE,
                           opt_text_len: int = DEFAULT_OPT_TEXT_LEN) -> Profile:
     """Profile of `transformer_{uncached,extract,cached}`'s inputs (graph: "uncached", "extract" or "cached").
@@ -55,7 +56,8 @@ def transformer21_profile(graph: str, sizes, max_batch: int, *, config: dict, op
         raise InputError("text_len_range", text_len_range, "(min, max) integers with 1 <= min <= max")
     sizes = parse_sizes(sizes)
     max_batch, opt_batch = _check_batch(max_batch, opt_batch)
-    b = (1, opt_batch, max_batch)
+    mult = 2 if cfg and graph == "cached" else 1
+    b = (1, opt_batch * mult, max_batch * mult)
     tokens = [image_tokens(w, h) for w, h in sizes]
     target = (min(tokens), tokens[0], max(tokens))
     cond = condition_images * condition_tokens(sizes)
@@ -75,6 +77,8 @@ def transformer21_profile(graph: str, sizes, max_batch: int, *, config: dict, op
         "prefix_rope_sin": [(prefix[i], half) for i in range(3)],
         "target_rope_cos": [(target[i], half) for i in range(3)],
         "target_rope_sin": [(target[i], half) for i in range(3)],
+        "latents_rope_cos": [(b[i], target[i], half) for i in range(3)],
+        "latents_rope_sin": [(b[i], target[i], half) for i in range(3)],
         "timestep": [(b[i],) for i in range(3)],
         "latents": [(b[i], target[i], c["in_channels"]) for i in range(3)],
         "prefix_kv": [(c["num_layers"], 2, b[i], prefix[i], heads, dh) for i in range(3)],
@@ -113,7 +117,7 @@ def vae21_profile(component: str, sizes, max_batch: int, *, config: dict, opt_ba
 def component_profile_21(component: str, sizes, max_batch: int, *, config: dict, **kw) -> Profile:
     if component.startswith("transformer_"):
         return transformer21_profile(component.removeprefix("transformer_"), sizes, max_batch, config=config, **kw)
-    kw.pop("text_len_range", None), kw.pop("opt_text_len", None)
+    kw.pop("text_len_range", None), kw.pop("opt_text_len", None), kw.pop("cfg", None)
     return vae21_profile(component, sizes, max_batch, config=config, **kw)
 
 

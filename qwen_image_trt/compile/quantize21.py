@@ -56,10 +56,10 @@ class Passes21(nn.Module):
         self.extract_pass.skip_blocks = self.cached_pass.skip_blocks = frozenset(blocks)
 
     def forward(self, encoder_hidden_states, hidden_states, prefix_index, prefix_block_ids, prefix_key_valid,
-                prefix_rope_cos, prefix_rope_sin, latents, target_rope_cos, target_rope_sin, timestep):
+                prefix_rope_cos, prefix_rope_sin, latents, latents_rope_cos, latents_rope_sin, timestep):
         kv = self.extract_pass(encoder_hidden_states, hidden_states, prefix_index, prefix_block_ids, prefix_key_valid,
                                prefix_rope_cos, prefix_rope_sin)
-        return self.cached_pass(latents, kv, prefix_key_valid, target_rope_cos, target_rope_sin, timestep)
+        return self.cached_pass(latents, kv, prefix_key_valid, latents_rope_cos, latents_rope_sin, timestep)
 
 
 def replay_21(call: dict, axes_dims_rope, dtype=torch.float32) -> tuple:
@@ -71,7 +71,7 @@ def replay_21(call: dict, axes_dims_rope, dtype=torch.float32) -> tuple:
     hidden = call["hidden_states"].to(dtype)
     prefix = lay.prefix_inputs(call["encoder_hidden_states"].to(dtype), hidden)
     latents = hidden[:, hidden.shape[1] - lay.target_tokens:]
-    return (*prefix, latents, lay.target_rope_cos, lay.target_rope_sin, call["timestep"].to(dtype))
+    return (*prefix, latents, *lay.latents_rope(latents.shape[0]), call["timestep"].to(dtype))
 
 
 def check_source(m) -> dict[str, Component]:

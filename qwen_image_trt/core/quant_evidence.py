@@ -40,14 +40,14 @@ MISMATCH_MAX = {"int8": 0.75, "fp8": 0.25}
 # others; the extract graph's K/V go into the cached graph.
 EXTRACT_INPUTS_21 = ("encoder_hidden_states", "hidden_states", "prefix_index", "prefix_block_ids", "prefix_key_valid",
                      "prefix_rope_cos", "prefix_rope_sin")
-E2E_INPUTS_21 = [*EXTRACT_INPUTS_21, "latents", "target_rope_cos", "target_rope_sin", "timestep"]
+E2E_INPUTS_21 = [*EXTRACT_INPUTS_21, "latents", "latents_rope_cos", "latents_rope_sin", "timestep"]
 
 
 def run_end_to_end_21(run_extract, run_cached, feeds: dict):
     """The first step on the two 2.1 graphs' runners (callables {name: tensor} -> tensor): extract, then cached."""
     kv = run_extract({n: feeds[n] for n in EXTRACT_INPUTS_21})
     return run_cached({"latents": feeds["latents"], "prefix_kv": kv, "prefix_key_valid": feeds["prefix_key_valid"],
-                       "target_rope_cos": feeds["target_rope_cos"], "target_rope_sin": feeds["target_rope_sin"],
+                       "latents_rope_cos": feeds["latents_rope_cos"], "latents_rope_sin": feeds["latents_rope_sin"],
                        "timestep": feeds["timestep"]})
 
 

@@ -115,6 +115,14 @@ def forward_cost_21(config: dict | Shape21, image_tokens: int, text_tokens: int,
                        activation_bytes=float(batch * act * a), params=param_count_21(s), precision=precision)
 
 
+def linear_cost_in_keys(config: dict | Shape21) -> float:
+    """A target token's linear work in a cached block (q, k, v, out and the SwiGLU MLP: 2 (4 D^2 + 3 D H) FLOP) in
+    units of one attended key's (q.k and the value sum: 4 D FLOP): a padded key adds 1 to a token's 2 D + 1.5 H +
+    prefix + target. 416 for the tiny checkpoint, 26,624 for the real model."""
+    s = config if isinstance(config, Shape21) else Shape21.from_config(config)
+    return 2 * s.dim + 1.5 * s.mlp_hidden
+
+
 def kv_cache_bytes_21(config: dict | Shape21, prefix_tokens: int, batch: int = 1, precision: str = "bf16") -> int:
     """Device memory of one request's prefix cache: keys and values of every block."""
     s = config if isinstance(config, Shape21) else Shape21.from_config(config)

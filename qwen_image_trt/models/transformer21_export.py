@@ -47,9 +47,13 @@ _TARGET_BLOCK = 1 << 30
 PREFIX_INPUTS = ["encoder_hidden_states", "hidden_states", "prefix_index", "prefix_block_ids", "prefix_key_valid",
                  "prefix_rope_cos", "prefix_rope_sin"]
 TARGET_ROPE = ["target_rope_cos", "target_rope_sin"]
+# The cached graph takes the target's RoPE per sample: a sample's target positions follow its own prefix length, so
+# samples (or the two CFG branches) with prefixes of different lengths share one call, their K/V padded to the
+# longest prefix with `prefix_key_valid` False (runtime.cfg21).
+LATENTS_ROPE = ["latents_rope_cos", "latents_rope_sin"]
 UNCACHED_INPUTS = PREFIX_INPUTS + TARGET_ROPE + ["timestep"]
 EXTRACT_INPUTS = list(PREFIX_INPUTS)
-CACHED_INPUTS = ["latents", "prefix_kv", "prefix_key_valid"] + TARGET_ROPE + ["timestep"]
+CACHED_INPUTS = ["latents", "prefix_kv", "prefix_key_valid"] + LATENTS_ROPE + ["timestep"]
 NOISE_PRED, PREFIX_KV = "noise_pred", "prefix_kv"
 
 _AXES = {
@@ -62,6 +66,8 @@ _AXES = {
     "prefix_rope_sin": {0: "prefix_tokens"},
     "target_rope_cos": {0: "target_tokens"},
     "target_rope_sin": {0: "target_tokens"},
+    "latents_rope_cos": {0: "batch", 1: "target_tokens"},
+    "latents_rope_sin": {0: "batch", 1: "target_tokens"},
     "timestep": {0: "batch"},
     "latents": {0: "batch", 1: "target_tokens"},
     "prefix_kv": {2: "batch", 3: "prefix_tokens"},
@@ -121,7 +127,13 @@ class Layout21:
     def cached_inputs(self, hidden_states, prefix_kv, timestep) -> tuple:
         """`hidden_states`: the stock one (condition latents then target) or the target latents alone."""
         latents = hidden_states[:, hidden_states.shape[1] - self.target_tokens:]
-        return (latents, prefix_kv, self.prefix_key_valid, self.target_rope_cos, self.target_rope_sin, timestep)
+        cos, sin = self.latents_rope(latents.shape[0])
+        return (latents, prefix_kv, self.prefix_key_valid, cos, sin, timestep)
+
+    def latents_rope(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's RoPE per sample, (B, T, Dh/2) each: the cached graph's `latents_rope_cos/sin`."""
+        return (self.target_rope_cos.expand(batch, -1, -1).contiguous(),
+                self.target_rope_sin.expand(batch, -1, -1).contiguous())
 
 
 @lru_cache(maxsize=8)
@@ -392,15 +404,16 @@ class Cached21(_Base21):
       latents             (B, T, C) float        the target latents (the stock hidden_states' last T rows)
       prefix_kv           (L, 2, B, P, H, Dh)    `Extract21`'s output
       prefix_key_valid    (B, P) bool
-      target_rope_cos/sin (T, Dh/2) float
+      latents_rope_cos/sin (B, T, Dh/2) float  the target's RoPE per sample (its positions follow its prefix)
       timestep            (B,) float
     Output: noise_pred (B, T, C) float32.
+    Samples may carry prefixes of different lengths: their K/V padded to the longest, the padding's keys invalid.
     """
 
     input_names: ClassVar[list[str]] = CACHED_INPUTS
     output_names: ClassVar[list[str]] = [NOISE_PRED]
 
-    def forward(self, latents, prefix_kv, prefix_key_valid, target_rope_cos, target_rope_sin, timestep):
+    def forward(self, latents, prefix_kv, prefix_key_valid, latents_rope_cos, latents_rope_sin, timestep):
         m, dtype = self.transformer, self.compute_dtype
         h = m.img_in(latents.to(dtype))
         temb, mod = self._modulation(timestep)
@@ -410,7 +423,7 @@ class Cached21(_Base21):
         kv = prefix_kv.to(dtype)
         for i, block in enumerate(m.transformer_blocks):
             if i not in self.skip_blocks:
-                h, _, _ = run_block(block, h, mod, target_rope_cos, target_rope_sin, bias,
+                h, _, _ = run_block(block, h, mod, latents_rope_cos, latents_rope_sin, bias,
                                     past_kv=(kv[i, 0], kv[i, 1]))
         return self._out(h, temb)
 
@@ -554,6 +567,7 @@ def sample_inputs_21(config, batch: int = 2, text=(5, 7), cond=(4, 4), target=(4
 __all__ = [
     "CACHED_INPUTS",
     "EXTRACT_INPUTS",
+    "LATENTS_ROPE",
     "NOISE_PRED",
     "PREFIX_KV",
     "TOKENS_PER_SLOT",

@@ -69,11 +69,12 @@ def modulate_index(grids, batch: int, device="cpu") -> torch.Tensor:
 
 
 def rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Complex RoPE in real arithmetic. x: [B, S, H, D]; cos/sin: [S, D/2] (interleaved pairs)."""
+    """Complex RoPE in real arithmetic. x: [B, S, H, D]; cos/sin: [S, D/2] or per sample [B, S, D/2] (interleaved
+    pairs)."""
     # unflatten keeps the sizes symbolic in the exported graph; reshape(*x.shape[:-1], -1, 2) would freeze them.
     # unbind exports as one Split; indexing [..., 0] / [..., 1] would be two Gathers over q and k.
     x_re, x_im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # the heads axis
     out = torch.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)
 

@@ -28,8 +28,9 @@ _BATCHED = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mas
 class CoBatcher:
     """Collects forwards from `parties` threads; the thread whose forward completes a round runs it for everyone."""
 
-    def __init__(self, forward, parties: int):
+    def __init__(self, forward, parties: int, run_round=None):
         self._forward = forward  # (**kwargs) -> noise prediction tensor, the drop-in's own forward
+        self._run_round = run_round or run_merged  # (forward, {ticket: kwargs}) -> (results, forwards per call)
         self._cond = threading.Condition(threading.Lock())
         self._active = parties
         self._pending: dict[int, dict] = {}
@@ -65,7 +66,7 @@ class CoBatcher:
         batch, self._pending, self._running = self._pending, {}, True
         self._cond.release()
         try:
-            results, calls = run_merged(self._forward, batch)
+            results, calls = self._run_round(self._forward, batch)
         finally:
             self._cond.acquire()
             self._running = False
@@ -130,12 +131,14 @@ def co_batching(transformer, parties: int):
     """While open, `transformer`'s forwards from `parties` threads are merged (the drop-in reads `co_batcher`)."""
     if getattr(transformer, "co_batcher", None) is not None:
         raise RuntimeError("this transformer is already co-batching another set of pipeline calls")
-    batcher = CoBatcher(transformer.forward_tensor, parties)
+    batcher = CoBatcher(transformer.forward_tensor, parties, getattr(transformer, "co_batch_round", None))
     transformer.co_batcher = batcher
     try:
         yield batcher
     finally:
         transformer.co_batcher = None
+        if hasattr(transformer, "co_batch_done"):
+            transformer.co_batch_done()
 
 
 def pipeline_copy(pipe):
@@ -147,7 +150,9 @@ def pipeline_copy(pipe):
 
 
 def can_co_batch(pipe) -> bool:
-    return hasattr(pipe.transformer, "forward_tensor")
+    """A drop-in with a co-batching forward, in a pipeline whose copies keep their own call state (the 2.1-Turbo
+    modular pipeline shares its scheduler component between copies: `co_batchable` False)."""
+    return hasattr(pipe.transformer, "forward_tensor") and getattr(pipe, "co_batchable", True)
 
 
 def call_together(pipe, calls: list[dict]) -> tuple[list, CoBatcher | None]:

@@ -4,7 +4,8 @@ The same prompts and negative prompts repeat constantly in production, and the t
 real share of a few-step image. `EmbeddingCache` is an LRU bounded by bytes, keyed by (encoder identity, prompt,
 template, template drop length, max length, dtype, device): anything that changes an embedding changes the key.
 `cache_prompt_embeddings(pipe, cache)` puts it in front of the pipeline's `_get_qwen_prompt_embeds` (text prompts
-only: the Edit pipelines' embeddings depend on the input images and are not cached), so every loop that encodes
+only: the Edit pipelines' embeddings depend on the input images and are not cached; Qwen-Image-2.1's one pipeline
+encodes with or without images, and only its image-free calls go through the cache), so every loop that encodes
 prompts, ours and diffusers' own, goes through it. Prompts missing from the cache are encoded together in one
 text-encoder call; each prompt's embedding is stored without padding and re-padded per call, as diffusers does.
 
@@ -99,7 +100,11 @@ def cache_prompt_embeddings(pipe, cache: EmbeddingCache):
     """Route `pipe`'s text-prompt encoding through `cache` (an instance attribute; the class is untouched)."""
     import inspect
 
-    stock = pipe._get_qwen_prompt_embeds
+    stock = getattr(pipe, "_get_qwen_prompt_embeds", None)
+    if stock is None:
+        return pipe  # the 2.1-Turbo modular pipeline: its encoder is a block of its own
+    if hasattr(pipe, "prompt_template_t2i"):  # Qwen-Image-2.1: one encoder call for prompts with and without images
+        return _cache_21(pipe, cache, stock)
     if "image" in inspect.signature(stock).parameters:
         return pipe  # Edit members: the embedding depends on the input images too
     identity = encoder_identity(pipe)
@@ -127,6 +132,42 @@ def cache_prompt_embeddings(pipe, cache: EmbeddingCache):
                                        torch.zeros(length - r.shape[0], dtype=torch.long, device=r.device)])
                             for r in rows])
         return out.to(device=device, dtype=dtype), mask.to(device)
+
+    pipe._get_qwen_prompt_embeds = cached
+    pipe.embedding_cache = cache
+    return pipe
+
+
+def _right_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(r.shape[0] for r in rows)
+    out = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
+    mask = torch.stack([torch.arange(length, device=r.device) < r.shape[0] for r in rows]).long()
+    return out, mask
+
+
+def _cache_21(pipe, cache: EmbeddingCache, stock):
+    """QwenImage21Pipeline's `_get_qwen_prompt_embeds(prompt, image, device)` -> (embeds, mask, image_pad_mask):
+    prompts without images through the cache (their image_pad_mask is all False), with images as stock."""
+    identity = encoder_identity(pipe)
+
+    def cached(prompt=None, image=None, device=None):
+        if image is not None:
+            return stock(prompt, image, device)
+        device = device or pipe._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p or " " for p in prompts]  # as the stock call: an empty prompt is read as " "
+        dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else None
+        context = (pipe.prompt_template_t2i, pipe._drop_idx, str(dtype), str(device))
+        keys = {p: (identity, p, *context) for p in prompts}
+        found = {p: cache.get(k) for p, k in keys.items()}
+        missing = list(dict.fromkeys(p for p, v in found.items() if v is None))
+        if missing:
+            embeds, mask, _ = stock(missing, None, device)
+            for row, p in enumerate(missing):
+                found[p] = embeds[row, : int(mask[row].sum())].clone()
+                cache.put(keys[p], found[p])
+        out, mask = _right_padded([found[p] for p in prompts])
+        return out.to(device), mask.to(device), torch.zeros(mask.shape, dtype=torch.bool, device=device)
 
     pipe._get_qwen_prompt_embeds = cached
     pipe.embedding_cache = cache

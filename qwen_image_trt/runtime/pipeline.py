@@ -44,7 +44,8 @@ def _with_batch_cfg(call, stock_call):
     call.__signature__ = sig.replace(parameters=params + extra if params[-1].kind != params[-1].VAR_KEYWORD
                                      else params[:-1] + extra + [params[-1]])
     call.__doc__ = (stock_call.__doc__ or "") + (
-        "\n\n        batch_cfg: run both true-CFG branches as one engine call (text-to-image only; None: the "
+        "\n\n        batch_cfg: run both true-CFG branches as one engine call (text-to-image, and Qwen-Image-2.1 on "
+        "engines after its first step; None: the "
         "pipeline's default).\n        step_cache: skip a transformer call while the first block's modulated input "
         "has changed less than this in total (relative L1) since the last computed step, reusing that step's "
         "output; per CFG branch and per sample (runtime.step_cache). None: every step runs. After the call, "
@@ -248,15 +249,17 @@ def load_pipeline(checkpoint, engines=None, backend: str = "torch", device: str 
     dtype = dtype or torch.float32
     if ckpt.is_qwen21(root):
         for name, value in (("torch_options", TorchOptions.parse(torch_options).any),
-                            ("embedding_cache_bytes", embedding_cache_bytes),
                             ("controlnet", controlnet), ("text_bucket", text_bucket)):
             if value:
                 raise InputError(name, value, "none for a Qwen-Image-2.1 checkpoint (not modelled for 2.1)")
         from qwen_image_trt.runtime.pipeline21 import load_pipeline_21
 
-        return load_pipeline_21(root, kind, engines=engines, backend=backend, device=device, dtype=dtype,
+        pipe = load_pipeline_21(root, kind, engines=engines, backend=backend, device=device, dtype=dtype,
                                 providers=providers, threads=threads, trt_options=trt_options, progress=progress,
-                                text_encoder=text_encoder)
+                                text_encoder=text_encoder, batch_cfg=batch_cfg)
+        if embedding_cache_bytes:
+            cache_prompt_embeddings(pipe, EmbeddingCache(embedding_cache_bytes))
+        return pipe
     fast = check_torch_options(TorchOptions.parse(torch_options), device)
     if fast.any and backend != "torch":
         raise InputError("torch_options", torch_options, f"only with backend torch ({backend} engines are already "
@@ -321,7 +324,10 @@ def _load_saved(folder, pipeline, dtype, batch_cfg, progress, text_encoder, embe
     if ckpt.is_qwen21(root):
         from qwen_image_trt.runtime.pipeline21 import load_saved_21
 
-        return load_saved_21(root, kind, record, dtype, progress, text_encoder)
+        pipe = load_saved_21(root, kind, record, dtype, progress, text_encoder, batch_cfg)
+        if embedding_cache_bytes:
+            cache_prompt_embeddings(pipe, EmbeddingCache(embedding_cache_bytes))
+        return pipe
     transformer = EngineTransformer.from_pretrained(root / "transformer", torch_dtype=dtype)
     vae = EngineVAE.from_pretrained(root / "vae", torch_dtype=dtype)
     device = record["device"]
@@ -350,11 +356,12 @@ def engine_pipeline_class(kind: str) -> type:
         base = stock_class(kind)
 
         def __call__(self, *args, batch_cfg: bool | None = None, step_cache: float | None = None, **kwargs):
+            if kind.startswith("qwen-image-2.1"):
+                from qwen_image_trt.runtime.pipeline21 import call_21
+
+                return call_21(self, batch_cfg, step_cache, lambda: base.__call__(self, *args, **kwargs))
             if batch_cfg:
                 raise InputError("batch_cfg", batch_cfg, f"False or None for {kind}: batched CFG is text-to-image only")
-            if step_cache and kind.startswith("qwen-image-2.1"):
-                raise InputError("step_cache", step_cache, "none for Qwen-Image-2.1 (its prefix KV cache already "
-                                 "skips the text and condition images after the first step)")
             return _cached(self, step_cache, lambda: base.__call__(self, *args, **kwargs))
 
         _with_batch_cfg(__call__, base.__call__)  # help() shows the stock call

@@ -3,7 +3,9 @@
 with backend torch, the stock modules. `load_pipeline` hands 2.1 checkpoints here.
 
 The stock loop runs unchanged: its prefix KV cache (`use_kv_cache`, default on) maps to the engine's extract and
-cached passes, its true CFG to a second call on the same engines with the negative prompt's own cache.
+cached passes, its true CFG to a second call on the same engines with the negative prompt's own cache; with
+`batch_cfg` (the engine default) the two branches of every step after the first share one cached call below the loop
+(runtime.cfg21).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from qwen_image_trt.models import checkpoint as ckpt
 from qwen_image_trt.models.pipelines import load_eager_parts, shipped_sigmas
 from qwen_image_trt.models.sampling import SamplingRecipe
 from qwen_image_trt.runtime.backends import make_runner
+from qwen_image_trt.runtime.cfg21 import BatchedCfg21
 from qwen_image_trt.runtime.saved import engine_record, open_engine_folder
 from qwen_image_trt.runtime.transformer21 import PASSES, REQUIRED, EngineTransformer21
 from qwen_image_trt.runtime.vae import EngineVAE
@@ -27,7 +30,7 @@ TURBO = "qwen-image-2.1-turbo"
 
 def load_pipeline_21(root: Path, kind: str, engines=None, backend: str = "torch", device="cpu", dtype=None,
                      providers=None, threads=None, trt_options=None, progress: bool = False,
-                     text_encoder: bool = True):
+                     text_encoder: bool = True, batch_cfg: bool = True):
     """The 2.1 pipeline of `kind` ("qwen-image-2.1" or "qwen-image-2.1-turbo") for checkpoint `root`."""
     dtype = dtype or torch.float32
     recipe = None
@@ -47,7 +50,7 @@ def load_pipeline_21(root: Path, kind: str, engines=None, backend: str = "torch"
         pipe = engine_pipeline_class(kind)(vae=vae, transformer=transformer,
                                            **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
     pipe.sampling = recipe
-    pipe.batch_cfg = False
+    pipe.batch_cfg = bool(batch_cfg) and isinstance(transformer, BatchedCfg21) and kind != TURBO
     pipe.set_progress_bar_config(disable=not progress)
     pipe.backend, pipe.engines, pipe.pipeline_kind = backend, engines, kind
     pipe.encoder_identity = ckpt.checkpoint_identity(root, parts=("text_encoder",))
@@ -75,7 +78,8 @@ def _engine_modules(root, engines, backend, device, providers, threads, trt_opti
     return transformer, vae, manifest
 
 
-def load_saved_21(root: Path, kind: str, record: dict, dtype, progress: bool, text_encoder: bool):
+def load_saved_21(root: Path, kind: str, record: dict, dtype, progress: bool, text_encoder: bool,
+                  batch_cfg: bool = True):
     """A folder an engine pipeline's save_pretrained wrote for a 2.1 checkpoint: the drop-ins from their records,
     the text encoder, processor and scheduler from the folder."""
     transformer = EngineTransformer21.from_pretrained(root / "transformer", torch_dtype=dtype)
@@ -90,11 +94,35 @@ def load_saved_21(root: Path, kind: str, record: dict, dtype, progress: bool, te
                                            **load_eager_parts(root, device, dtype, kind, text_encoder=text_encoder))
     manifest = read_manifest(record["engines"])
     pipe.sampling = SamplingRecipe.from_record(manifest.sampling)
-    pipe.batch_cfg = False
+    pipe.batch_cfg = bool(batch_cfg) and kind != TURBO
     pipe.set_progress_bar_config(disable=not progress)
     pipe.backend, pipe.engines, pipe.pipeline_kind = record["backend"], record["engines"], kind
     pipe.encoder_identity = ckpt.checkpoint_identity(root, parts=("text_encoder",))
     return pipe
+
+
+def call_21(pipe, batch_cfg, step_cache, run):
+    """A QwenImage21Pipeline call (`run()`) with the drop-in's batched CFG on or off for it; `pipe.cfg_stats` says
+    afterwards how many steps ran both branches in one call."""
+    if step_cache:
+        raise InputError("step_cache", step_cache, "none for Qwen-Image-2.1 (its prefix KV cache already skips the "
+                         "text and condition images after the first step)")
+    transformer = pipe.transformer
+    on = pipe.batch_cfg if batch_cfg is None else bool(batch_cfg)
+    if not isinstance(transformer, BatchedCfg21):
+        if batch_cfg:
+            raise InputError("batch_cfg", batch_cfg, "False or None with the torch backend: the stock 2.1 "
+                             "transformer runs true CFG as two calls (batched CFG is the engine drop-in's)")
+        pipe.cfg_stats = None
+        return run()
+    # per thread (runtime.cfg21): co-batched calls share the drop-in
+    previous, transformer.batch_cfg = transformer.batch_cfg, on
+    transformer.cfg_stats = {"batched": 0, "taken": 0, "missed": 0}
+    try:
+        return run()
+    finally:
+        transformer.batch_cfg = previous
+        pipe.cfg_stats = dict(transformer.cfg_stats)
 
 
 class TurboPipeline:
@@ -102,6 +130,8 @@ class TurboPipeline:
     the given transformer and VAE, called like the other pipelines: `pipe(prompt=..., image=..., ...)` returns an
     object with `.images`. What Turbo has no use for is refused by name: a negative prompt or CFG scale (it runs
     without guidance) and a step count other than its grid's."""
+
+    co_batchable = False  # copies would share the modular pipeline's scheduler (runtime.co_batch.can_co_batch)
 
     def __init__(self, root: Path, transformer, vae, device, dtype, text_encoder: bool = True):
         from diffusers import ModularPipeline

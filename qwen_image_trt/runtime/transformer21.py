@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_trt.models.flops21 import linear_cost_in_keys
 from qwen_image_trt.models.transformer21_export import (
     CACHED_INPUTS,
     EXTRACT_INPUTS,
@@ -29,6 +30,8 @@ from qwen_image_trt.models.transformer21_export import (
     layout_21,
 )
 from qwen_image_trt.runtime.backends.base import Runner
+from qwen_image_trt.runtime.cfg21 import BatchedCfg21
+from qwen_image_trt.runtime.co_batch21 import MergedPrefixes, run_round_21
 from qwen_image_trt.runtime.saved import EngineModule
 from qwen_image_trt.runtime.transformer import move_dropin
 
@@ -39,13 +42,15 @@ ModelMixin = EngineModule.__mro__[1]
 PASSES = ("uncached", "extract", "cached")
 COMPONENTS = tuple(f"transformer_{p}" for p in PASSES)
 REQUIRED = ("extract", "cached")  # without an uncached graph, a forward without the cache runs extract then cached
+OUTPUTS = {"uncached": NOISE_PRED, "extract": PREFIX_KV, "cached": NOISE_PRED}
 _LAYOUTS_KEPT = 32  # a few requests' layouts (each with its CFG branch)
 
 
-class EngineTransformer21(StockForward21, EngineModule):
+class EngineTransformer21(BatchedCfg21, StockForward21, EngineModule):
     """Stands in for QwenImage21Transformer2DModel: a ModelMixin with the checkpoint's config, saved and loaded by
     the pipeline's save_pretrained / from_pretrained (runtime.saved), its three passes on `runners`
-    ({"uncached"|"extract"|"cached": Runner})."""
+    ({"uncached"|"extract"|"cached": Runner}). With `batch_cfg` on (the pipeline sets it per call) a step's two
+    CFG branches share one cached call (runtime.cfg21)."""
 
     def __init__(self, runners: dict[str, Runner], config: dict, device="cpu"):
         super().__init__()
@@ -59,6 +64,9 @@ class EngineTransformer21(StockForward21, EngineModule):
         # the pipeline sizes its QwenImage21KVCache with len(transformer.transformer_blocks)
         self.transformer_blocks = range(int(config["num_layers"]))
         self.calls = {p: 0 for p in PASSES}  # engine calls per pass, for tests and benchmarks
+        self.co_batcher = None  # runtime.co_batch: set while concurrent pipeline calls share this engine's calls
+        self._merged = MergedPrefixes()
+        self.linear_keys = linear_cost_in_keys(config)  # what padding a prefix costs, relatively (co_batch21)
 
     @classmethod
     def from_record(cls, config: dict, record: dict):
@@ -99,9 +107,21 @@ class EngineTransformer21(StockForward21, EngineModule):
 
     # -- the three passes -------------------------------------------------------------------------------------------
     def _run(self, name: str, names: list[str], args, output: str) -> torch.Tensor:
-        self.calls[name] += 1
         feeds = {n: _feed(n, a, self._device) for n, a in zip(names, args)}
-        return self.runners[name].infer(feeds)[output]
+        batcher = self.co_batcher
+        return batcher.submit({"name": name, "feeds": feeds}) if batcher is not None else self.forward_tensor(name, feeds)
+
+    def forward_tensor(self, name: str, feeds: dict) -> torch.Tensor:
+        """One engine call of pass `name` (possibly co-batched: runtime.co_batch21)."""
+        self.calls[name] += 1
+        return self.runners[name].infer(feeds)[OUTPUTS[name]]
+
+    def co_batch_round(self, forward, calls: dict[int, dict]):
+        """runtime.co_batch's round for this drop-in: concurrent requests' cached passes in one call."""
+        return run_round_21(forward, calls, self._merged, self.linear_keys)
+
+    def co_batch_done(self) -> None:
+        self._merged.clear()
 
     def _uncached(self, *args):
         if "uncached" in self.runners:
@@ -112,8 +132,9 @@ class EngineTransformer21(StockForward21, EngineModule):
         names = dict(zip(UNCACHED_INPUTS, args))
         kv = self._extract(*prefix)
         latents = names["hidden_states"][:, names["hidden_states"].shape[1] - names["target_rope_cos"].shape[0]:]
-        return self._cached(latents, kv, names["prefix_key_valid"], names["target_rope_cos"],
-                            names["target_rope_sin"], names["timestep"])
+        batch = latents.shape[0]
+        return self._cached(latents, kv, names["prefix_key_valid"], names["target_rope_cos"].expand(batch, -1, -1),
+                            names["target_rope_sin"].expand(batch, -1, -1), names["timestep"])
 
     def _extract(self, *args):
         return self._run("extract", EXTRACT_INPUTS, args, PREFIX_KV)

@@ -130,8 +130,6 @@ def prompt_source(pipe, remote, cache_bytes: int):
         if cache is not None:  # one cache for every member
             cache_prompt_embeddings(p, cache)
 
-    if pipe.pipeline_kind in QWEN21_MEMBERS:  # its prompt encoder takes the condition images too: no cache yet
-        cache = None
     prepare(pipe)
     return pipe, prepare
 
@@ -266,10 +264,12 @@ def _calls_21(pipe, kind: str, items: list[dict], cfg: bool, common: dict) -> tu
 
     Its pipeline takes a list of prompts but one set of condition images for all of them, and pads the prompts of
     a call to the longest, which in 2.1 moves every later token's RoPE position (the image's too): so requests share
-    a call only when they have no condition images and their prompts (and negative prompts) have equal token counts;
-    each image is one prompt of the call with its own generator, so each equals its request run alone. A request
-    with condition images is a call of its own (its n images share them). Turbo runs without guidance and reports
-    no steps (the modular pipeline has no step callback)."""
+    a pipeline call only when they have no condition images and their prompts (and negative prompts) have equal token
+    counts; each image is one prompt of the call with its own generator, so each equals its request run alone. A
+    request with condition images is a call of its own (its n images share them). The calls then run concurrently
+    with their engine calls co-batched (runtime.co_batch21: after the first step, one cached call per step for all of
+    them, CFG branches included). Turbo runs without guidance and reports no steps (the modular pipeline has no step
+    callback); its calls run one after another."""
     common = {k: v for k, v in common.items() if k != "step_cache"}
     if kind.endswith("turbo"):
         common = {k: v for k, v in common.items() if k not in ("callback_on_step_end", "num_inference_steps")}
