@@ -125,12 +125,7 @@ def cache_prompt_embeddings(pipe, cache: EmbeddingCache):
                 value = embeds[row, : int(mask[row].sum())].clone()
                 found[p] = value
                 cache.put(keys[p], value)
-        rows = [found[p] for p in prompts]
-        length = max(r.shape[0] for r in rows)
-        out = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
-        mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=r.device),
-                                       torch.zeros(length - r.shape[0], dtype=torch.long, device=r.device)])
-                            for r in rows])
+        out, mask = _right_padded([found[p] for p in prompts])
         return out.to(device=device, dtype=dtype), mask.to(device)
 
     pipe._get_qwen_prompt_embeds = cached
